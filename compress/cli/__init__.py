@@ -1,0 +1,73 @@
+"""The `compress` command. Each subcommand lives in its own file; this one wires them up
+and turns every error into one line and an exit code (2: bad input, 1: failure, 130: Ctrl-C)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before any library import: tqdm and transformers read these when they load.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import click  # noqa: E402
+import typer  # noqa: E402
+
+from compress.cli import eval as eval_cmd, quantize, report, run  # noqa: E402
+from compress.errors import CompressError
+
+app = typer.Typer(
+    name="compress",
+    help="Make Hugging Face models smaller and faster, with a report of what was gained and lost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("quantize")(quantize.quantize)
+app.command("eval")(eval_cmd.evaluate)
+app.command("run")(run.run)
+app.command("report")(report.report)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from loguru import logger  # compressed-tensors logs through loguru
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="compress", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # bad flags or arguments
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        code = 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("error: interrupted; no output was written", file=sys.stderr)
+        code = 130
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("COMPRESS_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {msg} (set COMPRESS_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,67 @@
+"""`compress eval MODEL [--baseline BASE]`: measure any checkpoint the way `quantize` does."""
+
+from __future__ import annotations
+
+import datetime
+import json as jsonlib
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import compress
+from compress import api
+from compress.cli.common import err, out
+from compress.data import text as textdata
+from compress.eval import size
+from compress.eval.measure import measure
+from compress.models import load as loading, source as sources
+from compress.recipe import EvalSpec
+from compress.report import render
+from compress.report.schema import Report
+
+
+def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
+    src = sources.resolve(spec, allow_pickle)
+    path = loading.checkpoint_dir(src, "auto")
+    for f in sorted(path.glob("*.safetensors")):
+        loading.check_safetensors(f)
+    config = jsonlib.loads((path / "config.json").read_text())
+    return path, loading.task_of(type("C", (), config))
+
+
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Checkpoint to measure (directory, .gguf, hub id or built-in alias)")],
+    baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to compare against")] = None,
+    dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = 512,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency")] = True,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    allow_pickle: Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Measure size, quality, speed and memory of a checkpoint, optionally against a baseline."""
+    spec = EvalSpec(dataset=dataset, max_tokens=eval_tokens, seq_len=seq_len, latency=latency)
+    path, task = _checkpoint(model, allow_pickle)
+    base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
+    texts = textdata.load(dataset, "evaluation", spec.text_column)
+    layers = sorted({k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith(".weight_scale")})
+    base = None
+    with tempfile.TemporaryDirectory(prefix="compress-emb-") as tmp:
+        emb = Path(tmp) / "base.pt"
+        if base_path is not None:
+            err.print(f"measuring {baseline} ...")
+            base = measure(base_path, task, spec, texts, layers, device, keep_embeddings=emb)
+        err.print(f"measuring {model} ...")
+        result = measure(path, task, spec, texts, layers, device, base_embeddings=emb if base else None)
+    rep = Report(
+        tool=f"compress {compress.__version__}",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=model, task=task, recipe={}, stages=[], base=base, result=result, environment=api.environment(),
+    )
+    if json:
+        typer.echo(rep.model_dump_json(indent=2))
+    else:
+        render.show(rep, out)

@@ -1,0 +1,42 @@
+"""`compress quantize MODEL -o OUT --scheme SCHEME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compress.cli.common import execute, parse_group_size
+from compress.recipe import EvalSpec, validate
+
+
+def quantize(
+    model: Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist unless --overwrite)")],
+    scheme: Annotated[str, typer.Option(help="w4a16 | w8a16 | w8a8 | fp8")] = "w4a16",
+    group_size: Annotated[Optional[str], typer.Option(help="Weights per scale: 32, 64, 128 (w4a16 default), 'channel' or 'auto'")] = None,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--no-symmetric", help="Symmetric weight grid (zero point 0)")] = True,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep unquantized; repeatable")] = None,
+    method: Annotated[str, typer.Option(help="rtn")] = "rtn",
+    dtype: Annotated[str, typer.Option(help="dtype of the layers left unquantized: auto | bfloat16 | float16 | float32")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")] = True,
+    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run Python code shipped with the model (unsafe)")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")] = False,
+    save_recipe: Annotated[Optional[Path], typer.Option(help="Also write the equivalent recipe YAML here")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Quantize weights (and activations, for w8a8 and fp8) into a compressed-tensors checkpoint."""
+    stage = {"stage": "quantize", "scheme": scheme, "method": method, "group_size": parse_group_size(group_size),
+             "symmetric": symmetric, "ignore": ignore or []}
+    recipe = validate({
+        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device,
+        "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],
+        "evaluate": EvalSpec(enabled=evaluate, dataset=dataset, max_tokens=eval_tokens, latency=latency).model_dump(),
+    }, "options")
+    execute(recipe, save_recipe, json)

@@ -1,0 +1,30 @@
+"""`compress run RECIPE.yaml`: replay a recipe (OUT/recipe.yaml, or one from recipes/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from compress import recipe as recipes
+from compress.cli.common import execute
+from compress.errors import UsageError
+
+
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (overrides the recipe's)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: stages.0.scheme=w8a8; repeatable")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Run the stages of a recipe and write one report."""
+    r = recipes.load(recipe, set_ or [])
+    updates = {"overwrite": overwrite or r.overwrite}
+    if output is not None:
+        updates["output"] = str(output)
+    r = r.model_copy(update=updates)
+    if not r.output:
+        raise UsageError(f"{recipe}: no output; pass -o OUT")
+    execute(r, None, json)

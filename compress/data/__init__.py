@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation: built-in, local files, or datasets."""

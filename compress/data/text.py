@@ -1,0 +1,111 @@
+"""Load text. The built-in text ships with Python, so it works offline everywhere.
+
+Built-in split: Python's `pydoc_data.topics` help pages, sorted by name; even-numbered
+topics are calibration text, odd-numbered topics evaluation text, so they never overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from compress.errors import CompressError, UsageError
+
+Split = Literal["calibration", "evaluation"]
+
+
+@dataclass(frozen=True)
+class Texts:
+    texts: list[str]
+    description: str
+
+
+def builtin(split: Split) -> Texts:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    chosen = keys[0::2] if split == "calibration" else keys[1::2]
+    texts = [topics[k].strip() for k in chosen if topics[k].strip()]
+    parity = "even" if split == "calibration" else "odd"
+    desc = f"built-in: Python {platform.python_version()} pydoc_data.topics, {parity}-numbered topics ({len(texts)} pages)"
+    return Texts(texts, desc)
+
+
+def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
+    """`builtin`, a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
+    if dataset == "builtin":
+        return builtin(split)
+    path = Path(dataset).expanduser()
+    if path.is_dir() and (path / "dataset_info.json").exists() or path.is_dir() and (path / "state.json").exists():
+        texts = _from_saved_dataset(path, text_column)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".parquet"))
+        if not files:
+            raise UsageError(f"dataset {dataset}: no .txt, .jsonl or .parquet files inside")
+        texts = [t for f in files for t in _from_file(f, text_column)]
+    elif path.is_file():
+        texts = _from_file(path, text_column)
+    elif path.suffix or "/" in dataset and Path(dataset).parent.exists():
+        raise UsageError(f"dataset not found: {dataset}")
+    else:
+        texts = _from_hub(dataset, text_column)
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise UsageError(f"dataset {dataset} holds no text (column {text_column!r})")
+    return Texts(texts, f"{dataset} ({len(texts)} texts)")
+
+
+def _from_file(path: Path, column: str) -> list[str]:
+    if path.suffix == ".txt":
+        return [p for p in path.read_text(errors="replace").split("\n\n")]
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path}:{i}: not valid JSON") from None
+            if not isinstance(row, dict) or column not in row:
+                raise UsageError(f"{path}:{i}: no field {column!r} (use --text-column)")
+            rows.append(str(row[column]))
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise UsageError(f"{path}: no column {column!r}; columns: {', '.join(table.column_names)}")
+        return [str(v) for v in table.column(column).to_pylist()]
+    raise UsageError(f"{path}: unsupported dataset file (use .txt, .jsonl or .parquet)")
+
+
+def _from_saved_dataset(path: Path, column: str) -> list[str]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys"):  # a DatasetDict: take its first split
+        ds = ds[next(iter(ds.keys()))]
+    if column not in ds.column_names:
+        raise UsageError(f"{path}: no column {column!r}; columns: {', '.join(ds.column_names)}")
+    return [str(v) for v in ds[column]]
+
+
+def _from_hub(name: str, column: str) -> list[str]:
+    """`name`, `name:config` or `name:config:split` from the datasets hub."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UsageError("hub datasets need the `datasets` package: pip install 'compress[data]'") from None
+    repo, config, split = (name.split(":") + [None, None])[:3]
+    try:
+        ds = load_dataset(repo, config, split=split or "train")
+    except Exception as exc:
+        raise CompressError(f"cannot load dataset {name} from the hub (offline or not found): {str(exc)[:160]}") from None
+    if column not in ds.column_names:
+        raise UsageError(f"dataset {name}: no column {column!r}; columns: {', '.join(ds.column_names)}")
+    return [str(v) for v in ds[column]]

@@ -1,0 +1,1 @@
+"""Measurements: quality, size, speed and memory, each a small module."""

@@ -1,0 +1,74 @@
+"""Prefill and decode speed at batch 1: medians of several rounds of a plain greedy loop."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+
+
+def kernel_name(model: torch.nn.Module, quant_config: dict | None) -> str:
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    name = f"torch dense {dtype} matmul"
+    if not quant_config:
+        return name
+    name += " (transformers decompresses compressed-tensors weights on the first forward"
+    groups = quant_config.get("config_groups", {}).values()
+    if any(g.get("input_activations") for g in groups):
+        name += "; activations fake-quantized per token in Python, no low-bit kernel"
+    return name + ")"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def causal_lm(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """prompt: [1, P]. Returns tokens/s for prefill (P tokens) and decode (new_tokens steps)."""
+    prompt = prompt.to(next(model.parameters()).device)
+
+    def prefill():
+        return model(prompt, use_cache=True)
+
+    def decode():
+        out = prefill()
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+
+    prefill()  # warm-up
+    pre = statistics.median(_timed(prefill) for _ in range(rounds))
+    dec = statistics.median(decode() for _ in range(rounds))
+    return {"prefill_tokens_per_s": prompt.shape[1] / pre, "decode_tokens_per_s": new_tokens / dec}
+
+
+@torch.no_grad()
+def encoder(model: torch.nn.Module, ids: torch.Tensor, rounds: int = 3) -> dict[str, float]:
+    ids = ids.to(next(model.parameters()).device)
+    model(ids)
+    t = statistics.median(_timed(lambda: model(ids)) for _ in range(rounds))
+    return {"prefill_tokens_per_s": ids.numel() / t, "decode_tokens_per_s": None}

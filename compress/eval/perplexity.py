@@ -1,0 +1,30 @@
+"""Perplexity over fixed, non-overlapping windows: each window is scored on its own."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` tokens of the texts joined by blank lines, as [N, seq_len]."""
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = min(len(ids), max_tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size].to(device)  # [B, T]
+        logits = model(x).logits[:, :-1].float()  # [B, T-1, V]
+        target = x[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+        nll += float(loss)
+        count += target.numel()
+    return math.exp(nll / count)

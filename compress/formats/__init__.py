@@ -1,0 +1,1 @@
+"""Storage only: how quantized weights become files that transformers and vLLM load."""

@@ -1,0 +1,144 @@
+"""Load a checkpoint into transformers, safely, and say what kind of model it is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import CompressError, UsageError
+from compress.models.source import Source, cache_dir, fingerprint
+
+log = logging.getLogger("compress")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Files sentence-transformers needs beside the weights; save_pretrained does not write them.
+SIDECAR_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    task: str  # "causal-lm" or "encoder"
+    checkpoint: Path  # the Hugging Face directory the weights came from
+
+
+def task_of(config: object) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    return "encoder"
+
+
+def resolve_dtype(name: str, config: object) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = DTYPES.get(found)
+    return found if isinstance(found, torch.dtype) else torch.float32
+
+
+def check_safetensors(path: Path) -> None:
+    """Header and length check: a truncated or corrupt file is refused before loading."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header length past end of file")
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not a valid safetensors file ({exc})") from None
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise UsageError(f"{path} is truncated: {size} bytes, its header needs {expected}")
+
+
+def materialize_gguf(gguf: Path, dtype: str) -> Path:
+    """De-quantize a .gguf through transformers into a cached Hugging Face checkpoint."""
+    dest = cache_dir() / "gguf" / f"{gguf.stem}-{fingerprint(gguf)}-{dtype}"
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise CompressError(f"cannot read {gguf} as a GGUF model: {_first_line(exc)}") from None
+    # The GGUF loader marks the model as GGUF-quantized; the de-quantized copy is plain.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model = model.to(DTYPES.get(dtype, torch.bfloat16))  # SmolLM2 and most GGUF sources train in bf16
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(dest)
+    return dest
+
+
+def checkpoint_dir(source: Source, dtype: str) -> Path:
+    return materialize_gguf(source.path, dtype) if source.is_gguf else source.path
+
+
+def load(
+    source: Source,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Loaded:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = checkpoint_dir(source, dtype)
+    if trust_remote_code:
+        warnings.warn(f"--trust-remote-code: running Python code shipped with {source.spec}", stacklevel=2)
+    try:
+        config = AutoConfig.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UsageError(f"unsupported architecture in {ckpt}: {_first_line(exc)}") from None
+    if getattr(config, "quantization_config", None):
+        method = dict(config.quantization_config).get("quant_method", "?") if hasattr(config.quantization_config, "keys") else "?"
+        raise UsageError(f"{source.spec} is already quantized ({method}); start from the original checkpoint")
+    for f in sorted(ckpt.glob("*.safetensors")):
+        check_safetensors(f)
+    task = task_of(config)
+    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch")
+    try:
+        model = cls.from_pretrained(
+            ckpt,
+            dtype=resolve_dtype(dtype, config),
+            use_safetensors=not allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
+    model.eval()
+    return Loaded(model.to(device), tokenizer, task, ckpt)
+
+
+def copy_sidecars(src: Path, dest: Path) -> None:
+    for name in SIDECAR_FILES:
+        p = src / name
+        if p.is_dir():
+            shutil.copytree(p, dest / name)
+        elif p.is_file():
+            shutil.copy2(p, dest / name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Pure tensor math shared by the methods: no modules, no files."""

@@ -1,0 +1,91 @@
+"""Quantization grids: scales, zero points, rounding and de-quantization.
+
+Conventions follow compressed-tensors, so what we compute is what a loader rebuilds:
+  int:   q = clamp(round(w / s) + z, qmin, qmax),  w_hat = (q - z) * s
+  fp8:   q = e4m3(clamp(w / s, -448, 448)),         w_hat = q * s
+Symmetric int grids use s = absmax / ((qmax - qmin) / 2), e.g. absmax / 7.5 for int4.
+Weights are [out, in]; a group is `group_size` consecutive input columns of one row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    kind: Literal["int", "float"] = "int"
+    symmetric: bool = True
+    group_size: int | None = None  # None: one scale per output channel
+
+    @property
+    def qmin(self) -> float:
+        return -FP8_MAX if self.kind == "float" else -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> float:
+        return FP8_MAX if self.kind == "float" else 2 ** (self.bits - 1) - 1
+
+
+def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[O, I] -> [O, G, g] view (G = I/g groups; per channel: G = 1, g = I)."""
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    if in_f % g:
+        raise ValueError(f"group size {g} does not divide input width {in_f}")
+    return w.reshape(out_f, in_f // g, g)
+
+
+def compute_qparams(
+    w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, clip: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero point per group: scale [O, G] in scale_dtype, zp [O, G] int8.
+
+    `clip` < 1 shrinks the range (a clipping search tries several).
+    """
+    wg = grouped(w.float(), grid.group_size)  # [O, G, g]
+    lo = wg.amin(-1).clamp(max=0) * clip  # 0 must stay representable
+    hi = wg.amax(-1).clamp(min=0) * clip
+    span = grid.qmax - grid.qmin
+    if grid.symmetric or grid.kind == "float":
+        scale = torch.maximum(lo.abs(), hi) / (span / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / span
+        zp = (grid.qmin - lo / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax).round()
+    scale = scale.to(scale_dtype)
+    tiny = torch.finfo(scale_dtype).eps
+    scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)
+    return scale, zp.to(torch.int8)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Integers (int8 tensor) or e4m3 values (float8 tensor) of w on the grid, shape [O, I]."""
+    wg = grouped(w.float(), w.shape[1] // scale.shape[1])  # [O, G, g]
+    x = wg / scale.float().unsqueeze(-1)
+    if grid.kind == "float":
+        return x.clamp(grid.qmin, grid.qmax).to(torch.float8_e4m3fn).reshape(w.shape)
+    q = (x.round() + zp.float().unsqueeze(-1)).clamp(grid.qmin, grid.qmax)
+    return q.to(torch.int8).reshape(w.shape)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """What a compressed-tensors loader rebuilds, in scale's dtype: (q - zp) * scale."""
+    out_f, in_f = q.shape
+    qg = q.reshape(out_f, scale.shape[1], in_f // scale.shape[1]).to(scale.dtype)
+    if q.dtype != torch.float8_e4m3fn:
+        qg = qg - zp.to(scale.dtype).unsqueeze(-1)
+    return (qg * scale.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    ref, approx = ref.float(), approx.float()
+    noise = (ref - approx).pow(2).mean().clamp(min=1e-30)
+    return float(10 * torch.log10(ref.pow(2).mean() / noise))

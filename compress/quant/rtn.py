@@ -1,0 +1,27 @@
+"""Round-to-nearest: each weight goes to the nearest point of its min/max grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.primitives.qparams import Grid, compute_qparams, quantize
+
+
+@dataclass
+class QuantizedWeight:
+    q: torch.Tensor  # [O, I] int8 integers or float8 values
+    scale: torch.Tensor  # [O, G]
+    zero_point: torch.Tensor  # [O, G] int8
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype) -> QuantizedWeight:
+    scale, zp = compute_qparams(w, grid, scale_dtype)
+    return QuantizedWeight(quantize(w, scale, zp, grid), scale, zp)
+
+
+def apply(layers: dict[str, torch.nn.Linear], grid: Grid) -> dict[str, QuantizedWeight]:
+    """Quantize every layer's weight; the scale keeps the weight's dtype, as the format stores it."""
+    return {name: quantize_weight(m.weight, grid, m.weight.dtype) for name, m in layers.items()}

@@ -1,0 +1,157 @@
+"""Recipes: what to do to a model, as strict pydantic models with YAML in and out.
+
+Every CLI command builds a `Recipe` and hands it to `compress.api.run`, so any command
+can be written down (OUT/recipe.yaml) and replayed with `compress run`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compress.errors import UsageError
+
+SCHEMES = ("w4a16", "w8a16", "w8a8", "fp8")
+Scheme = Literal["w4a16", "w8a16", "w8a8", "fp8"]
+GroupSize = Union[int, Literal["auto", "channel"]]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizeStage(Strict):
+    stage: Literal["quantize"] = "quantize"
+    scheme: Scheme
+    method: Literal["rtn"] = "rtn"
+    # None: the scheme's default (128 for w4a16, per channel otherwise).
+    group_size: GroupSize | None = None
+    symmetric: bool = True
+    # Module name patterns left unquantized, in addition to lm_head and embeddings.
+    # A plain name matches that module; "re:<regex>" matches by regular expression.
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive(cls, v: GroupSize | None) -> GroupSize | None:
+        if isinstance(v, int) and (v < 1 or v & (v - 1)):
+            raise ValueError(f"group size must be a power of two, got {v}")
+        return v
+
+
+Stage = Annotated[Union[QuantizeStage], Field(discriminator="stage")]
+
+
+class EvalSpec(Strict):
+    enabled: bool = True
+    # "builtin" (text shipped with Python) or a dataset: local .txt/.jsonl/.parquet
+    # file or folder, or a datasets hub name.
+    dataset: str = "builtin"
+    text_column: str = "text"
+    seq_len: int = Field(512, ge=16)
+    max_tokens: int = Field(8192, ge=64)  # perplexity: tokens scored
+    max_texts: int = Field(256, ge=4)  # encoders: sentences embedded
+    latency: bool = True
+    prompt_len: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=1)
+
+
+class Recipe(Strict):
+    version: Literal[1] = 1
+    model: str
+    output: str | None = None
+    overwrite: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    stages: list[Stage] = Field(min_length=1)
+    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude={"output", "overwrite"})
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.0.c=value` overrides (value parsed as YAML) to a recipe dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UsageError(f"--set {key}: no list item {part!r}")
+                idx: Any = int(part)
+            elif isinstance(node, dict):
+                idx = part
+            else:
+                raise UsageError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
+            if last:
+                node[idx] = yaml.safe_load(raw)
+            else:
+                if isinstance(node, dict) and idx not in node:
+                    node[idx] = {}
+                node = node[idx]
+    return data
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at a pydantic error location, if found."""
+    node, line = root, None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            node = match[0][1]
+            line = match[0][0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        elif not isinstance(key, int):  # discriminated-union tag in the location
+            continue
+        else:
+            break
+    return line
+
+
+def validate(data: Any, source: str = "recipe", yaml_text: str | None = None) -> Recipe:
+    """Validate a recipe dict; errors name the field (and the line, given the YAML)."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        root = yaml.compose(yaml_text) if yaml_text else None
+        msgs = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if p != "quantize")
+            where = ".".join(str(p) for p in loc) or "(top)"
+            line = _line_of(root, loc)
+            at = f"{source}:{line}: " if line else f"{source}: "
+            msgs.append(f"{at}{where}: {err['msg']}")
+        raise UsageError("; ".join(msgs)) from None
+
+
+def load(path: Path, overrides: list[str] | None = None) -> Recipe:
+    if not path.is_file():
+        raise UsageError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+        text = None  # line numbers no longer match the file
+    return validate(data, str(path), text)

@@ -1,0 +1,1 @@
+"""The report: schema, rendering, and (later) gates."""

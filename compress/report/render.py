@@ -1,0 +1,106 @@
+"""Render a report as Markdown (for people and PRs) and as a rich table (for the terminal)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from compress.report.schema import Measurement, Report
+
+MB = 1024 * 1024
+
+
+def _rows(report: Report) -> list[tuple[str, str, str, str]]:
+    """(metric, base, result, change) rows; change is a ratio or a relative difference."""
+    b, r = report.base, report.result
+
+    def fmt(m: Measurement | None, get, spec: str) -> str:
+        v = get(m) if m is not None else None
+        return "-" if v is None else format(v, spec)
+
+    def change(get, kind: str) -> str:
+        if b is None:
+            return ""
+        vb, vr = get(b), get(r)
+        if vb is None or vr is None or vb == 0:
+            return ""
+        return f"{vr / vb:.3f}x" if kind == "ratio" else f"{(vr - vb) / vb * 100:+.2f}%"
+
+    rows = [
+        ("size on disk (MiB)", lambda m: m.bytes_on_disk / MB, ".1f", "ratio"),
+        ("parameters (M)", lambda m: m.parameters / 1e6, ".2f", "ratio"),
+        ("bits per weight (quantized layers)", lambda m: m.bits_per_weight, ".2f", "ratio"),
+    ]
+    if r.perplexity:
+        rows.append((f"perplexity ({r.perplexity.tokens} tokens)", lambda m: m.perplexity and m.perplexity.value, ".3f", "rel"))
+    if r.similarity:
+        rows.append(("embedding cosine vs base (mean)", lambda m: m.similarity and m.similarity.mean, ".4f", ""))
+        rows.append(("embedding cosine vs base (min)", lambda m: m.similarity and m.similarity.min, ".4f", ""))
+    if r.latency:
+        rows.append(("prefill tokens/s (batch 1)", lambda m: m.latency and m.latency.prefill_tokens_per_s, ".1f", "ratio"))
+        if r.latency.decode_tokens_per_s:
+            rows.append(("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "ratio"))
+    rows += [
+        ("weights in memory (MiB)", lambda m: m.weights_in_memory_bytes / MB, ".1f", "ratio"),
+        ("peak memory, load + eval (MiB)", lambda m: m.peak_rss_bytes / MB, ".0f", "ratio"),
+    ]
+    return [(name, fmt(b, get, spec), fmt(r, get, spec), change(get, kind) if kind else "") for name, get, spec, kind in rows]
+
+
+def _details(report: Report) -> list[str]:
+    r = report.result
+    out = [f"- stage `{s.stage}`: " + ", ".join(f"{k}={v}" for k, v in s.settings.items()) + f"; {s.layers} layers, {s.seconds:.1f}s; kept in full precision: {', '.join(s.ignored) or 'none'}" for s in report.stages]
+    if r.perplexity:
+        p = r.perplexity
+        out.append(f"- perplexity: {p.text}; {p.tokens} tokens in windows of {p.seq_len}; {p.protocol}")
+    if r.similarity:
+        out.append(f"- similarity: {r.similarity.text}; {r.similarity.texts} texts; {r.similarity.protocol}")
+    if r.latency:
+        lt = r.latency
+        out.append(f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt {lt.prompt_len} tokens" + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "") + "; median of 3 rounds")
+    out += [f"- {n}" for n in report.notes]
+    return out
+
+
+def markdown(report: Report) -> str:
+    lines = [
+        f"# compress report: {report.model}",
+        "",
+        f"Task: {report.task}. Output: `{report.result.path}`. Created {report.created} by {report.tool}.",
+        "",
+        "| metric | base | result | change |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)],
+        "",
+        "## How it was measured",
+        "",
+        *_details(report),
+        "",
+        "## Environment",
+        "",
+        *[f"- {k}: {v}" for k, v in report.environment.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(report: Report, dest: Path) -> None:
+    (dest / "report.json").write_text(report.model_dump_json(indent=2))
+    (dest / "report.md").write_text(markdown(report))
+
+
+def table(report: Report) -> Table:
+    t = Table(title=f"{report.model} -> {report.result.path}", title_justify="left")
+    for col, just in (("metric", "left"), ("base", "right"), ("result", "right"), ("change", "right")):
+        t.add_column(col, justify=just)
+    for row in _rows(report):
+        t.add_row(*row)
+    return t
+
+
+def show(report: Report, console: Console) -> None:
+    console.print(table(report))
+    for line in _details(report):
+        console.print(line, markup=False, highlight=False)

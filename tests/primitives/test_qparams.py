@@ -1,0 +1,70 @@
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize, sqnr_db
+
+GRIDS = {
+    "int4-g64-sym": Grid(4, "int", True, 64),
+    "int8-channel-sym": Grid(8, "int", True, None),
+    "int8-channel-asym": Grid(8, "int", False, None),
+    "fp8-channel": Grid(8, "float", True, None),
+}
+
+
+def ct_args(g: Grid) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=g.bits, type=g.kind, symmetric=g.symmetric,
+                            strategy="group" if g.group_size else "channel", group_size=g.group_size)
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    return (torch.randn(96, 256) * 0.02).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_integers_match_compressed_tensors(weight, name):
+    """Our grid is compressed-tensors' grid: the loader rebuilds exactly our values."""
+    grid = GRIDS[name]
+    scale, zp = compute_qparams(weight, grid, torch.bfloat16)
+    ours = quantize(weight, scale, zp, grid)
+    exact = dequantize(ours, scale, zp).float()  # on-grid fp32 weights, as the writer passes them
+    theirs = ct_quantize(exact, scale, zp, ct_args(grid), dtype=ours.dtype)
+    assert torch.equal(ours.view(torch.int8), theirs.view(torch.int8))
+
+
+@pytest.mark.parametrize("name,min_db", [("int4-g64-sym", 17.0), ("int8-channel-sym", 36.0), ("int8-channel-asym", 36.0), ("fp8-channel", 28.0)])
+def test_sqnr(weight, name, min_db):
+    grid = GRIDS[name]
+    scale, zp = compute_qparams(weight, grid, torch.float32)
+    approx = dequantize(quantize(weight, scale, zp, grid), scale, zp)
+    assert sqnr_db(weight, approx) > min_db
+
+
+def test_int_rounding_error_is_at_most_half_a_step(weight):
+    grid = GRIDS["int4-g64-sym"]
+    scale, zp = compute_qparams(weight.float(), grid, torch.float32)
+    approx = dequantize(quantize(weight, scale, zp, grid), scale, zp)
+    step = scale.repeat_interleave(64, 1)
+    # the positive end may clip by one half step more (grid -8..7 over absmax/7.5)
+    assert ((weight.float() - approx).abs() <= step * 0.5 + 1e-6).float().mean() > 0.99
+    assert ((weight.float() - approx).abs() <= step * 1.0 + 1e-6).all()
+
+
+def test_range_and_zero_point(weight):
+    grid = GRIDS["int8-channel-asym"]
+    scale, zp = compute_qparams(weight, grid, torch.float32)
+    q = quantize(weight, scale, zp, grid)
+    assert q.dtype == torch.int8 and zp.dtype == torch.int8
+    assert int(q.min()) >= -128 and int(q.max()) <= 127
+    q4 = quantize(weight, *compute_qparams(weight, GRIDS["int4-g64-sym"], torch.float32), GRIDS["int4-g64-sym"])
+    assert int(q4.min()) >= -8 and int(q4.max()) <= 7
+
+
+def test_zero_weights_do_not_divide_by_zero():
+    w = torch.zeros(4, 64)
+    scale, zp = compute_qparams(w, GRIDS["int4-g64-sym"], torch.bfloat16)
+    assert (scale > 0).all()
+    assert torch.equal(dequantize(quantize(w, scale, zp, GRIDS["int4-g64-sym"]), scale, zp).float(), w)
