@@ -18,6 +18,7 @@ from rich.console import Console
 import compress
 from compress.data import text as textdata
 from compress.errors import UsageError
+from compress.eval import size
 from compress.eval.measure import measure
 from compress.formats import compressed_tensors as ct_format
 from compress.formats.atomic import atomic_dir, check_output
@@ -25,7 +26,7 @@ from compress.models import arch, load as loading, source as sources
 from compress.quant import rtn, schemes
 from compress.recipe import QuantizeStage, Recipe
 from compress.report import render
-from compress.report.schema import Report, StageRecord
+from compress.report.schema import Measurement, Report, StageRecord
 
 
 def _quantize(stage: QuantizeStage, model: torch.nn.Module, console: Console) -> tuple[StageRecord, object]:
@@ -33,11 +34,12 @@ def _quantize(stage: QuantizeStage, model: torch.nn.Module, console: Console) ->
     layers, ignore = arch.quant_targets(model, stage.ignore)
     scheme = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
-    weights = rtn.apply(layers, scheme.weight)
+    weights = rtn.apply(layers, scheme.weight, stage.range_search)
     compressor = ct_format.attach(model, scheme, ignore, weights)
     settings = {
         "scheme": scheme.name, "method": stage.method, "group_size": scheme.weight.group_size or "channel",
         "group_choice": scheme.group_note, "symmetric": scheme.weight.symmetric,
+        "range": "searched for least weight MSE" if stage.range_search else "min/max",
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
     record = StageRecord(stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start)
@@ -93,9 +95,7 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
                 console.print("measuring the result, reloaded by plain transformers ...")
                 result = measure(tmp, task, spec, texts, layers, recipe.device, recipe.trust_remote_code, base_embeddings=base_emb)
         else:
-            from compress.eval import size
-
-            result = _size_only(tmp, layers, size)
+            result = _size_only(tmp, layers)
         result.path = str(dest)
         report = Report(
             tool=f"compress {compress.__version__}",
@@ -107,13 +107,8 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     return report
 
 
-def _size_only(path: Path, layers: list[str], size) -> "Measurement":  # noqa: F821
-    from compress.report.schema import Measurement
-
-    return Measurement(
-        path=str(path), bytes_on_disk=size.bytes_on_disk(path), parameters=0,
-        bits_per_weight=size.bits_per_weight(path, layers), peak_rss_bytes=0, weights_in_memory_bytes=0, load_seconds=0.0,
-    )
+def _size_only(path: Path, layers: list[str]) -> Measurement:
+    return Measurement(path=str(path), bytes_on_disk=size.bytes_on_disk(path), bits_per_weight=size.bits_per_weight(path, layers))
 
 
 def _notes(src: sources.Source, task: str) -> list[str]:

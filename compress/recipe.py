@@ -30,6 +30,8 @@ class QuantizeStage(Strict):
     # None: the scheme's default (128 for w4a16, per channel otherwise).
     group_size: GroupSize | None = None
     symmetric: bool = True
+    # Choose each group's range to minimize the weight's squared error (else min/max).
+    range_search: bool = True
     # Module name patterns left unquantized, in addition to lm_head and embeddings.
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import click  # noqa: E402
 import typer  # noqa: E402
 
 from compress.cli import eval as eval_cmd, quantize, report, run  # noqa: E402
@@ -53,13 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="compress", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:  # typer turns Ctrl-C into Exit(130)
         code = exc.exit_code
-    except click.ClickException as exc:  # bad flags or arguments
+    except typer.TyperException as exc:  # bad flags or arguments
         print(f"error: {exc.format_message()}", file=sys.stderr)
         code = 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("error: interrupted; no output was written", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
         code = 130
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -70,4 +68,6 @@ def main(argv: list[str] | None = None) -> None:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: unexpected {type(exc).__name__}: {msg} (set COMPRESS_DEBUG=1 for the traceback)", file=sys.stderr)
         code = 1
+    if code == 130:
+        print("error: interrupted; no output was written", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

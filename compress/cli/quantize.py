@@ -19,6 +19,7 @@ def quantize(
     symmetric: Annotated[bool, typer.Option("--symmetric/--no-symmetric", help="Symmetric weight grid (zero point 0)")] = True,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep unquantized; repeatable")] = None,
     method: Annotated[str, typer.Option(help="rtn")] = "rtn",
+    range_search: Annotated[bool, typer.Option("--range-search/--no-range-search", help="Pick each group's range for least weight error (else min/max)")] = True,
     dtype: Annotated[str, typer.Option(help="dtype of the layers left unquantized: auto | bfloat16 | float16 | float32")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
@@ -33,7 +34,7 @@ def quantize(
 ) -> None:
     """Quantize weights (and activations, for w8a8 and fp8) into a compressed-tensors checkpoint."""
     stage = {"stage": "quantize", "scheme": scheme, "method": method, "group_size": parse_group_size(group_size),
-             "symmetric": symmetric, "ignore": ignore or []}
+             "symmetric": symmetric, "range_search": range_search, "ignore": ignore or []}
     recipe = validate({
         "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device,
         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],

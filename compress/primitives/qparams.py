@@ -47,7 +47,7 @@ def compute_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scale and zero point per group: scale [O, G] in scale_dtype, zp [O, G] int8.
 
-    `clip` < 1 shrinks the range (a clipping search tries several).
+    `clip` scales the range: < 1 clips the extremes, > 1 widens the grid (see search_range).
     """
     wg = grouped(w.float(), grid.group_size)  # [O, G, g]
     lo = wg.amin(-1).clamp(max=0) * clip  # 0 must stay representable
@@ -89,3 +89,35 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     ref, approx = ref.float(), approx.float()
     noise = (ref - approx).pow(2).mean().clamp(min=1e-30)
     return float(10 * torch.log10(ref.pow(2).mean() / noise))
+
+
+def default_ratios(grid: Grid) -> torch.Tensor:
+    """Range multipliers to try. Float grids: a full octave above 1 (shifts where values
+    round) and some clipping below; int grids: up to the unclipped positive end, down to 0.7."""
+    if grid.kind == "float":
+        return torch.cat([torch.ones(1), torch.linspace(2.0, 0.8, 25)])
+    top = (grid.qmax - grid.qmin) / 2 / grid.qmax if grid.symmetric else 1.0
+    return torch.cat([torch.ones(1), torch.linspace(top, 0.7, 20)])  # 1.0 first: min/max
+
+
+def search_range(
+    w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, ratios: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the min/max range times the ratio that minimizes the squared weight error.
+
+    Returns scale and zero point like `compute_qparams`.
+    """
+    wf = w.float()
+    best_err = best_scale = best_zp = None
+    for r in (default_ratios(grid) if ratios is None else ratios).tolist():
+        scale, zp = compute_qparams(wf, grid, scale_dtype, clip=r)
+        w_hat = dequantize(quantize(wf, scale, zp, grid), scale, zp).float()
+        err = grouped(wf - w_hat, w.shape[1] // scale.shape[1]).pow(2).sum(-1)  # [O, G]
+        if best_err is None:
+            best_err, best_scale, best_zp = err, scale, zp
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.primitives.qparams import Grid, compute_qparams, quantize
+from compress.primitives.qparams import Grid, compute_qparams, quantize, search_range
 
 
 @dataclass
@@ -17,11 +17,13 @@ class QuantizedWeight:
 
 
 @torch.no_grad()
-def quantize_weight(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype) -> QuantizedWeight:
-    scale, zp = compute_qparams(w, grid, scale_dtype)
+def quantize_weight(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_search: bool = True) -> QuantizedWeight:
+    """range_search: pick each group's range to minimize the weight's squared error
+    instead of taking its min/max (still round-to-nearest on the chosen grid)."""
+    scale, zp = (search_range if range_search else compute_qparams)(w, grid, scale_dtype)
     return QuantizedWeight(quantize(w, scale, zp, grid), scale, zp)
 
 
-def apply(layers: dict[str, torch.nn.Linear], grid: Grid) -> dict[str, QuantizedWeight]:
+def apply(layers: dict[str, torch.nn.Linear], grid: Grid, range_search: bool = True) -> dict[str, QuantizedWeight]:
     """Quantize every layer's weight; the scale keeps the weight's dtype, as the format stores it."""
-    return {name: quantize_weight(m.weight, grid, m.weight.dtype) for name, m in layers.items()}
+    return {name: quantize_weight(m.weight, grid, m.weight.dtype, range_search) for name, m in layers.items()}

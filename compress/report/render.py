@@ -30,7 +30,7 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
 
     rows = [
         ("size on disk (MiB)", lambda m: m.bytes_on_disk / MB, ".1f", "ratio"),
-        ("parameters (M)", lambda m: m.parameters / 1e6, ".2f", "ratio"),
+        ("parameters (M)", lambda m: m.parameters and m.parameters / 1e6, ".2f", "ratio"),
         ("bits per weight (quantized layers)", lambda m: m.bits_per_weight, ".2f", "ratio"),
     ]
     if r.perplexity:
@@ -43,8 +43,8 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
         if r.latency.decode_tokens_per_s:
             rows.append(("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "ratio"))
     rows += [
-        ("weights in memory (MiB)", lambda m: m.weights_in_memory_bytes / MB, ".1f", "ratio"),
-        ("peak memory, load + eval (MiB)", lambda m: m.peak_rss_bytes / MB, ".0f", "ratio"),
+        ("weights in memory (MiB)", lambda m: m.weights_in_memory_bytes and m.weights_in_memory_bytes / MB, ".1f", "ratio"),
+        ("peak memory, load + eval (MiB)", lambda m: m.peak_rss_bytes and m.peak_rss_bytes / MB, ".0f", "ratio"),
     ]
     return [(name, fmt(b, get, spec), fmt(r, get, spec), change(get, kind) if kind else "") for name, get, spec, kind in rows]
 

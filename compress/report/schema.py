@@ -44,14 +44,15 @@ class Latency(Frozen):
 class Measurement(Frozen):
     path: str
     bytes_on_disk: int
-    parameters: int
     bits_per_weight: float | None  # over the layers the method quantized
+    # None below: not measured (--no-eval)
+    parameters: int | None = None
     perplexity: Perplexity | None = None
     similarity: Similarity | None = None
     latency: Latency | None = None
-    peak_rss_bytes: int  # peak resident memory of the process that loaded and measured it
-    weights_in_memory_bytes: int  # parameters and buffers once loaded
-    load_seconds: float
+    peak_rss_bytes: int | None = None  # peak resident memory of the process that loaded and measured it
+    weights_in_memory_bytes: int | None = None  # parameters and buffers once loaded
+    load_seconds: float | None = None
 
 
 class StageRecord(Frozen):

@@ -68,3 +68,18 @@ def test_zero_weights_do_not_divide_by_zero():
     scale, zp = compute_qparams(w, GRIDS["int4-g64-sym"], torch.bfloat16)
     assert (scale > 0).all()
     assert torch.equal(dequantize(quantize(w, scale, zp, GRIDS["int4-g64-sym"]), scale, zp).float(), w)
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_range_search_never_increases_weight_error(weight, name):
+    from compress.primitives.qparams import search_range
+
+    grid = GRIDS[name]
+    plain = compute_qparams(weight, grid, torch.bfloat16)
+    searched = search_range(weight, grid, torch.bfloat16)
+    err = lambda s, z: (weight.float() - dequantize(quantize(weight, s, z, grid), s, z).float()).pow(2).sum()  # noqa: E731
+    assert err(*searched) <= err(*plain)
+    # and the searched integers still round-trip through compressed-tensors
+    q = quantize(weight, *searched, grid)
+    theirs = ct_quantize(dequantize(q, *searched).float(), *searched, ct_args(grid), dtype=q.dtype)
+    assert torch.equal(q.view(torch.int8), theirs.view(torch.int8))

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.errors import UsageError
+from compress.recipe import Recipe, apply_overrides, load
+
+GOOD = """\
+model: smollm2-135m
+output: out
+stages:
+  - stage: quantize
+    scheme: w4a16
+    group_size: 64
+evaluate:
+  max_tokens: 4096
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_recipe_round_trips(tmp_path):
+    r = load(write(tmp_path, GOOD))
+    assert r.stages[0].scheme == "w4a16" and r.stages[0].group_size == 64 and r.evaluate.max_tokens == 4096
+    again = Recipe.model_validate(yaml.safe_load(r.to_yaml()) | {"output": "out"})
+    assert again == r
+
+
+def test_typo_names_field_and_line(tmp_path):
+    with pytest.raises(UsageError) as exc:
+        load(write(tmp_path, GOOD.replace("group_size: 64", "grop_size: 64")))
+    assert "r.yaml:6" in str(exc.value) and "stages.0.grop_size" in str(exc.value)
+
+
+def test_bad_value_names_field_and_line(tmp_path):
+    with pytest.raises(UsageError) as exc:
+        load(write(tmp_path, GOOD.replace("scheme: w4a16", "scheme: w5a16")))
+    assert "r.yaml:5" in str(exc.value) and "stages.0.scheme" in str(exc.value)
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(UsageError, match="evaluate.max_tokens"):
+        load(write(tmp_path, GOOD.replace("max_tokens: 4096", "max_tokens: lots")))
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(UsageError, match=r"r.yaml:\d+: not valid YAML"):
+        load(write(tmp_path, "model: [unclosed\nstages: 1\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        load(tmp_path / "none.yaml")
+
+
+def test_set_overrides(tmp_path):
+    r = load(write(tmp_path, GOOD), ["stages.0.scheme=w8a8", "stages.0.group_size=channel", "evaluate.latency=false"])
+    assert r.stages[0].scheme == "w8a8" and r.stages[0].group_size == "channel" and r.evaluate.latency is False
+    with pytest.raises(UsageError, match="no list item"):
+        apply_overrides({"stages": []}, ["stages.3.scheme=w8a8"])
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        apply_overrides({}, ["stages"])
