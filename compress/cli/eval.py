@@ -28,7 +28,7 @@ def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
     for f in sorted(path.glob("*.safetensors")):
         loading.check_safetensors(f)
     config = jsonlib.loads((path / "config.json").read_text())
-    return path, loading.task_of(type("C", (), config))
+    return path, loading.task_of(config.get("architectures"))
 
 
 def evaluate(

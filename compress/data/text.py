@@ -1,7 +1,8 @@
 """Load text. The built-in text ships with Python, so it works offline everywhere.
 
-Built-in split: Python's `pydoc_data.topics` help pages, sorted by name; even-numbered
-topics are calibration text, odd-numbered topics evaluation text, so they never overlap.
+Built-in split: Python's `pydoc_data.topics` help pages, distinct pages in the order of their
+sorted topic names; even-numbered pages are calibration text, odd-numbered pages evaluation
+text, so they never overlap.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ class Texts:
 def builtin(split: Split) -> Texts:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    chosen = keys[0::2] if split == "calibration" else keys[1::2]
-    texts = [topics[k].strip() for k in chosen if topics[k].strip()]
+    # Several topic names share one page: split the distinct pages, so no page is in both.
+    pages = list(dict.fromkeys(topics[k].strip() for k in sorted(topics) if topics[k].strip()))
+    texts = pages[0::2] if split == "calibration" else pages[1::2]
     parity = "even" if split == "calibration" else "odd"
-    desc = f"built-in: Python {platform.python_version()} pydoc_data.topics, {parity}-numbered topics ({len(texts)} pages)"
+    desc = f"built-in: Python {platform.python_version()} pydoc_data.topics, {parity}-numbered distinct pages ({len(texts)})"
     return Texts(texts, desc)
 
 

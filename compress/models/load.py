@@ -29,9 +29,8 @@ class Loaded:
     checkpoint: Path  # the Hugging Face directory the weights came from
 
 
-def task_of(config: object) -> str:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+def task_of(architectures: list[str] | None) -> str:
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures or []):
         return "causal-lm"
     return "encoder"
 
@@ -107,12 +106,13 @@ def load(
         config = AutoConfig.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise UsageError(f"unsupported architecture in {ckpt}: {_first_line(exc)}") from None
-    if getattr(config, "quantization_config", None):
-        method = dict(config.quantization_config).get("quant_method", "?") if hasattr(config.quantization_config, "keys") else "?"
+    qc = getattr(config, "quantization_config", None)
+    if qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise UsageError(f"{source.spec} is already quantized ({method}); start from the original checkpoint")
     for f in sorted(ckpt.glob("*.safetensors")):
         check_safetensors(f)
-    task = task_of(config)
+    task = task_of(getattr(config, "architectures", None))
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch")

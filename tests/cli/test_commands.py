@@ -1,0 +1,37 @@
+"""quantize -> report -> run -> eval on a tiny model, through the real command."""
+
+import json
+
+import yaml
+
+from tests.cli.test_errors import compress
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_quantize_report_run_eval(tiny_model, tmp_path):
+    src, out = tiny_model("qwen2"), tmp_path / "out"
+    ok(compress("quantize", src, "-o", out, "--scheme", "w8a8", "--no-latency", "--eval-tokens", "1024", "--save-recipe", tmp_path / "r.yaml"))
+    saved = yaml.safe_load((tmp_path / "r.yaml").read_text())
+    assert saved["stages"][0]["scheme"] == "w8a8" and saved["output"] == str(out)
+
+    rep = json.loads(ok(compress("report", out, "--json")).stdout)
+    assert rep["schema_version"] == 1 and rep["stages"][0]["settings"]["activations"] == "dynamic per-token int8"
+    assert rep["result"]["perplexity"]["tokens"] == 1024 and rep["base"]["perplexity"]["value"] > 1
+    assert "perplexity" in ok(compress("report", out)).stdout
+
+    ok(compress("run", tmp_path / "r.yaml", "-o", tmp_path / "again", "--set", "evaluate.enabled=false"))
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["base"] is None
+
+    ev = json.loads(ok(compress("eval", out, "--baseline", src, "--no-latency", "--eval-tokens", "1024", "--json")).stdout)
+    assert ev["result"]["perplexity"]["value"] == rep["result"]["perplexity"]["value"]
+    assert ev["base"]["bytes_on_disk"] > ev["result"]["bytes_on_disk"]
+
+
+def test_report_of_a_folder_without_one(tmp_path):
+    proc = compress("report", tmp_path)
+    assert proc.returncode == 2 and "no report.json" in proc.stderr
