@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-venv clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: install
 
 bench: install
 	$(PY) benchmarks/quantize_rtn.py
+	$(PY) benchmarks/quantize_calibrated.py
+
+# llm-compressor pins its own transformers: it gets a virtual environment of its own,
+# used by benchmarks/quantize_calibrated.py for side-by-side runs.
+bench-venv: .venv-llmc/.installed
+.venv-llmc/.installed: constraints.txt
+	$(PYTHON) -m venv .venv-llmc
+	.venv-llmc/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0 llmcompressor==0.14.0.1 psutil
+	touch $@
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) .venv-llmc demo-out

@@ -4,46 +4,89 @@ load -> stages in order -> write atomically (checkpoint, recipe.yaml) -> measure
 and result in fresh processes -> report.json / report.md.
 """
 
+
 from __future__ import annotations
 
 import datetime
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from rich.console import Console
+from rich.progress import Progress, TimeElapsedColumn
 
 import compress
-from compress.data import text as textdata
+from compress.data import text as textdata, tokens
 from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
 from compress.formats import compressed_tensors as ct_format
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import arch, load as loading, source as sources
-from compress.quant import rtn, schemes
+from compress.quant import calibrated, rtn, schemes
 from compress.recipe import QuantizeStage, Recipe
 from compress.report import render
 from compress.report.schema import Measurement, Report, StageRecord
 
+CALIBRATION_BATCH = 4  # calibration windows per forward pass
 
-def _quantize(stage: QuantizeStage, model: torch.nn.Module, console: Console) -> tuple[StageRecord, object]:
+
+def _calibration_batches(stage: QuantizeStage, tokenizer, console: Console) -> tuple[list[torch.Tensor], str, list[str]]:
+    texts = textdata.load(stage.dataset, "calibration", stage.text_column)
+    wins = tokens.windows(tokenizer, texts.texts, stage.seq_len, stage.samples * stage.seq_len)
+    warnings = []
+    if len(wins) == 0:
+        raise UsageError(f"calibration text ({texts.description}) is shorter than one sample of {stage.seq_len} tokens; lower --seq-len")
+    if len(wins) < stage.samples:
+        warnings.append(f"calibration text holds {len(wins)} samples of {stage.seq_len} tokens, fewer than the {stage.samples} asked; using {len(wins)}")
+        console.print(f"[yellow]warning:[/] {warnings[-1]}")
+    desc = f"{texts.description}; {len(wins)} samples x {stage.seq_len} tokens"
+    return list(wins.split(CALIBRATION_BATCH)), desc, warnings
+
+
+def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console: Console) -> tuple[StageRecord, object]:
+    model = loaded.model
     start = time.perf_counter()
     layers, ignore = arch.quant_targets(model, stage.ignore)
     scheme = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
-    weights = rtn.apply(layers, scheme.weight, stage.range_search)
-    compressor = ct_format.attach(model, scheme, ignore, weights)
     settings = {
         "scheme": scheme.name, "method": stage.method, "group_size": scheme.weight.group_size or "channel",
         "group_choice": scheme.group_note, "symmetric": scheme.weight.symmetric,
         "range": "searched for least weight MSE" if stage.range_search else "min/max",
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
-    record = StageRecord(stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start)
+    calibration, layer_errors, warnings = None, [], []
+    if stage.method == "rtn":
+        weights = rtn.apply(layers, scheme.weight, stage.range_search)
+    else:
+        batches, calibration, warnings = _calibration_batches(stage, loaded.tokenizer, console)
+        opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid, alpha=stage.alpha)
+        settings.update({k: v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
+        with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(f"{stage.method}: decoder layers", total=None)
+            weights, layer_errors = calibrated.apply(
+                model, layers, scheme.weight, batches, opts, torch.device(device),
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    compressor = ct_format.attach(model, scheme, ignore, weights)
+    record = StageRecord(
+        stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start,
+        calibration=calibration, layer_errors=layer_errors, warnings=warnings,
+    )
     return record, (compressor, sorted(layers))
+
+
+_METHOD_KEYS = {
+    "gptq": ("dampening", "block_size", "actorder"),
+    "awq": ("awq_grid",),
+    "smoothquant+gptq": ("alpha", "dampening", "block_size", "actorder"),
+    "smoothquant+rtn": ("alpha",),
+}
 
 
 def environment() -> dict[str, str]:
@@ -71,11 +114,13 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
 
     console.print(f"loading {recipe.model} ...")
+    rss_start = psutil.Process().memory_info().rss
     loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle)
     records, compressor, layers = [], None, []
     for stage in recipe.stages:
-        record, (compressor, layers) = _quantize(stage, loaded.model, console)
-        records.append(record)
+        record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start
+        records.append(record.model_copy(update={"peak_memory_bytes": peak}))
 
     with atomic_dir(dest, recipe.overwrite) as tmp:
         console.print(f"writing {dest} ...")

@@ -26,12 +26,25 @@ class Strict(BaseModel):
 class QuantizeStage(Strict):
     stage: Literal["quantize"] = "quantize"
     scheme: Scheme
-    method: Literal["rtn"] = "rtn"
+    method: Literal["rtn", "gptq", "awq", "smoothquant+gptq", "smoothquant+rtn"] = "rtn"
     # None: the scheme's default (128 for w4a16, per channel otherwise).
     group_size: GroupSize | None = None
     symmetric: bool = True
     # Choose each group's range to minimize the weight's squared error (else min/max).
     range_search: bool = True
+    # Calibration (every method but rtn): text, and how many windows of how many tokens.
+    dataset: str = "builtin"
+    text_column: str = "text"
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=16)
+    # GPTQ: Hessian dampening (fraction of its mean diagonal), columns per lazy update,
+    # columns in order of decreasing Hessian diagonal.
+    dampening: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+    actorder: bool = False
+    # AWQ: scale candidates searched; SmoothQuant: migration strength.
+    awq_grid: int = Field(20, ge=1)
+    alpha: float = Field(0.5, ge=0, le=1)
     # Module name patterns left unquantized, in addition to lm_head and embeddings.
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)

@@ -6,14 +6,14 @@ import math
 
 import torch
 
+from compress.data.tokens import windows
+
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """The first `max_tokens` tokens of the texts joined by blank lines, as [N, seq_len]."""
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = min(len(ids), max_tokens) // seq_len
-    if n == 0:
-        raise ValueError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return ids[: n * seq_len].reshape(n, seq_len)
+    out = windows(tokenizer, texts, seq_len, max_tokens)
+    if len(out) == 0:
+        raise ValueError(f"evaluation text is shorter than one window of {seq_len} tokens")
+    return out
 
 
 @torch.no_grad()

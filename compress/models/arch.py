@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from compressed_tensors.utils.match import is_match, match_named_modules
 
@@ -40,3 +42,53 @@ def quant_targets(model: torch.nn.Module, extra_ignore: list[str]) -> tuple[dict
     if not targets:
         raise UsageError(f"{type(model).__name__}: no linear layers left to quantize")
     return targets, ignore
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """`prev`'s output feeds every linear in `linears` (names relative to a decoder layer), so
+    a per-channel scale can move from those linears' inputs into `prev`'s output exactly."""
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+_LLAMA = (
+    Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Smooth("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
+    Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Smooth("mlp.up_proj", ("mlp.down_proj",)),
+)
+SMOOTH_MAPS: dict[str, tuple[Smooth, ...]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "opt": (
+        Smooth("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Smooth("self_attn.v_proj", ("self_attn.out_proj",)),
+        Smooth("final_layer_norm", ("fc1",)),
+        Smooth("fc1", ("fc2",)),  # through ReLU, which commutes with positive scales
+    ),
+    "phi3": (
+        Smooth("input_layernorm", ("self_attn.qkv_proj",)),
+        Smooth("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+}
+
+
+def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
+    """The mappings of this architecture whose shapes fit (v_proj -> o_proj needs as many
+    value channels as attention outputs, which grouped-query attention does not have)."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    if kind not in SMOOTH_MAPS:
+        raise UsageError(
+            f"{kind}: AWQ and SmoothQuant need to know which norms feed which projections, and there is "
+            f"no adapter for it (have: {', '.join(sorted(SMOOTH_MAPS))}); use --method gptq or rtn"
+        )
+    maps = []
+    for m in SMOOTH_MAPS[kind]:
+        prev = layer.get_submodule(m.prev)
+        width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
+        if all(layer.get_submodule(n).in_features == width for n in m.linears):
+            maps.append(m)
+    return maps

@@ -101,18 +101,25 @@ def default_ratios(grid: Grid) -> torch.Tensor:
 
 
 def search_range(
-    w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, ratios: torch.Tensor | None = None
+    w: torch.Tensor,
+    grid: Grid,
+    scale_dtype: torch.dtype,
+    ratios: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the min/max range times the ratio that minimizes the squared weight error.
 
+    importance [I]: optional weight per input column (e.g. E[x^2] of the layer's input), so
+    the error minimized approximates the output error instead of the weight error.
     Returns scale and zero point like `compute_qparams`.
     """
     wf = w.float()
+    col_w = torch.ones(w.shape[1]) if importance is None else importance.float().to(wf.device)
     best_err = best_scale = best_zp = None
     for r in (default_ratios(grid) if ratios is None else ratios).tolist():
         scale, zp = compute_qparams(wf, grid, scale_dtype, clip=r)
         w_hat = dequantize(quantize(wf, scale, zp, grid), scale, zp).float()
-        err = grouped(wf - w_hat, w.shape[1] // scale.shape[1]).pow(2).sum(-1)  # [O, G]
+        err = grouped((wf - w_hat).pow(2) * col_w, w.shape[1] // scale.shape[1]).sum(-1)  # [O, G]
         if best_err is None:
             best_err, best_scale, best_zp = err, scale, zp
             continue

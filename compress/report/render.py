@@ -60,8 +60,32 @@ def _details(report: Report) -> list[str]:
     if r.latency:
         lt = r.latency
         out.append(f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt {lt.prompt_len} tokens" + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "") + "; median of 3 rounds")
+    for s in report.stages:
+        if s.calibration:
+            out.append(f"- calibration: {s.calibration}")
+        if s.peak_memory_bytes:
+            out.append(f"- peak memory while loading and running `{s.stage}`: {s.peak_memory_bytes / MB:.0f} MiB above the process before the model was loaded")
+        out += [f"- warning: {w}" for w in s.warnings]
     out += [f"- {n}" for n in report.notes]
     return out
+
+
+def layer_table(report: Report) -> list[str]:
+    rows = [e for s in report.stages for e in s.layer_errors]
+    if not rows:
+        return []
+    method = next(s.settings["method"] for s in report.stages if s.layer_errors)
+    return [
+        "## Per-layer output error",
+        "",
+        "Relative error of each decoder layer's output against the float layer, on the first calibration batches "
+        f"(inputs already quantized up to that layer): plain min/max RTN vs {method}.",
+        "",
+        f"| layer | rtn | {method} |",
+        "|---|---|---|",
+        *[f"| {e['layer']} | {e['rtn']:.4f} | {e['method']:.4f} |" for e in rows],
+        "",
+    ]
 
 
 def markdown(report: Report) -> str:
@@ -78,6 +102,7 @@ def markdown(report: Report) -> str:
         "",
         *_details(report),
         "",
+        *layer_table(report),
         "## Environment",
         "",
         *[f"- {k}: {v}" for k, v in report.environment.items()],

@@ -1,0 +1,61 @@
+"""llm-compressor's GPTQ on the same model, samples and sequence length, for comparison.
+
+Runs inside its own virtual environment (`make bench-venv` makes .venv-llmc: llm-compressor
+pins its own transformers). Called by benchmarks/quantize_calibrated.py:
+
+    .venv-llmc/bin/python benchmarks/llmc_gptq.py BASE_DIR CALIB.json EVAL.json GROUP sym|asym
+
+CALIB.json and EVAL.json hold token windows made by the caller, so both toolkits see the same
+tokens. Prints one JSON line: perplexity (same windows, same protocol as compress's report:
+each window scored alone, mean token NLL), oneshot seconds, peak memory above the loaded model.
+"""
+
+import json
+import math
+import resource
+import sys
+import time
+
+import psutil
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from transformers import AutoModelForCausalLM
+
+
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            x = windows[i : i + 4]
+            logits = model(x).logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
+            count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    base, calib, evalf, group, sym = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "sym"
+    calib_ids = json.load(open(calib))
+    eval_ids = torch.tensor(json.load(open(evalf)))
+    before = psutil.Process().memory_info().rss
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    ds = Dataset.from_dict({"input_ids": calib_ids, "attention_mask": [[1] * len(x) for x in calib_ids]})
+    scheme = {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group},
+    }
+    start = time.perf_counter()
+    oneshot(
+        model=model, dataset=ds, recipe=[GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])],
+        max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids),
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"perplexity": perplexity(model.eval(), eval_ids), "seconds": seconds, "peak_rss_above_start": peak,
+                      "settings": "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Layer-by-layer calibration: run the model one decoder layer at a time.
+
+The inputs of the first layer are captured once; then each layer in turn is moved to the
+compute device, calibrated and quantized by the method's callback, and its (quantized)
+outputs become the next layer's inputs. Only one layer is on the device at a time, so peak
+memory is about one layer plus the calibration activations, not the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from compress.errors import UsageError
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    hidden: list[torch.Tensor]  # per batch: [B, T, H]
+    kwargs: list[dict] = field(default_factory=list)  # per batch: mask, rotary embeddings, ...
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The repeated blocks of a transformers model (decoder layers, or encoder layers)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer", "bert.encoder.layer"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise UsageError(f"{type(model).__name__}: no decoder layers found for layer-by-layer calibration")
+
+
+@torch.no_grad()
+def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
+    """Run the model up to its first layer for every batch and keep that layer's inputs."""
+    layers = decoder_layers(model)
+    first = layers[0]
+    captured = LayerInputs(hidden=[])
+
+    def hook(module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    _move_outside_layers(model, layers, device)
+    try:
+        for ids in batches:
+            try:
+                model(ids.to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_layers(model, layers, "cpu")
+    return captured
+
+
+def _move_outside_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, device) -> None:
+    """Embeddings, rotary tables and norms go to `device`; the layers stay where they are."""
+    layer_params = {id(p) for p in layers.parameters()}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in layer_params:
+                p.data = p.data.to(device)
+        for name, b in list(module.named_buffers(recurse=False)):
+            if not any(b is lb for lb in layers.buffers()):
+                module._buffers[name] = b.to(device)
+
+
+def run_layer(layer: torch.nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    outs = []
+    for h, kwargs in zip(inputs.hidden, inputs.kwargs):
+        out = layer(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def relative_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    num = sum(float((r.float() - g.float()).pow(2).sum()) for r, g in zip(ref, got))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return (num / den) ** 0.5 if den else 0.0
+
+
+@torch.no_grad()
+def layer_by_layer(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    calibrate: Callable[[int, torch.nn.Module, LayerInputs], None],
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """For each layer: move it to `device`, call `calibrate(i, layer, inputs)` (which
+    quantizes it in place), then feed its outputs to the next layer."""
+    inputs = capture_inputs(model, batches, device)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layer.to(device)
+        calibrate(i, layer, inputs)
+        inputs.hidden = run_layer(layer, inputs)
+        layer.to("cpu")
+        if progress:
+            progress(i + 1, len(layers))

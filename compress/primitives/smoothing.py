@@ -1,0 +1,49 @@
+"""Moving per-channel scale between a layer's input and the op that produces it.
+
+Both AWQ and SmoothQuant pick s [I] and rewrite  prev -> x -> W  as  prev/s -> x/s -> W*s,
+which leaves the float model's outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def fold(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
+    """Divide prev's output channels by s and multiply the linears' input columns by s."""
+    s = s.float()
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+    else:  # a norm: y = weight * normalized (+ bias)
+        prev.weight.data = (prev.weight.float() / s).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+    for lin in linears:
+        lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)
+
+
+def smoothquant_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant (Xiao et al., 2022): s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)."""
+    w_absmax = torch.cat([w.float().abs() for w in weights]).amax(0)  # [I]
+    s = x_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+def awq_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """AWQ (Lin et al., 2023) scale candidates s = x_mean^r / w_mean^(1-r), r in [0, 1),
+    normalized so that max(s) * min(s) = 1."""
+    out = []
+    for r in torch.arange(steps).float() / steps:
+        s = x_mean.clamp(min=1e-4).pow(r) / w_mean.clamp(min=1e-4).pow(1 - r)
+        s = s.clamp(min=1e-4)
+        out.append(s / (s.max() * s.min()).sqrt())
+    return out
+
+
+def normalized_weight_mean(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """Mean over rows of |W| relative to its group's max, per input channel [I]."""
+    w = torch.cat([x.float() for x in weights])  # [sum O, I]
+    g = group_size or w.shape[1]
+    wg = w.abs().reshape(w.shape[0], -1, g)
+    return (wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)

@@ -1,0 +1,173 @@
+"""Calibrated quantization, one decoder layer at a time: GPTQ, AWQ, SmoothQuant (+GPTQ/RTN).
+
+Per layer: one pass over the calibration batches collects each target linear's input
+statistics; smoothing (AWQ or SmoothQuant) folds per-channel scales into the op before
+the linears; each linear is quantized (GPTQ from its Hessian, or RTN with a range chosen
+for least input-weighted error); the layer's quantized outputs feed the next layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from compress import calibrate
+from compress.models.arch import Smooth, smooth_maps
+from compress.primitives.gptq import gptq
+from compress.primitives.hessian import Hessian
+from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize, search_range
+from compress.primitives.smoothing import awq_candidates, fold, normalized_weight_mean, smoothquant_scales
+from compress.quant.rtn import QuantizedWeight
+
+ERROR_BATCHES = 2  # batches on which each layer's output error is reported
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str  # gptq | awq | smoothquant+gptq | smoothquant+rtn
+    range_search: bool = True
+    dampening: float = 0.01
+    block_size: int = 128
+    actorder: bool = False
+    awq_grid: int = 20
+    awq_tokens: int = 2048  # input rows per smoothing group used by the AWQ search
+    alpha: float = 0.5
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method.endswith("gptq")
+
+
+@dataclass
+class InputStats:
+    """What one linear's inputs looked like during the calibration pass."""
+
+    hessian: Hessian | None
+    sq_sum: torch.Tensor  # [I] sum of x^2
+    absmax: torch.Tensor  # [I] max |x|
+    n: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)  # AWQ: a subset of input rows
+
+    def add(self, x: torch.Tensor, keep: int) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [n, I]
+        if self.hessian is not None:
+            self.hessian.add(x)
+        self.sq_sum += x.pow(2).sum(0)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.n += x.shape[0]
+        if keep:
+            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.n))[:keep]
+            self.samples.append(x[idx].cpu())
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """Inputs became x / s after a fold."""
+        s = s.to(self.sq_sum.device)
+        if self.hessian is not None:
+            self.hessian.H /= s[:, None] * s[None, :]
+        self.sq_sum /= s.pow(2)
+        self.absmax /= s
+        self.samples = [x / s.cpu() for x in self.samples]
+
+
+def _fake(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    scale, zp = compute_qparams(w, grid, torch.float32)
+    return dequantize(quantize(w, scale, zp, grid), scale, zp)
+
+
+def _awq_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: int) -> torch.Tensor:
+    """The candidate scale whose RTN-quantized linears best reproduce their float outputs."""
+    w = torch.cat([t.float() for t in weights])  # [sum O, I]
+    ref = x @ w.T  # [n, sum O]
+    best, best_loss = torch.ones(w.shape[1]), float((ref - x @ _fake(w, grid).T).pow(2).mean())
+    for s in awq_candidates(x.abs().mean(0), normalized_weight_mean(weights, grid.group_size), steps):
+        loss = float((ref - x @ (_fake(w * s, grid) / s).T).pow(2).mean())
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best
+
+
+def _quantize_linear(lin: torch.nn.Linear, st: InputStats, grid: Grid, opts: Options) -> QuantizedWeight:
+    dtype = lin.weight.dtype
+    if opts.uses_gptq:
+        q, scale, zp = gptq(lin.weight, st.hessian.H.cpu(), grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
+    else:
+        w = lin.weight.float().cpu()
+        importance = (st.sq_sum / max(st.n, 1)).cpu()
+        scale, zp = search_range(w, grid, dtype, importance=importance) if opts.range_search else compute_qparams(w, grid, dtype)
+        q = quantize(w, scale, zp, grid)
+    lin.weight.data = dequantize(q, scale, zp).to(dtype).to(lin.weight.device)
+    return QuantizedWeight(q, scale, zp)
+
+
+def _rtn_error(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], grid: Grid, inputs: calibrate.LayerInputs, ref: list[torch.Tensor]) -> float:
+    """Output error of this layer with plain min/max RTN (the baseline the method improves on)."""
+    saved = {n: m.weight.data.clone() for n, m in targets.items()}
+    for m in targets.values():
+        m.weight.data = _fake(m.weight.float(), grid).to(m.weight.dtype)
+    err = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs)))
+    for n, m in targets.items():
+        m.weight.data = saved[n]
+    return err
+
+
+def _head(inputs: calibrate.LayerInputs) -> calibrate.LayerInputs:
+    return calibrate.LayerInputs(inputs.hidden[:ERROR_BATCHES], inputs.kwargs[:ERROR_BATCHES])
+
+
+def apply(
+    model: torch.nn.Module,
+    layers: dict[str, torch.nn.Linear],
+    grid: Grid,
+    batches: list[torch.Tensor],
+    opts: Options,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """Quantize `layers` (full names) layer by layer; returns the weights and, per decoder
+    layer, the relative output error of plain RTN and of the method."""
+    blocks = calibrate.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    results: dict[str, QuantizedWeight] = {}
+    report: list[dict] = []
+    n_tokens = sum(b.numel() for b in batches)
+
+    def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
+        own = f"{prefix}.{i}."
+        targets = {n[len(own):]: m for n, m in layers.items() if n.startswith(own)}
+        maps: list[Smooth] = smooth_maps(model, layer) if opts.method != "gptq" else []
+        heads = {m.linears[0] for m in maps} if opts.method == "awq" else set()
+        keep = -(-opts.awq_tokens * batches[0].numel() // n_tokens) if heads else 0  # rows per batch
+        stats = {
+            n: InputStats(Hessian(m.in_features, device) if opts.uses_gptq else None,
+                          torch.zeros(m.in_features, device=device), torch.zeros(m.in_features, device=device))
+            for n, m in targets.items()
+        }
+        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: stats[n].add(args[0], keep if n in heads else 0)) for n, m in targets.items()]
+        ref = calibrate.run_layer(layer, inputs)[:ERROR_BATCHES]
+        for h in hooks:
+            h.remove()
+        rtn_err = _rtn_error(layer, targets, grid, inputs, ref)
+
+        for m in maps:
+            if not all(n in targets for n in m.linears):
+                continue  # a linear the user kept dense: leave this pair alone
+            lins = [targets[n] for n in m.linears]
+            if opts.method == "awq":
+                s = _awq_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.awq_grid)
+            else:
+                s = smoothquant_scales(stats[m.linears[0]].absmax.cpu(), [lin.weight.cpu() for lin in lins], opts.alpha)
+            fold(layer.get_submodule(m.prev), lins, s.to(device))
+            for n in m.linears:
+                stats[n].rescale(s)
+        for n, lin in targets.items():
+            results[own + n] = _quantize_linear(lin, stats[n], grid, opts)
+        after = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs)))
+        report.append({"layer": i, "rtn": rtn_err, "method": after})
+
+    calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress)
+    missing = set(layers) - set(results)
+    if missing:
+        raise RuntimeError(f"layers outside the decoder blocks are not calibrated: {sorted(missing)[:3]}")
+    return results, report

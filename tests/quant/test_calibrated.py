@@ -1,0 +1,120 @@
+"""Calibrated methods on tiny models: better layer outputs than RTN, SmoothQuant is exact in
+float, results round-trip through the saved format, and bad calibration input is explained."""
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from compress import api
+from compress.errors import UsageError
+from compress.formats import compressed_tensors as ct_format
+from compress.models import arch
+from compress.models.load import load
+from compress.models.source import resolve
+from compress.primitives.qparams import dequantize
+from compress.primitives.smoothing import fold, smoothquant_scales
+from compress.quant import calibrated, schemes
+from compress.recipe import QuantizeStage, validate
+
+QUIET = Console(file=open("/dev/null", "w"))
+
+
+def batches(vocab: int, n: int = 8, seq: int = 64) -> list[torch.Tensor]:
+    return list(torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(1)).split(4))
+
+
+def run_method(model_dir, method, scheme="w4a16", **opts):
+    loaded = load(resolve(str(model_dir)), dtype="float32")
+    layers, ignore = arch.quant_targets(loaded.model, [])
+    stage = QuantizeStage(scheme=scheme, method=method, group_size="auto" if scheme == "w4a16" else None)
+    sch = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
+    weights, errors = calibrated.apply(loaded.model, layers, sch.weight, batches(loaded.model.config.vocab_size),
+                                       calibrated.Options(method, **opts), torch.device("cpu"))
+    return loaded, layers, ignore, sch, weights, errors
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "opt"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_method_beats_rtn_layer_error(tiny_model, arch_name, method):
+    _, layers, _, _, weights, errors = run_method(tiny_model(arch_name), method)
+    assert set(weights) == set(layers) and len(errors) == 2
+    rtn = sum(e["rtn"] for e in errors)
+    assert sum(e["method"] for e in errors) < 0.9 * rtn
+
+
+@pytest.mark.parametrize("method", ["smoothquant+gptq", "smoothquant+rtn"])
+def test_smoothquant_methods_run_w8a8(tiny_model, method):
+    _, _, _, _, _, errors = run_method(tiny_model("qwen2"), method, scheme="w8a8")
+    assert all(e["method"] < 0.05 for e in errors)
+
+
+@torch.no_grad()
+def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32).eval()
+    ids = batches(model.config.vocab_size)[0]
+    before = model(ids).logits
+    absmax = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for m in arch.smooth_maps(model, layer):
+            lin = layer.get_submodule(m.linears[0])
+            hooks.append(lin.register_forward_hook(lambda mod, a, o, key=(i, m): absmax.__setitem__(key, a[0].abs().flatten(0, 1).amax(0))))
+    model(ids)
+    for h in hooks:
+        h.remove()
+    for (i, m), xmax in absmax.items():
+        layer = model.model.layers[i]
+        lins = [layer.get_submodule(n) for n in m.linears]
+        fold(layer.get_submodule(m.prev), lins, smoothquant_scales(xmax, [l.weight for l in lins], 0.5))
+    assert len(absmax) == 2 * 3  # input norm -> qkv, post norm -> gate/up, up -> down (GQA: no v -> o)
+    assert torch.allclose(model(ids).logits, before, atol=1e-4, rtol=1e-4)
+
+
+def test_actorder_groups_round_trip_through_saved_checkpoint(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded, layers, ignore, sch, weights, _ = run_method(tiny_model("llama"), "gptq", actorder=True)
+    compressor = ct_format.attach(loaded.model, sch, ignore, weights)
+    ct_format.save(loaded.model, compressor, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    reloaded(torch.tensor([[1, 2, 3]]))  # decompress
+    for name, qw in weights.items():
+        assert torch.equal(reloaded.get_submodule(name).weight, dequantize(qw.q, qw.scale, qw.zero_point))
+
+
+def test_no_adapter_is_a_clear_error(tiny_model):
+    with pytest.raises(UsageError, match="no adapter"):
+        run_method(tiny_model("bert"), "awq")
+
+
+def quantize(src, tmp_path, **stage):
+    recipe = validate({"model": str(src), "output": str(tmp_path / "out"), "evaluate": {"enabled": False},
+                       "stages": [{"stage": "quantize", "scheme": "w4a16", "group_size": "auto", "method": "gptq", **stage}]})
+    return api.run(recipe, QUIET)
+
+
+def test_bad_calibration_input(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(UsageError, match="holds no text"):
+        quantize(src, tmp_path, dataset=str(tmp_path / "empty.txt"))
+    (tmp_path / "short.txt").write_text("just a few words")
+    with pytest.raises(UsageError, match="shorter than one sample"):
+        quantize(src, tmp_path, dataset=str(tmp_path / "short.txt"))
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "text"}) + "\n")
+    with pytest.raises(UsageError, match="no field 'text'"):
+        quantize(src, tmp_path, dataset=str(tmp_path / "rows.jsonl"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_fewer_samples_than_asked_warns_and_goes_on(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    (tmp_path / "some.txt").write_text(" ".join(f"word{i}" for i in range(400)))
+    report = quantize(src, tmp_path, dataset=str(tmp_path / "some.txt"), samples=50, seq_len=64)
+    st = report.stages[0]
+    assert st.warnings and "fewer than the 50 asked" in st.warnings[0]
+    assert "samples x 64 tokens" in st.calibration and (tmp_path / "out" / "model.safetensors").is_file()
