@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.base import compress_module
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
 from compress.models.arch import TARGETS
+from compress.primitives.qparams import dequantize
 from compress.quant.rtn import QuantizedWeight
 from compress.quant.schemes import Scheme
 
@@ -30,19 +32,19 @@ def attach(
     found = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if found != set(weights):
         raise RuntimeError(f"compressed-tensors matched {len(found)} layers, we quantized {len(weights)}")
-    for name, module in model.named_modules():
-        qw = weights.get(name)
-        if qw is None:
-            continue
+    modules = [(m, weights[n]) for n, m in model.named_modules() if n in weights]
+    for module, qw in modules:
         module.weight_scale.data = qw.scale.to(module.weight_scale.device)
         module.weight_zero_point.data = qw.zero_point.to(module.weight_zero_point.device)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    for module, qw in modules:
         # fp32 weights that sit exactly on the grid: the compressor's own rounding
         # (w / scale) then recovers our integers exactly, whatever the model's dtype.
-        exact = (qw.q.float() - qw.zero_point.float().repeat_interleave(qw.q.shape[1] // qw.scale.shape[1], 1))
-        exact = exact * qw.scale.float().repeat_interleave(qw.q.shape[1] // qw.scale.shape[1], 1)
+        # One layer at a time, so only one fp32 copy exists at once.
+        exact = dequantize(qw.q, qw.scale.float(), qw.zero_point).to(module.weight.device)
         module.weight = torch.nn.Parameter(exact, requires_grad=False)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
+        compress_module(module, compressor.force_compression_format)
+    compressor.compress_model(model, skip_compressed=True)
     return compressor
 
 

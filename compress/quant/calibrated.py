@@ -144,7 +144,22 @@ def apply(
                           torch.zeros(m.in_features, device=device), torch.zeros(m.in_features, device=device))
             for n, m in targets.items()
         }
-        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: stats[n].add(args[0], keep if n in heads else 0)) for n, m in targets.items()]
+        # Linears fed the very same tensor (q/k/v, gate/up) share one set of statistics.
+        # The tensors are held until the next batch, so identity cannot be confused by reuse.
+        first_reader: list[tuple[torch.Tensor, str]] = []
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            owner = next((n for t, n in first_reader if t is x), None)
+            if owner is None:
+                first_reader.append((x, name))
+                owner = name
+            if owner == name:
+                stats[name].add(x, keep if name in heads else 0)
+            else:
+                stats[name] = stats[owner]
+
+        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: observe(n, args[0])) for n, m in targets.items()]
+        hooks.append(layer.register_forward_pre_hook(lambda mod, args: first_reader.clear()))
         ref = calibrate.run_layer(layer, inputs)[:ERROR_BATCHES]
         for h in hooks:
             h.remove()
@@ -159,8 +174,8 @@ def apply(
             else:
                 s = smoothquant_scales(stats[m.linears[0]].absmax.cpu(), [lin.weight.cpu() for lin in lins], opts.alpha)
             fold(layer.get_submodule(m.prev), lins, s.to(device))
-            for n in m.linears:
-                stats[n].rescale(s)
+            for st in {id(stats[n]): stats[n] for n in m.linears}.values():
+                st.rescale(s)
         for n, lin in targets.items():
             results[own + n] = _quantize_linear(lin, stats[n], grid, opts)
         after = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs)))

@@ -1,0 +1,54 @@
+"""Calibrated methods on SmolLM2-135M through the CLI: clearly better than RTN, and the saved
+checkpoint gives the same perplexity when reloaded by plain transformers without compress."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_real_models import FRESH, run_cli
+
+pytestmark = pytest.mark.real
+
+RTN_W4A16_G64 = 0.45  # RTN's perplexity increase on this model (benchmarks/RESULTS.md), for reference
+CASES = {  # (scheme, method) -> max perplexity increase over the base
+    ("w4a16", "gptq"): 0.20,
+    ("w4a16", "awq"): 0.30,
+    ("w8a8", "smoothquant+gptq"): 0.01,
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrated")
+    runs = {}
+    for scheme, method in CASES:
+        out = root / f"{scheme}-{method}"
+        extra = ["--group-size", "64"] if scheme == "w4a16" else []
+        proc = run_cli("quantize", "smollm2-135m", "-o", out, "--scheme", scheme, "--method", method, "--samples", "32", *extra, "--no-latency", "--json")
+        runs[(scheme, method)] = (out, json.loads(proc.stdout))
+    return runs
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=lambda c: "-".join(c))
+def test_quality(calibrated_runs, case):
+    _, report = calibrated_runs[case]
+    base, ppl = report["base"]["perplexity"]["value"], report["result"]["perplexity"]["value"]
+    assert ppl <= base * (1 + CASES[case])
+    stage = report["stages"][0]
+    assert "32 samples x 512 tokens" in stage["calibration"] and "even-numbered" in stage["calibration"]
+    errors = stage["layer_errors"]
+    assert len(errors) == 30 and sum(e["method"] for e in errors) < sum(e["rtn"] for e in errors)
+
+
+def test_gptq_checkpoint_reloads_with_the_reported_perplexity(calibrated_runs, tmp_path):
+    from compress.data.text import builtin
+
+    out, report = calibrated_runs[("w4a16", "gptq")]
+    (tmp_path / "texts.json").write_text(json.dumps(builtin("evaluation").texts))
+    (tmp_path / "fresh.py").write_text(FRESH)
+    proc = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(report["result"]["perplexity"]["value"], rel=0.005)
