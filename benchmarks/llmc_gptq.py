@@ -7,12 +7,12 @@ pins its own transformers). Called by benchmarks/quantize_calibrated.py:
 
 CALIB.json and EVAL.json hold token windows made by the caller, so both toolkits see the same
 tokens. Prints one JSON line: perplexity (same windows, same protocol as compress's report:
-each window scored alone, mean token NLL), oneshot seconds, peak memory above the loaded model.
+each window scored alone, mean token NLL), oneshot seconds, peak memory during oneshot above the process before the model was loaded.
 """
 
 import json
 import math
-import resource
+import threading
 import sys
 import time
 
@@ -22,6 +22,24 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoModelForCausalLM
+
+
+class PeakRSS:  # the same sampler as compress.eval.memory (compress is not installed here)
+    def __enter__(self):
+        self.bytes, self._stop, proc = 0, threading.Event(), psutil.Process()
+
+        def sample():
+            while not self._stop.is_set():
+                self.bytes = max(self.bytes, proc.memory_info().rss)
+                self._stop.wait(0.01)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
 
 
 def perplexity(model, windows: torch.Tensor) -> float:
@@ -46,13 +64,15 @@ def main() -> None:
         "targets": ["Linear"],
         "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group},
     }
-    start = time.perf_counter()
-    oneshot(
-        model=model, dataset=ds, recipe=[GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])],
-        max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids),
-    )
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = PeakRSS()
+    with peak:
+        start = time.perf_counter()
+        oneshot(
+            model=model, dataset=ds, recipe=[GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])],
+            max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids),
+        )
+        seconds = time.perf_counter() - start
+    peak = peak.bytes - before
     print(json.dumps({"perplexity": perplexity(model.eval(), eval_ids), "seconds": seconds, "peak_rss_above_start": peak,
                       "settings": "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"}))
 

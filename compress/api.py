@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from compress.data import text as textdata, tokens
 from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
+from compress.eval.memory import PeakRSS
 from compress.formats import compressed_tensors as ct_format
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import arch, load as loading, source as sources
@@ -118,9 +118,9 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle)
     records, compressor, layers = [], None, []
     for stage in recipe.stages:
-        record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start
-        records.append(record.model_copy(update={"peak_memory_bytes": peak}))
+        with PeakRSS() as peak:
+            record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
+        records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
 
     with atomic_dir(dest, recipe.overwrite) as tmp:
         console.print(f"writing {dest} ...")
@@ -146,7 +146,7 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
             tool=f"compress {compress.__version__}",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             model=recipe.model, task=task, recipe=recipe.model_dump(mode="json"), stages=records,
-            base=base, result=result, environment=environment(), notes=_notes(src, task),
+            base=base, result=result, environment=environment(), notes=_notes(src, recipe),
         )
         render.write(report, tmp)
     return report
@@ -156,8 +156,11 @@ def _size_only(path: Path, layers: list[str]) -> Measurement:
     return Measurement(path=str(path), bytes_on_disk=size.bytes_on_disk(path), bits_per_weight=size.bits_per_weight(path, layers))
 
 
-def _notes(src: sources.Source, task: str) -> list[str]:
+def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
     notes = []
+    for stage in recipe.stages:
+        if stage.method != "rtn" and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
+            notes.append(f"calibration and evaluation both read {stage.dataset}: the perplexity is not on held-out text")
     if src.is_gguf:
         notes.append(
             f"base: {src.path.name} de-quantized by transformers and saved as a Hugging Face checkpoint; "

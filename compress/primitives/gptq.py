@@ -53,8 +53,9 @@ def gptq(
     weights; with actorder columns go in order of decreasing Hessian diagonal and every
     group's range is fixed up front.
     """
+    dev = W.device
     W = W.float().clone()
-    H = H.float().clone()
+    H = H.float().to(dev).clone()
     out_f, in_f = W.shape
     g = grid.group_size or in_f
     n_groups = in_f // g
@@ -65,19 +66,19 @@ def gptq(
     diag = torch.diag(H).clone()
 
     static = actorder or grid.group_size is None
-    scale = torch.empty(out_f, n_groups, dtype=scale_dtype)
-    zp = torch.zeros(out_f, n_groups, dtype=torch.int8)
+    scale = torch.empty(out_f, n_groups, dtype=scale_dtype, device=dev)
+    zp = torch.zeros(out_f, n_groups, dtype=torch.int8, device=dev)
     if static:
         s, z = _group_params(W, grid, scale_dtype, range_search, diag)
         scale.copy_(s)
         zp.copy_(z)
 
-    perm = torch.argsort(diag, descending=True) if actorder else torch.arange(in_f)
+    perm = torch.argsort(diag, descending=True) if actorder else torch.arange(in_f, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, dampening)  # [I, I] upper
     group_of = perm // g  # group (original order) of each processed column
 
-    Q = torch.zeros(out_f, in_f, dtype=torch.float8_e4m3fn if grid.kind == "float" else torch.int8)
+    Q = torch.zeros(out_f, in_f, dtype=torch.float8_e4m3fn if grid.kind == "float" else torch.int8, device=dev)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()  # [O, b]

@@ -114,7 +114,7 @@ def search_range(
     Returns scale and zero point like `compute_qparams`.
     """
     wf = w.float()
-    col_w = torch.ones(w.shape[1]) if importance is None else importance.float().to(wf.device)
+    col_w = torch.ones(w.shape[1], device=wf.device) if importance is None else importance.float().to(wf.device)
     best_err = best_scale = best_zp = None
     for r in (default_ratios(grid) if ratios is None else ratios).tolist():
         scale, zp = compute_qparams(wf, grid, scale_dtype, clip=r)

@@ -89,16 +89,17 @@ def _awq_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: 
 
 
 def _quantize_linear(lin: torch.nn.Linear, st: InputStats, grid: Grid, opts: Options) -> QuantizedWeight:
+    """Quantize on the layer's device; the integers and scales are kept on the CPU."""
     dtype = lin.weight.dtype
     if opts.uses_gptq:
-        q, scale, zp = gptq(lin.weight, st.hessian.H.cpu(), grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
+        q, scale, zp = gptq(lin.weight, st.hessian.H, grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
     else:
-        w = lin.weight.float().cpu()
-        importance = (st.sq_sum / max(st.n, 1)).cpu()
+        w = lin.weight.float()
+        importance = st.sq_sum / max(st.n, 1)
         scale, zp = search_range(w, grid, dtype, importance=importance) if opts.range_search else compute_qparams(w, grid, dtype)
         q = quantize(w, scale, zp, grid)
-    lin.weight.data = dequantize(q, scale, zp).to(dtype).to(lin.weight.device)
-    return QuantizedWeight(q, scale, zp)
+    lin.weight.data = dequantize(q, scale, zp).to(dtype)
+    return QuantizedWeight(q.cpu(), scale.cpu(), zp.cpu())
 
 
 def _rtn_error(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], grid: Grid, inputs: calibrate.LayerInputs, ref: list[torch.Tensor]) -> float:

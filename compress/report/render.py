@@ -64,7 +64,7 @@ def _details(report: Report) -> list[str]:
         if s.calibration:
             out.append(f"- calibration: {s.calibration}")
         if s.peak_memory_bytes:
-            out.append(f"- peak memory while loading and running `{s.stage}`: {s.peak_memory_bytes / MB:.0f} MiB above the process before the model was loaded")
+            out.append(f"- peak memory while `{s.stage}` ran: {s.peak_memory_bytes / MB:.0f} MiB above the process before the model was loaded (model included)")
         out += [f"- warning: {w}" for w in s.warnings]
     out += [f"- {n}" for n in report.notes]
     return out

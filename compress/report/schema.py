@@ -64,8 +64,8 @@ class StageRecord(Frozen):
     calibration: str | None = None  # calibration text and samples, for calibrated methods
     layer_errors: list[dict[str, float]] = []  # per decoder layer: relative output error, rtn vs method
     warnings: list[str] = []
-    # Peak resident memory of the process up to the end of this stage, above what it used
-    # before loading the model: the model plus the stage's working memory.
+    # Peak resident memory of the process while the stage ran, above what it used before
+    # the model was loaded: the model plus the stage's working memory.
     peak_memory_bytes: int | None = None
 
 
