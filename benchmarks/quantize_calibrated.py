@@ -19,17 +19,19 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results import write_section  # noqa: E402
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-RESULTS = HERE / "RESULTS.md"
 LLMC_PY = Path(os.environ.get("LLMC_PYTHON", ROOT / ".venv-llmc" / "bin" / "python"))
-BEGIN, END = "<!-- quantize_calibrated:begin -->", "<!-- quantize_calibrated:end -->"
 RUNS = [
     ("w4a16", "rtn", ["--group-size", "64"]),
     ("w4a16", "gptq", ["--group-size", "64"]),
     ("w4a16", "awq", ["--group-size", "64"]),
     ("w8a8", "rtn", []),
     ("w8a8", "smoothquant+gptq", []),
+    ("w8a8", "smoothquant+rtn", []),
 ]
 
 
@@ -109,7 +111,6 @@ def main() -> None:
         )
     llmc_note = "" if LLMC_PY.exists() else " llm-compressor was not installed (`make bench-venv`), so its rows are missing."
     section = "\n".join([
-        BEGIN,
         "## Calibrated quantization (`benchmarks/quantize_calibrated.py`)",
         "",
         f"SmolLM2-135M-Instruct (base perplexity {base:.3f}, bfloat16). Calibration: {args.samples} samples x {args.seq_len} tokens of the "
@@ -120,16 +121,10 @@ def main() -> None:
         f"was loaded, against the fp32 model size ({fp32_mib:.0f} MiB).{llmc_note}",
         "",
         *table,
-        END,
     ])
     print(section)
     if not args.no_write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        RESULTS.write_text(text)
+        write_section("quantize_calibrated", section)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results import write_section  # noqa: E402
+
 HERE = Path(__file__).parent
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- quantize_rtn:begin -->", "<!-- quantize_rtn:end -->"
 TARGETS = {"w8a16": "+1%", "fp8": "+3%", "w8a8": "+3%", "w4a16": "+50%"}
 
 
@@ -80,7 +81,6 @@ def main() -> None:
     import transformers
 
     section = "\n".join([
-        BEGIN,
         "## Round-to-nearest (`benchmarks/quantize_rtn.py`)",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}. "
@@ -99,17 +99,10 @@ def main() -> None:
         "| scheme | group | cosine mean | cosine min | base MiB | MiB | size ratio |",
         "|---|---|---|---|---|---|---|",
         *mini,
-        END,
     ])
     print(section)
     if not args.no_write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the script it names.\n\n"
-        if BEGIN in text:
-            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        RESULTS.write_text(text)
-        print(f"wrote {RESULTS}")
+        write_section("quantize_rtn", section)
 
 
 if __name__ == "__main__":

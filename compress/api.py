@@ -65,8 +65,9 @@ def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console
         weights = rtn.apply(layers, scheme.weight, stage.range_search)
     else:
         batches, calibration, warnings = _calibration_batches(stage, loaded.tokenizer, console)
-        opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid, alpha=stage.alpha)
-        settings.update({k: v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
+        opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid,
+                                  alpha=stage.alpha, act=scheme.act)
+        settings.update({k: "searched" if v is None else v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
         with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task(f"{stage.method}: decoder layers", total=None)
             weights, layer_errors = calibrated.apply(

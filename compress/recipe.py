@@ -42,9 +42,10 @@ class QuantizeStage(Strict):
     dampening: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1)
     actorder: bool = False
-    # AWQ: scale candidates searched; SmoothQuant: migration strength.
+    # AWQ: scale candidates searched; SmoothQuant: migration strength (None: searched
+    # per smoothing group for the least quantized output error).
     awq_grid: int = Field(20, ge=1)
-    alpha: float = Field(0.5, ge=0, le=1)
+    alpha: float | None = Field(None, ge=0, le=1)
     # Module name patterns left unquantized, in addition to lm_head and embeddings.
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)

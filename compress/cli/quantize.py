@@ -27,7 +27,7 @@ def quantize(
     block_size: Annotated[int, typer.Option(help="GPTQ: columns per lazy update")] = 128,
     actorder: Annotated[bool, typer.Option("--actorder/--no-actorder", help="GPTQ: quantize columns by decreasing activation energy")] = False,
     awq_grid: Annotated[int, typer.Option(help="AWQ: scale candidates to search")] = 20,
-    alpha: Annotated[float, typer.Option(help="SmoothQuant: migration strength (0..1)")] = 0.5,
+    alpha: Annotated[Optional[float], typer.Option(help="SmoothQuant: migration strength 0..1 (default: searched per layer)")] = None,
     range_search: Annotated[bool, typer.Option("--range-search/--no-range-search", help="Pick each group's range for least weight error (else min/max)")] = True,
     dtype: Annotated[str, typer.Option(help="dtype of the layers left unquantized: auto | bfloat16 | float16 | float32")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",

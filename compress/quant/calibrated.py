@@ -32,8 +32,9 @@ class Options:
     block_size: int = 128
     actorder: bool = False
     awq_grid: int = 20
-    awq_tokens: int = 2048  # input rows per smoothing group used by the AWQ search
-    alpha: float = 0.5
+    awq_tokens: int = 2048  # input rows per smoothing group used by the AWQ / alpha search
+    alpha: float | None = None  # SmoothQuant strength; None: searched per smoothing group
+    act: str | None = None  # "int8" or "fp8": how the scheme quantizes activations
 
     @property
     def uses_gptq(self) -> bool:
@@ -88,6 +89,37 @@ def _awq_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: 
     return best
 
 
+SQ_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _fake_act(x: torch.Tensor, act: str | None) -> torch.Tensor:
+    """Dynamic per-token activation quantization, as compressed-tensors applies it at run time."""
+    if act is None:
+        return x
+    grid = Grid(8, "float" if act == "fp8" else "int", True, None)
+    return _fake(x, grid)
+
+
+def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None, alpha: float | None) -> torch.Tensor:
+    """SmoothQuant scales for a fixed alpha, or for the alpha (or none) whose quantized
+    weights and activations best reproduce the float outputs on the calibration rows."""
+    absmax = x.abs().amax(0)
+    if alpha is not None:
+        return smoothquant_scales(absmax, weights, alpha)
+    w = torch.cat([t.float() for t in weights])  # [sum O, I]
+    ref = x @ w.T
+
+    def loss(s: torch.Tensor) -> float:
+        return float((ref - _fake_act(x / s, act) @ _fake(w * s, grid).T).pow(2).mean())
+
+    best, best_loss = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1]))
+    for a in SQ_ALPHAS:
+        s = smoothquant_scales(absmax, weights, a)
+        if (err := loss(s)) < best_loss:
+            best, best_loss = s, err
+    return best
+
+
 def _quantize_linear(lin: torch.nn.Linear, st: InputStats, grid: Grid, opts: Options) -> QuantizedWeight:
     """Quantize on the layer's device; the integers and scales are kept on the CPU."""
     dtype = lin.weight.dtype
@@ -138,7 +170,8 @@ def apply(
         own = f"{prefix}.{i}."
         targets = {n[len(own):]: m for n, m in layers.items() if n.startswith(own)}
         maps: list[Smooth] = smooth_maps(model, layer) if opts.method != "gptq" else []
-        heads = {m.linears[0] for m in maps} if opts.method == "awq" else set()
+        searching = opts.method == "awq" or opts.alpha is None
+        heads = {m.linears[0] for m in maps} if searching else set()
         keep = -(-opts.awq_tokens * batches[0].numel() // n_tokens) if heads else 0  # rows per batch
         stats = {
             n: InputStats(Hessian(m.in_features, device) if opts.uses_gptq else None,
@@ -172,6 +205,8 @@ def apply(
             lins = [targets[n] for n in m.linears]
             if opts.method == "awq":
                 s = _awq_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.awq_grid)
+            elif opts.alpha is None:
+                s = _smoothquant_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.act, None)
             else:
                 s = smoothquant_scales(stats[m.linears[0]].absmax.cpu(), [lin.weight.cpu() for lin in lins], opts.alpha)
             fold(layer.get_submodule(m.prev), lins, s.to(device))
