@@ -168,7 +168,7 @@ def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
             "its weights were already rounded by the GGUF quantization it ships with"
         )
     notes.append(
-        "on CPU, transformers decompresses compressed-tensors weights to dense at load: speed and memory "
-        "in memory match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."
+        "on CPU, transformers decompresses compressed-tensors weights to dense on the first forward: speed and "
+        "in-memory size match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."
     )
     return notes
