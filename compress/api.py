@@ -4,7 +4,6 @@ load -> stages in order -> write atomically (checkpoint, recipe.yaml) -> measure
 and result in fresh processes -> report.json / report.md.
 """
 
-
 from __future__ import annotations
 
 import datetime

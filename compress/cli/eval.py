@@ -25,8 +25,7 @@ from compress.report.schema import Report
 def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
     src = sources.resolve(spec, allow_pickle)
     path = loading.checkpoint_dir(src, "auto")
-    for f in sorted(path.glob("*.safetensors")):
-        loading.check_safetensors(f)
+    loading.check_weights(path)
     config = jsonlib.loads((path / "config.json").read_text())
     return path, loading.task_of(config.get("architectures"))
 

@@ -61,6 +61,11 @@ def check_safetensors(path: Path) -> None:
         raise UsageError(f"{path} is truncated: {size} bytes, its header needs {expected}")
 
 
+def check_weights(ckpt: Path) -> None:
+    for f in sorted(ckpt.glob("*.safetensors")):
+        check_safetensors(f)
+
+
 def materialize_gguf(gguf: Path, dtype: str) -> Path:
     """De-quantize a .gguf through transformers into a cached Hugging Face checkpoint."""
     dest = cache_dir() / "gguf" / f"{gguf.stem}-{fingerprint(gguf)}-{dtype}"
@@ -110,8 +115,7 @@ def load(
     if qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise UsageError(f"{source.spec} is already quantized ({method}); start from the original checkpoint")
-    for f in sorted(ckpt.glob("*.safetensors")):
-        check_safetensors(f)
+    check_weights(ckpt)
     task = task_of(getattr(config, "architectures", None))
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     if device == "cuda" and not torch.cuda.is_available():

@@ -100,12 +100,10 @@ def _fake_act(x: torch.Tensor, act: str | None) -> torch.Tensor:
     return _fake(x, grid)
 
 
-def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None, alpha: float | None) -> torch.Tensor:
-    """SmoothQuant scales for a fixed alpha, or for the alpha (or none) whose quantized
-    weights and activations best reproduce the float outputs on the calibration rows."""
+def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None) -> torch.Tensor:
+    """SmoothQuant scales for the alpha (or none) whose quantized weights and activations
+    best reproduce the float outputs on the calibration rows."""
     absmax = x.abs().amax(0)
-    if alpha is not None:
-        return smoothquant_scales(absmax, weights, alpha)
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
     ref = x @ w.T
 
@@ -206,7 +204,7 @@ def apply(
             if opts.method == "awq":
                 s = _awq_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.awq_grid)
             elif opts.alpha is None:
-                s = _smoothquant_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.act, None)
+                s = _smoothquant_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.act)
             else:
                 s = smoothquant_scales(stats[m.linears[0]].absmax.cpu(), [lin.weight.cpu() for lin in lins], opts.alpha)
             fold(layer.get_submodule(m.prev), lins, s.to(device))
