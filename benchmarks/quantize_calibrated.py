@@ -1,7 +1,7 @@
 """Calibrated quantization (GPTQ, AWQ, SmoothQuant) on SmolLM2-135M, side by side with
 llm-compressor's GPTQ when its virtual environment exists (`make bench-venv`).
 
-    .venv/bin/python benchmarks/quantize_calibrated.py [--samples 64] [--seq-len 512] [--no-write]
+    .venv/bin/python benchmarks/quantize_calibrated.py [--samples 64] [--seq-len 512] [--methods gptq,awq] [--llmc sym] [--no-write]
 
 Both toolkits get the same calibration tokens (built-in calibration split) and are scored on
 the same held-out windows with the same protocol. Rewrites this script's section of
@@ -28,6 +28,7 @@ LLMC_PY = Path(os.environ.get("LLMC_PYTHON", ROOT / ".venv-llmc" / "bin" / "pyth
 RUNS = [
     ("w4a16", "rtn", ["--group-size", "64"]),
     ("w4a16", "gptq", ["--group-size", "64"]),
+    ("w4a16", "gptq", ["--group-size", "64", "--offload"]),
     ("w4a16", "awq", ["--group-size", "64"]),
     ("w8a8", "rtn", []),
     ("w8a8", "smoothquant+gptq", []),
@@ -44,7 +45,7 @@ def ours(scheme: str, method: str, extra: list[str], samples: int, seq_len: int,
         sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1]}")
     rep = json.loads(proc.stdout)
     st = rep["stages"][0]
-    return {"tool": "compress", "scheme": scheme, "method": method, "base": rep["base"]["perplexity"]["value"],
+    return {"tool": "compress", "scheme": scheme, "method": method + (" --offload" if "--offload" in extra else ""), "base": rep["base"]["perplexity"]["value"],
             "ppl": rep["result"]["perplexity"]["value"], "seconds": st["seconds"], "peak": st["peak_memory_bytes"],
             "settings": ", ".join(f"{k}={v}" for k, v in st["settings"].items() if k not in ("scheme", "method", "group_choice", "activations"))}
 
@@ -84,30 +85,36 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--methods", default=",".join(dict.fromkeys(m for _, m, _ in RUNS)), help="compress methods to run (comma list)")
+    ap.add_argument("--llmc", default="sym,asym", help="llm-compressor GPTQ runs: sym, asym, both or none (comma list)")
     args = ap.parse_args()
+    methods, llmc_runs = set(args.methods.split(",")), set(args.llmc.split(","))
     rows = []
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as t:
         tmp = Path(t)
         base_dir, calib, ev = token_files(args.samples, args.seq_len, tmp)
         for scheme, method, extra in RUNS:
+            if method not in methods:
+                continue
             rows.append(ours(scheme, method, extra, args.samples, args.seq_len, tmp))
             print(rows[-1], flush=True)
-        for sym in (True, False):
+        for sym in [s == "sym" for s in ("sym", "asym") if s in llmc_runs]:
             r = llmc(sym, base_dir, calib, ev)
             if r:
                 rows.append(r)
                 print(rows[-1], flush=True)
     base = rows[0]["base"]
     fp32_mib = 134.5e6 * 4 / 2**20
-    gptq_s = next(r["seconds"] for r in rows if r["tool"] == "compress" and r["method"] == "gptq")
+    gptq_s = next((r["seconds"] for r in rows if r["tool"] == "compress" and r["method"] == "gptq"), None)
     table = [
         "| tool | scheme | method | perplexity | vs base | time s | time vs compress gptq | peak memory MiB (x fp32 model) | settings |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ratio = f"{r['seconds'] / gptq_s:.2f}x" if gptq_s else "-"
         table.append(
             f"| {r['tool']} | {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / base - 1) * 100:+.2f}% | {r['seconds']:.0f} | "
-            f"{r['seconds'] / gptq_s:.2f}x | {r['peak'] / 2**20:.0f} ({r['peak'] / 2**20 / fp32_mib:.2f}x) | {r['settings']} |"
+            f"{ratio} | {r['peak'] / 2**20:.0f} ({r['peak'] / 2**20 / fp32_mib:.2f}x) | {r['settings']} |"
         )
     llmc_note = "" if LLMC_PY.exists() else " llm-compressor was not installed (`make bench-venv`), so its rows are missing."
     section = "\n".join([

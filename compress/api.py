@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, TimeElapsedColumn
 
 import compress
+from compress import calibrate, heap
 from compress.data import text as textdata, tokens
 from compress.errors import UsageError
 from compress.eval import size
@@ -26,6 +27,7 @@ from compress.eval.memory import PeakRSS
 from compress.formats import compressed_tensors as ct_format
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import arch, load as loading, source as sources
+from compress.models.offload import OnDisk
 from compress.quant import calibrated, rtn, schemes
 from compress.recipe import QuantizeStage, Recipe
 from compress.report import render
@@ -60,8 +62,9 @@ def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
     calibration, layer_errors, warnings = None, [], []
+    config = ct_format.config_for(scheme, ignore)
     if stage.method == "rtn":
-        weights = rtn.apply(layers, scheme.weight, stage.range_search)
+        _rtn(model, layers, scheme, stage.range_search, config, loaded.layers)
     else:
         batches, calibration, warnings = _calibration_batches(stage, loaded.tokenizer, console)
         opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid,
@@ -69,16 +72,41 @@ def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console
         settings.update({k: "searched" if v is None else v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
         with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task(f"{stage.method}: decoder layers", total=None)
-            weights, layer_errors = calibrated.apply(
+            _, layer_errors = calibrated.apply(
                 model, layers, scheme.weight, batches, opts, torch.device(device),
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                sink=lambda weights: ct_format.compress_linears(model, config, weights),  # each layer compressed once final
+                store=loaded.layers,
             )
-    compressor = ct_format.attach(model, scheme, ignore, weights)
+    compressor = ct_format.finish(model, set(layers))
     record = StageRecord(
         stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start,
         calibration=calibration, layer_errors=layer_errors, warnings=warnings,
     )
     return record, (compressor, sorted(layers))
+
+
+def _rtn(model, layers: dict[str, torch.nn.Linear], scheme: schemes.Scheme, range_search: bool, config, store) -> None:
+    """Round to nearest, one decoder layer at a time (loaded and released through `store`),
+    then the quantized linears outside the decoder layers, if any."""
+
+    def quantize(names: list[str]) -> None:
+        for name in names:
+            lin = model.get_submodule(name)
+            qw = rtn.quantize_weight(lin.weight, scheme.weight, lin.weight.dtype, range_search)
+            ct_format.compress_linears(model, config, {name: qw})
+            heap.trim()
+
+    blocks = calibrate.decoder_layers(model) if isinstance(store, OnDisk) else []
+    prefix = next((n for n, m in model.named_modules() if m is blocks), "")
+    inside = set()
+    for i, block in enumerate(blocks):
+        names = [n for n in layers if n.startswith(f"{prefix}.{i}.")]
+        store.load(i, block)
+        quantize(names)
+        store.release(i, block)
+        inside.update(names)
+    quantize([n for n in layers if n not in inside])
 
 
 _METHOD_KEYS = {
@@ -113,18 +141,24 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
 
-    console.print(f"loading {recipe.model} ...")
-    rss_start = psutil.Process().memory_info().rss
-    loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle)
-    records, compressor, layers = [], None, []
-    for stage in recipe.stages:
-        with PeakRSS() as peak:
-            record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
-        records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
-
     with atomic_dir(dest, recipe.overwrite) as tmp:
+        console.print(f"loading {recipe.model}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
+        rss_start = psutil.Process().memory_info().rss
+        loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload)
+        if isinstance(loaded.layers, OnDisk):
+            loaded.layers.out_dir = tmp  # each quantized layer is written there at once
+        records, compressor, layers = [], None, []
+        for stage in recipe.stages:
+            with PeakRSS() as peak:
+                record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
+            records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
+
         console.print(f"writing {dest} ...")
-        ct_format.save(loaded.model, compressor, tmp)
+        if isinstance(loaded.layers, OnDisk):
+            loaded.layers.save(loaded.model, tmp)
+            compressor.update_config(str(tmp))
+        else:
+            ct_format.save(loaded.model, compressor, tmp)
         loaded.tokenizer.save_pretrained(tmp)
         loading.copy_sidecars(loaded.checkpoint, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from compress import heap
 from compress.errors import UsageError
 
 
@@ -20,10 +22,32 @@ class _Captured(Exception):
     pass
 
 
+class StopLayer(Exception):
+    """Raised by a hook when the rest of a layer's forward pass is not needed."""
+
+
 @dataclass
 class LayerInputs:
     hidden: list[torch.Tensor]  # per batch: [B, T, H]
     kwargs: list[dict] = field(default_factory=list)  # per batch: mask, rotary embeddings, ...
+
+
+class LayerStore(Protocol):
+    """Where decoder layers live between uses (`models.offload.OnDisk` keeps them on disk)."""
+
+    def load(self, i: int, layer: torch.nn.Module) -> None: ...
+
+    def release(self, i: int, layer: torch.nn.Module) -> None: ...
+
+
+class InMemory:
+    """Every layer stays loaded; a layer leaves the compute device when done."""
+
+    def load(self, i: int, layer: torch.nn.Module) -> None:
+        pass
+
+    def release(self, i: int, layer: torch.nn.Module) -> None:
+        layer.to("cpu")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -78,9 +102,13 @@ def _move_outside_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, de
 
 
 def run_layer(layer: torch.nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The layer's output per batch; a batch a hook stopped with `StopLayer` has none."""
     outs = []
     for h, kwargs in zip(inputs.hidden, inputs.kwargs):
-        out = layer(h, **kwargs)
+        try:
+            out = layer(h, **kwargs)
+        except StopLayer:
+            continue
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
 
@@ -98,15 +126,23 @@ def layer_by_layer(
     device: torch.device,
     calibrate: Callable[[int, torch.nn.Module, LayerInputs], None],
     progress: Callable[[int, int], None] | None = None,
+    on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
+    store: LayerStore | None = None,
 ) -> None:
-    """For each layer: move it to `device`, call `calibrate(i, layer, inputs)` (which
-    quantizes it in place), then feed its outputs to the next layer."""
+    """For each layer: load it (`store`: in memory, or from disk), move it to `device`, call
+    `calibrate(i, layer, inputs)` (which quantizes it in place), feed its outputs (also shown
+    to `on_outputs`) to the next layer, and release it."""
+    store = store or InMemory()
     inputs = capture_inputs(model, batches, device)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
+        store.load(i, layer)
         layer.to(device)
         calibrate(i, layer, inputs)
         inputs.hidden = run_layer(layer, inputs)
-        layer.to("cpu")
+        if on_outputs:
+            on_outputs(i, inputs.hidden)
+        store.release(i, layer)
+        heap.trim()
         if progress:
             progress(i + 1, len(layers))

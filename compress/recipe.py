@@ -84,6 +84,7 @@ class Recipe(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    offload: bool = False  # decoder layers stay on disk: read one at a time, written once quantized
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
 

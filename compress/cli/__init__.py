@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 
+from compress import heap
 from compress.cli import eval as eval_cmd, quantize, report, run  # noqa: E402
 from compress.errors import CompressError
 
@@ -49,6 +50,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
+    heap.single_arena()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="compress", standalone_mode=False)

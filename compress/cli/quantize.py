@@ -31,6 +31,7 @@ def quantize(
     range_search: Annotated[bool, typer.Option("--range-search/--no-range-search", help="Pick each group's range for least weight error (else min/max)")] = True,
     dtype: Annotated[str, typer.Option(help="dtype of the layers left unquantized: auto | bfloat16 | float16 | float32")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    offload: Annotated[bool, typer.Option(help="Keep decoder layers on disk: read one at a time, write each once quantized (models larger than memory)")] = False,
     eval_dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
     eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")] = True,
@@ -47,7 +48,7 @@ def quantize(
              "dataset": dataset, "text_column": text_column, "samples": samples, "seq_len": seq_len,
              "dampening": dampening, "block_size": block_size, "actorder": actorder, "awq_grid": awq_grid, "alpha": alpha}
     recipe = validate({
-        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device,
+        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device, "offload": offload,
         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],
         "evaluate": EvalSpec(enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency).model_dump(),
     }, "options")

@@ -18,34 +18,48 @@ from compress.quant.rtn import QuantizedWeight
 from compress.quant.schemes import Scheme
 
 
-@torch.no_grad()
-def attach(
-    model: torch.nn.Module, scheme: Scheme, ignore: list[str], weights: dict[str, QuantizedWeight]
-) -> ModelCompressor:
-    """Put our integers and scales into the model in compressed form; returns the compressor."""
-    config = QuantizationConfig(
+def config_for(scheme: Scheme, ignore: list[str]) -> QuantizationConfig:
+    return QuantizationConfig(
         config_groups={"group_0": scheme.ct_scheme(TARGETS)},
         ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
-    apply_quantization_config(model, config, show_progress=False)
-    found = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
-    if found != set(weights):
-        raise RuntimeError(f"compressed-tensors matched {len(found)} layers, we quantized {len(weights)}")
-    modules = [(m, weights[n]) for n, m in model.named_modules() if n in weights]
-    for module, qw in modules:
+
+
+@torch.no_grad()
+def compress_linears(model: torch.nn.Module, config: QuantizationConfig, weights: dict[str, QuantizedWeight]) -> None:
+    """Replace these linears' weights by our integers and scales in compressed form, as soon
+    as they are final (a decoder layer at a time), so dense copies do not pile up."""
+    modules = {n: model.get_submodule(n) for n in weights}
+    apply_quantization_config(model, config, show_progress=False, allowed_modules=list(modules.values()))
+    for name, module in modules.items():
+        qw = weights[name]
+        if getattr(module, "quantization_scheme", None) is None:
+            raise RuntimeError(f"compressed-tensors does not target {name}, which we quantized")
         module.weight_scale.data = qw.scale.to(module.weight_scale.device)
         module.weight_zero_point.data = qw.zero_point.to(module.weight_zero_point.device)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    for module, qw in modules:
         # fp32 weights that sit exactly on the grid: the compressor's own rounding
         # (w / scale) then recovers our integers exactly, whatever the model's dtype.
-        # One layer at a time, so only one fp32 copy exists at once.
         exact = dequantize(qw.q, qw.scale.float(), qw.zero_point).to(module.weight.device)
         module.weight = torch.nn.Parameter(exact, requires_grad=False)
-        compress_module(module, compressor.force_compression_format)
+        compress_module(module)
+
+
+def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
+    """Check every quantized linear went through `compress_linears`; the compressor that writes
+    the config."""
+    found = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    if found != quantized:
+        raise RuntimeError(f"compressed-tensors holds {len(found)} quantized layers, we quantized {len(quantized)}")
+    compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model, skip_compressed=True)
     return compressor
+
+
+def attach(model: torch.nn.Module, scheme: Scheme, ignore: list[str], weights: dict[str, QuantizedWeight]) -> ModelCompressor:
+    """All at once: `compress_linears` then `finish`."""
+    compress_linears(model, config_for(scheme, ignore), weights)
+    return finish(model, set(weights))
 
 
 def save(model: torch.nn.Module, compressor: ModelCompressor, dest) -> None:

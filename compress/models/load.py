@@ -7,12 +7,14 @@ import logging
 import shutil
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from compress.errors import CompressError, UsageError
+from compress.calibrate import InMemory
+from compress.models.offload import OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 
 log = logging.getLogger("compress")
@@ -27,6 +29,7 @@ class Loaded:
     tokenizer: object
     task: str  # "causal-lm" or "encoder"
     checkpoint: Path  # the Hugging Face directory the weights came from
+    layers: InMemory | OnDisk = field(default_factory=InMemory)  # where decoder layers live between uses
 
 
 def task_of(architectures: list[str] | None) -> str:
@@ -101,7 +104,10 @@ def load(
     device: str = "cpu",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    offload: bool = False,
 ) -> Loaded:
+    """offload: build the decoder layers empty; each is read from disk when its turn comes
+    (see `offload.OnDisk`)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = checkpoint_dir(source, dtype)
@@ -120,14 +126,21 @@ def load(
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch")
+    if offload and not any(ckpt.glob("*.safetensors")):
+        raise UsageError(f"--offload reads layers from safetensors files; {ckpt} has none")
     try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
+        if offload:
+            model = empty_model(cls, config, resolve_dtype(dtype, config), trust_remote_code)
+            layers = OnDisk(model, ckpt, resolve_dtype(dtype, config))
+            layers.load_outside_layers(model)
+            return Loaded(model.eval(), tokenizer, task, ckpt, layers)  # moved to the device part by part
         model = cls.from_pretrained(
             ckpt,
             dtype=resolve_dtype(dtype, config),
             use_safetensors=not allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize, search_range
+from compress.primitives.qparams import Grid, compute_qparams, search_range
 
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -33,6 +33,20 @@ def _group_params(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_s
     if range_search:
         return search_range(w, grid, scale_dtype, importance=importance)
     return compute_qparams(w, grid, scale_dtype)
+
+
+INNER = 32  # columns per sub-block of immediate updates
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column: w [O] float32, scale [O] (stored dtype), zp [O] float -> (q, w_hat float32).
+    The same arithmetic as `qparams.quantize` / `dequantize`, without their reshapes."""
+    x = w / scale.float()
+    if grid.kind == "float":
+        q = x.clamp(grid.qmin, grid.qmax).to(torch.float8_e4m3fn)
+        return q, (q.to(scale.dtype) * scale).float()
+    q = (x.round() + zp).clamp(grid.qmin, grid.qmax)
+    return q, ((q - zp).to(scale.dtype) * scale).float()
 
 
 @torch.no_grad()
@@ -79,25 +93,36 @@ def gptq(
     group_of = perm // g  # group (original order) of each processed column
 
     Q = torch.zeros(out_f, in_f, dtype=torch.float8_e4m3fn if grid.kind == "float" else torch.int8, device=dev)
+    group_of = group_of.tolist()
+    s_col = z_col = last = None
+    # Lazy updates at two levels: within a sub-block of `inner` columns each column's error
+    # is applied at once (rank-1); sub-blocks and blocks pass theirs on as one matmul.
+    # Sub-blocks start on group boundaries, so a group's range sees all earlier errors.
+    inner = INNER if static or (g % INNER == 0 and block_size % INNER == 0) else block_size
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()  # [O, b]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = int(group_of[col])
-            if not static and col % g == 0:  # first column of a group: choose its range now
-                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s, z = _group_params(block, Grid(grid.bits, grid.kind, grid.symmetric, g), scale_dtype, range_search, diag[perm][col : col + g])
-                scale[:, gi : gi + 1], zp[:, gi : gi + 1] = s, z
-            w = W1[:, i : i + 1]  # [O, 1]
-            q = quantize(w, scale[:, gi : gi + 1], zp[:, gi : gi + 1], grid)
-            w_hat = dequantize(q, scale[:, gi : gi + 1], zp[:, gi : gi + 1]).float()
-            Q[:, col] = q[:, 0]
-            err = (w - w_hat) / Hinv1[i, i]  # [O, 1]
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+        d = torch.diag(Hinv1).tolist()
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                gi = group_of[col]
+                if not static and col % g == 0:  # first column of a group: choose its range now
+                    block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                    s, z = _group_params(block, Grid(grid.bits, grid.kind, grid.symmetric, g), scale_dtype, range_search, diag[perm][col : col + g])
+                    scale[:, gi : gi + 1], zp[:, gi : gi + 1] = s, z
+                if gi != last:
+                    s_col, z_col, last = scale[:, gi], zp[:, gi].float(), gi
+                w = W1[:, i]  # [O]
+                q, w_hat = _round(w, s_col, z_col, grid)
+                Q[:, col] = q
+                err = (w - w_hat) / d[i]  # [O]
+                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
+                Err1[:, i] = err
+            W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)

@@ -6,16 +6,40 @@ import torch
 
 
 class Hessian:
+    """Accumulates sum x x^T in float32; `H` scales it by 2/n on demand.
+
+    bfloat16 inputs (what a bf16 model's layers produce, exactly) are multiplied in bfloat16
+    with float32 accumulation inside the kernel: about 4x faster than float32 on CPU. Only
+    each batch's [I, I] product is rounded to bfloat16 before it joins the float32 sum.
+    Wide inputs are split in column blocks so the symmetric half is computed once.
+    """
+
     def __init__(self, features: int, device: torch.device | str = "cpu"):
-        self.H = torch.zeros(features, features, dtype=torch.float32, device=device)  # [I, I]
+        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)  # [I, I]
         self.n = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """x: [..., I] inputs of the layer."""
-        x = x.reshape(-1, x.shape[-1]).float()  # [n, I]
-        n = x.shape[0]
-        self.H *= self.n / (self.n + n)
-        self.n += n
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
+        x = x.reshape(-1, x.shape[-1])  # [n, I]
+        if x.dtype != torch.bfloat16:  # float16 products can overflow: go through float32
+            x = x.float()
+        # x^T x is symmetric: compute the blocks on and above the diagonal only.
+        k = 1 if x.shape[1] < 512 else 2 if x.shape[1] < 1024 else 3
+        bounds = [x.shape[1] * i // k for i in range(k + 1)]
+        for i in range(k):
+            for j in range(i, k):
+                rows, cols = slice(bounds[i], bounds[i + 1]), slice(bounds[j], bounds[j + 1])
+                block = (x[:, rows].T @ x[:, cols]).float()
+                self.sum[rows, cols] += block
+                if i != j:
+                    self.sum[cols, rows] += block.T
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.n, 1))
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """The inputs became x / s (a smoothing fold)."""
+        self.sum /= s[:, None] * s[None, :]

@@ -107,24 +107,64 @@ def search_range(
     ratios: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the min/max range times the ratio that minimizes the squared weight error.
+    """Per group, the min/max range times the ratio that minimizes the squared weight error
+    (the first such ratio on ties).
 
     importance [I]: optional weight per input column (e.g. E[x^2] of the layer's input), so
     the error minimized approximates the output error instead of the weight error.
-    Returns scale and zero point like `compute_qparams`.
+    Returns scale and zero point like `compute_qparams`. All ratios are tried at once, on
+    chunks of rows.
     """
     wf = w.float()
+    r = (default_ratios(grid) if ratios is None else ratios).float().to(wf.device)  # [R]
     col_w = torch.ones(w.shape[1], device=wf.device) if importance is None else importance.float().to(wf.device)
-    best_err = best_scale = best_zp = None
-    for r in (default_ratios(grid) if ratios is None else ratios).tolist():
-        scale, zp = compute_qparams(wf, grid, scale_dtype, clip=r)
-        w_hat = dequantize(quantize(wf, scale, zp, grid), scale, zp).float()
-        err = grouped((wf - w_hat).pow(2) * col_w, w.shape[1] // scale.shape[1]).sum(-1)  # [O, G]
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
-            continue
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zp = torch.where(better, zp, best_zp)
-    return best_scale, best_zp
+    g = w.shape[1] if grid.group_size is None else grid.group_size
+    rows = max(1, SEARCH_ELEMENTS // (len(r) * w.shape[1]))
+    scales, zps = [], []
+    for chunk in wf.split(rows):
+        scale, zp = _qparams_for_ratios(grouped(chunk, g), grid, scale_dtype, r)  # [R, O, G]
+        err = _group_error(chunk, scale, zp, grid, col_w)  # [R, O, G]
+        best = err.argmin(0, keepdim=True)  # [1, O, G]
+        scales.append(scale.gather(0, best)[0])
+        zps.append(zp.gather(0, best)[0])
+    return torch.cat(scales), torch.cat(zps)
+
+
+SEARCH_ELEMENTS = 1 << 17  # ratios x rows x columns evaluated at once: stays in cache
+
+
+def _qparams_for_ratios(wg: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, ratios: torch.Tensor):
+    """`compute_qparams` for every clip ratio at once: wg [O, G, g] -> scale, zp [R, O, G]."""
+    clip = ratios[:, None, None]  # [R, 1, 1]
+    lo = wg.amin(-1).clamp(max=0) * clip
+    hi = wg.amax(-1).clamp(min=0) * clip
+    span = grid.qmax - grid.qmin
+    if grid.symmetric or grid.kind == "float":
+        scale = torch.maximum(lo.abs(), hi) / (span / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / span
+        zp = (grid.qmin - lo / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax).round()
+    scale = scale.to(scale_dtype)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).eps), scale)
+    return scale, zp.to(torch.int8)
+
+
+def _group_error(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid, col_w: torch.Tensor) -> torch.Tensor:
+    """Weighted squared error per group of `quantize` then `dequantize`, for each ratio: [R, O, G].
+    The same arithmetic, in place (these tensors are large: ratios x rows x columns)."""
+    wg = grouped(w, w.shape[1] // scale.shape[-1])  # [O, G, g]
+    x = wg / scale.float().unsqueeze(-1)  # [R, O, G, g]
+    if grid.kind == "float":
+        q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn).to(scale.dtype)
+    else:
+        x.round_()
+        z = None if grid.symmetric else zp.float().unsqueeze(-1)  # symmetric: zero points are 0
+        if z is not None:
+            x.add_(z)
+        x.clamp_(grid.qmin, grid.qmax)
+        if z is not None:
+            x.sub_(z)
+        q = x.to(scale.dtype)
+    w_hat = q.mul_(scale.unsqueeze(-1)).float()
+    return w_hat.sub_(wg).pow_(2).mul_(grouped(col_w[None], wg.shape[-1])).sum(-1)

@@ -9,6 +9,7 @@ for least input-weighted error); the layer's quantized outputs feed the next lay
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,8 @@ from compress.primitives.qparams import Grid, compute_qparams, dequantize, quant
 from compress.primitives.smoothing import awq_candidates, fold, normalized_weight_mean, smoothquant_scales
 from compress.quant.rtn import QuantizedWeight
 
-ERROR_BATCHES = 2  # batches on which each layer's output error is reported
+QUANT_THREADS = 2  # linears quantized at once
+ERROR_TOKENS = 2048  # each layer's output error is reported on the first batches holding this many tokens
 
 
 @dataclass(frozen=True)
@@ -52,21 +54,28 @@ class InputStats:
     samples: list[torch.Tensor] = field(default_factory=list)  # AWQ: a subset of input rows
 
     def add(self, x: torch.Tensor, keep: int) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()  # [n, I]
+        x = x.reshape(-1, x.shape[-1])  # [n, I], in the layer's dtype
         if self.hessian is not None:
-            self.hessian.add(x)
-        self.sq_sum += x.pow(2).sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+            self.hessian.add(x)  # its diagonal is the sum of x^2
+        else:
+            self.sq_sum += x.float().pow(2).sum(0)
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).float())
         self.n += x.shape[0]
         if keep:
             idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.n))[:keep]
-            self.samples.append(x[idx].cpu())
+            self.samples.append(x[idx].float().cpu())
+
+    def mean_square(self) -> torch.Tensor:
+        """[I] E[x^2] per input feature."""
+        if self.hessian is not None:
+            return self.hessian.H.diagonal() / 2
+        return self.sq_sum / max(self.n, 1)
 
     def rescale(self, s: torch.Tensor) -> None:
         """Inputs became x / s after a fold."""
         s = s.to(self.sq_sum.device)
         if self.hessian is not None:
-            self.hessian.H /= s[:, None] * s[None, :]
+            self.hessian.rescale(s)
         self.sq_sum /= s.pow(2)
         self.absmax /= s
         self.samples = [x / s.cpu() for x in self.samples]
@@ -118,18 +127,26 @@ def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid,
     return best
 
 
-def _quantize_linear(lin: torch.nn.Linear, st: InputStats, grid: Grid, opts: Options) -> QuantizedWeight:
-    """Quantize on the layer's device; the integers and scales are kept on the CPU."""
-    dtype = lin.weight.dtype
+def _quantize_together(lins: list[torch.nn.Linear], st: InputStats, grid: Grid, opts: Options) -> list[QuantizedWeight]:
+    """Quantize linears that read the same input (q/k/v, gate/up) as one stacked weight:
+    GPTQ and the range search treat rows independently, so this is exact, and one
+    Hessian factorization and one column sweep serve them all. Runs on the layer's device;
+    the integers and scales are kept on the CPU."""
+    dtype = lins[0].weight.dtype
+    w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
     if opts.uses_gptq:
-        q, scale, zp = gptq(lin.weight, st.hessian.H, grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
+        q, scale, zp = gptq(w, st.hessian.H, grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
     else:
-        w = lin.weight.float()
-        importance = st.sq_sum / max(st.n, 1)
-        scale, zp = search_range(w, grid, dtype, importance=importance) if opts.range_search else compute_qparams(w, grid, dtype)
+        w = w.float()
+        scale, zp = search_range(w, grid, dtype, importance=st.mean_square()) if opts.range_search else compute_qparams(w, grid, dtype)
         q = quantize(w, scale, zp, grid)
-    lin.weight.data = dequantize(q, scale, zp).to(dtype)
-    return QuantizedWeight(q.cpu(), scale.cpu(), zp.cpu())
+    out, row = [], 0
+    for lin in lins:
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        lin.weight.data = dequantize(q[rows], scale[rows], zp[rows]).to(dtype)
+        out.append(QuantizedWeight(q[rows].cpu(), scale[rows].cpu(), zp[rows].cpu()))
+    return out
 
 
 def _rtn_error(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], grid: Grid, inputs: calibrate.LayerInputs, ref: list[torch.Tensor]) -> float:
@@ -137,14 +154,14 @@ def _rtn_error(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], grid
     saved = {n: m.weight.data.clone() for n, m in targets.items()}
     for m in targets.values():
         m.weight.data = _fake(m.weight.float(), grid).to(m.weight.dtype)
-    err = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs)))
+    err = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs, len(ref))))
     for n, m in targets.items():
         m.weight.data = saved[n]
     return err
 
 
-def _head(inputs: calibrate.LayerInputs) -> calibrate.LayerInputs:
-    return calibrate.LayerInputs(inputs.hidden[:ERROR_BATCHES], inputs.kwargs[:ERROR_BATCHES])
+def _head(inputs: calibrate.LayerInputs, n: int) -> calibrate.LayerInputs:
+    return calibrate.LayerInputs(inputs.hidden[:n], inputs.kwargs[:n])
 
 
 def apply(
@@ -155,14 +172,23 @@ def apply(
     opts: Options,
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
+    sink: Callable[[dict[str, QuantizedWeight]], None] | None = None,
+    store: calibrate.LayerStore | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-    """Quantize `layers` (full names) layer by layer; returns the weights and, per decoder
-    layer, the relative output error of plain RTN and of the method."""
+    """Quantize `layers` (full names) layer by layer. Each decoder layer's weights go to `sink`
+    once its quantized outputs are computed (none given: they are collected and returned);
+    `store` loads and releases the layers (default: all in memory).
+    Returns the collected weights and, per decoder layer, the relative output error of plain
+    RTN and of the method."""
     blocks = calibrate.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     results: dict[str, QuantizedWeight] = {}
+    sink = sink or results.update
+    pending: dict[int, dict[str, QuantizedWeight]] = {}  # layer -> weights not yet sunk
+    done: set[str] = set()
     report: list[dict] = []
     n_tokens = sum(b.numel() for b in batches)
+    n_err = next((k + 1 for k in range(len(batches)) if sum(b.numel() for b in batches[: k + 1]) >= ERROR_TOKENS), len(batches))
 
     def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
         own = f"{prefix}.{i}."
@@ -179,6 +205,8 @@ def apply(
         # Linears fed the very same tensor (q/k/v, gate/up) share one set of statistics.
         # The tensors are held until the next batch, so identity cannot be confused by reuse.
         first_reader: list[tuple[torch.Tensor, str]] = []
+        order: list[str] = []  # targets in the order the first batch reached them
+        batch = [-1]
 
         def observe(name: str, x: torch.Tensor) -> None:
             owner = next((n for t, n in first_reader if t is x), None)
@@ -189,10 +217,18 @@ def apply(
                 stats[name].add(x, keep if name in heads else 0)
             else:
                 stats[name] = stats[owner]
+            if batch[0] == 0:
+                order.append(name)
+            elif batch[0] >= n_err and name == order[-1]:
+                raise calibrate.StopLayer  # the rest of the layer only matters for `ref`
 
-        hooks = [m.register_forward_hook(lambda mod, args, out, n=n: observe(n, args[0])) for n, m in targets.items()]
-        hooks.append(layer.register_forward_pre_hook(lambda mod, args: first_reader.clear()))
-        ref = calibrate.run_layer(layer, inputs)[:ERROR_BATCHES]
+        def next_batch(mod, args) -> None:
+            first_reader.clear()
+            batch[0] += 1
+
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in targets.items()]
+        hooks.append(layer.register_forward_pre_hook(next_batch))
+        ref = calibrate.run_layer(layer, inputs)[:n_err]
         for h in hooks:
             h.remove()
         rtn_err = _rtn_error(layer, targets, grid, inputs, ref)
@@ -210,13 +246,28 @@ def apply(
             fold(layer.get_submodule(m.prev), lins, s.to(device))
             for st in {id(stats[n]): stats[n] for n in m.linears}.values():
                 st.rescale(s)
-        for n, lin in targets.items():
-            results[own + n] = _quantize_linear(lin, stats[n], grid, opts)
-        after = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs)))
-        report.append({"layer": i, "rtn": rtn_err, "method": after})
+        readers: dict[int, list[str]] = {}
+        for n in targets:
+            readers.setdefault(id(stats[n]), []).append(n)
+        # The groups are independent: two threads overlap one's Python-bound column loop
+        # with the other's matrix work.
+        groups = sorted(readers.values(), key=lambda names: -sum(targets[n].weight.numel() for n in names))
+        with ThreadPoolExecutor(QUANT_THREADS) as pool:
+            quantized = pool.map(lambda names: _quantize_together([targets[n] for n in names], stats[names[0]], grid, opts), groups)
+            pending[i] = {}
+            for names, qws in zip(groups, quantized):
+                pending[i].update({own + n: qw for n, qw in zip(names, qws)})
+        report.append({"layer": i, "rtn": rtn_err, "method": None})
+        refs[i] = ref
 
-    calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress)
-    missing = set(layers) - set(results)
+    def layer_done(i: int, outputs: list[torch.Tensor]) -> None:
+        report[i]["method"] = calibrate.relative_error(refs.pop(i), outputs[:n_err])
+        done.update(pending[i])
+        sink(pending.pop(i))
+
+    refs: dict[int, list[torch.Tensor]] = {}
+    calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress, on_outputs=layer_done, store=store)
+    missing = set(layers) - done
     if missing:
         raise RuntimeError(f"layers outside the decoder blocks are not calibrated: {sorted(missing)[:3]}")
     return results, report

@@ -58,3 +58,33 @@ def test_dead_inputs_do_not_break_it(problem):
     H[3, :] = 0
     q, scale, zp = gptq(W, H, Grid(4, "int", True, 64), torch.float32)
     assert torch.isfinite(dequantize(q, scale, zp)).all() and int(q[:, 3].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("width", [100, 576, 1100])  # 1, 2 and 3 column blocks
+def test_blocked_hessian_is_the_full_symmetric_product(width):
+    x = torch.randn(300, width)
+    h = Hessian(width)
+    h.add(x)
+    h.add(x[:50])
+    assert torch.allclose(h.H, 2 * (x.T @ x + x[:50].T @ x[:50]) / 350, rtol=1e-5, atol=1e-5)
+    assert torch.equal(h.sum, h.sum.T)
+
+
+def test_bf16_hessian_stays_close_to_float32():
+    x = (torch.randn(2048, 576) * torch.rand(576) * 4).bfloat16()  # exactly what a bf16 layer feeds
+    h16, h32 = Hessian(576), Hessian(576)
+    h16.add(x)
+    h32.add(x.float())
+    assert float((h16.H - h32.H).norm() / h32.H.norm()) < 4e-3  # one bf16 rounding per batch product
+
+
+@pytest.mark.parametrize("grid", [Grid(4, "int", True, 64), Grid(8, "int", True, None), Grid(8, "float", True, None)], ids=str)
+def test_stacked_rows_quantize_as_if_alone(problem, grid):
+    """q/k/v (or gate/up) share a Hessian and are quantized as one stacked weight: rows are
+    independent, so each part must come out exactly as when quantized alone."""
+    W, _, H = problem
+    top, bottom = W[:40], W[40:]
+    q, s, z = gptq(W, H, grid, torch.float32)
+    for rows, part in ((slice(0, 40), top), (slice(40, None), bottom)):
+        q1, s1, z1 = gptq(part, H, grid, torch.float32)
+        assert torch.equal(q[rows].float(), q1.float()) and torch.equal(s[rows], s1) and torch.equal(z[rows], z1)

@@ -83,3 +83,30 @@ def test_range_search_never_increases_weight_error(weight, name):
     q = quantize(weight, *searched, grid)
     theirs = ct_quantize(dequantize(q, *searched).float(), *searched, ct_args(grid), dtype=q.dtype)
     assert torch.equal(q.view(torch.int8), theirs.view(torch.int8))
+
+
+@pytest.mark.parametrize("name", GRIDS)
+def test_range_search_picks_the_best_ratio_per_group(weight, name):
+    """The all-ratios-at-once search equals trying each ratio with compute_qparams, in chunks
+    of rows small enough to force several."""
+    import compress.primitives.qparams as qp
+
+    grid = GRIDS[name]
+    importance = torch.rand(weight.shape[1])
+    ratios = qp.default_ratios(grid)
+    best_err = best_s = best_z = None
+    for r in ratios.tolist():  # reference: one ratio at a time, the first best kept on ties
+        s, z = compute_qparams(weight, grid, torch.bfloat16, clip=r)
+        sq = (weight.float() - dequantize(quantize(weight, s, z, grid), s, z).float()).pow(2) * importance
+        err = qp.grouped(sq, weight.shape[1] // s.shape[1]).sum(-1)  # [O, G]
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        better = err < best_err
+        best_err, best_s, best_z = torch.where(better, err, best_err), torch.where(better, s, best_s), torch.where(better, z, best_z)
+    old = qp.SEARCH_ELEMENTS
+    qp.SEARCH_ELEMENTS = len(ratios) * weight.shape[1] * 3  # three rows per chunk
+    try:
+        s, z = qp.search_range(weight, grid, torch.bfloat16, importance=importance)
+    finally:
+        qp.SEARCH_ELEMENTS = old
+    assert torch.equal(s, best_s) and torch.equal(z, best_z)
