@@ -29,6 +29,7 @@ RUNS = [
     ("w4a16", "rtn", ["--group-size", "64"]),
     ("w4a16", "gptq", ["--group-size", "64"]),
     ("w4a16", "gptq", ["--group-size", "64", "--offload"]),
+    ("w4a16", "gptq", ["--group-size", "64", "--dtype", "float32"]),
     ("w4a16", "awq", ["--group-size", "64"]),
     ("w8a8", "rtn", []),
     ("w8a8", "smoothquant+gptq", []),
@@ -45,7 +46,7 @@ def ours(scheme: str, method: str, extra: list[str], samples: int, seq_len: int,
         sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1]}")
     rep = json.loads(proc.stdout)
     st = rep["stages"][0]
-    return {"tool": "compress", "scheme": scheme, "method": method + (" --offload" if "--offload" in extra else ""), "base": rep["base"]["perplexity"]["value"],
+    return {"tool": "compress", "scheme": scheme, "method": " ".join([method, *(f for f in ("--offload", "float32") if f in extra)]), "base": rep["base"]["perplexity"]["value"],
             "ppl": rep["result"]["perplexity"]["value"], "seconds": st["seconds"], "peak": st["peak_memory_bytes"],
             "settings": ", ".join(f"{k}={v}" for k, v in st["settings"].items() if k not in ("scheme", "method", "group_choice", "activations"))}
 
@@ -113,7 +114,7 @@ def main() -> None:
     for r in rows:
         ratio = f"{r['seconds'] / gptq_s:.2f}x" if gptq_s else "-"
         table.append(
-            f"| {r['tool']} | {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / base - 1) * 100:+.2f}% | {r['seconds']:.0f} | "
+            f"| {r['tool']} | {r['scheme']} | {r['method']} | {r['ppl']:.3f} | {(r['ppl'] / (r['base'] or base) - 1) * 100:+.2f}% | {r['seconds']:.0f} | "
             f"{ratio} | {r['peak'] / 2**20:.0f} ({r['peak'] / 2**20 / fp32_mib:.2f}x) | {r['settings']} |"
         )
     llmc_note = "" if LLMC_PY.exists() else " llm-compressor was not installed (`make bench-venv`), so its rows are missing."
@@ -125,7 +126,9 @@ def main() -> None:
         "report's protocol; compress's rows are measured on the checkpoint reloaded by plain transformers, llm-compressor's on its "
         "in-memory model right after `oneshot`. Time: the whole quantize stage (compress) or `oneshot` call (llm-compressor), "
         f"measured in the same run on {os.cpu_count()} CPU cores. Peak memory: resident memory above the process before the model "
-        f"was loaded, against the fp32 model size ({fp32_mib:.0f} MiB).{llmc_note}",
+        f"was loaded, against the fp32 model size ({fp32_mib:.0f} MiB). `gptq --offload` keeps decoder layers on disk (one read at a "
+        "time, each written once quantized); `gptq float32` runs with `--dtype float32` (forward passes and Hessians in float32; its "
+        f"change is against the float32 base).{llmc_note}",
         "",
         *table,
     ])
