@@ -38,7 +38,7 @@ RUNS = [
 
 
 def ours(scheme: str, method: str, extra: list[str], samples: int, seq_len: int, tmp: Path) -> dict:
-    out = tmp / f"{scheme}-{method}"
+    out = tmp / "-".join([scheme, method, *(e.strip("-") for e in extra)])
     cmd = [sys.executable, "-m", "compress", "quantize", "smollm2-135m", "-o", str(out), "--scheme", scheme, "--method", method,
            "--samples", str(samples), "--seq-len", str(seq_len), "--no-latency", "--json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
