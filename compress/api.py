@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress, TimeElapsedColumn
 
 import compress
-from compress import calibrate, heap
+from compress import heap
 from compress.data import text as textdata, tokens
 from compress.errors import UsageError
 from compress.eval import size
@@ -97,11 +97,9 @@ def _rtn(model, layers: dict[str, torch.nn.Linear], scheme: schemes.Scheme, rang
             ct_format.compress_linears(model, config, {name: qw})
             heap.trim()
 
-    blocks = calibrate.decoder_layers(model) if isinstance(store, OnDisk) else []
-    prefix = next((n for n, m in model.named_modules() if m is blocks), "")
     inside = set()
-    for i, block in enumerate(blocks):
-        names = [n for n in layers if n.startswith(f"{prefix}.{i}.")]
+    for i, block in enumerate(store.layers if isinstance(store, OnDisk) else []):
+        names = [n for n in layers if n.startswith(f"{store.prefix}.{i}.")]
         store.load(i, block)
         quantize(names)
         store.release(i, block)

@@ -56,12 +56,6 @@ def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
     return compressor
 
 
-def attach(model: torch.nn.Module, scheme: Scheme, ignore: list[str], weights: dict[str, QuantizedWeight]) -> ModelCompressor:
-    """All at once: `compress_linears` then `finish`."""
-    compress_linears(model, config_for(scheme, ignore), weights)
-    return finish(model, set(weights))
-
-
 def save(model: torch.nn.Module, compressor: ModelCompressor, dest) -> None:
     model.save_pretrained(dest)
     compressor.update_config(str(dest))

@@ -23,7 +23,3 @@ def quantize_weight(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range
     scale, zp = (search_range if range_search else compute_qparams)(w, grid, scale_dtype)
     return QuantizedWeight(quantize(w, scale, zp, grid), scale, zp)
 
-
-def apply(layers: dict[str, torch.nn.Linear], grid: Grid, range_search: bool = True) -> dict[str, QuantizedWeight]:
-    """Quantize every layer's weight; the scale keeps the weight's dtype, as the format stores it."""
-    return {name: quantize_weight(m.weight, grid, m.weight.dtype, range_search) for name, m in layers.items()}
