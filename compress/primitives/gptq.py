@@ -38,14 +38,19 @@ def _group_params(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_s
 INNER = 32  # columns per sub-block of immediate updates
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column: w [O] float32, scale [O] (stored dtype), zp [O] float -> (q, w_hat float32).
-    The same arithmetic as `qparams.quantize` / `dequantize`, without their reshapes."""
-    x = w / scale.float()
+def _round(w: torch.Tensor, scale: torch.Tensor, scale_f: torch.Tensor, zp: torch.Tensor | None, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column: w [O] float32; scale [O] in its stored dtype and as float32; zp [O] float,
+    or None when it is 0 (symmetric) -> (q, w_hat float32). The arithmetic of
+    `qparams.quantize` / `dequantize`, without their reshapes."""
+    x = w / scale_f
     if grid.kind == "float":
-        q = x.clamp(grid.qmin, grid.qmax).to(torch.float8_e4m3fn)
+        q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn)
         return q, (q.to(scale.dtype) * scale).float()
-    q = (x.round() + zp).clamp(grid.qmin, grid.qmax)
+    q = x.round_()
+    if zp is None:
+        q = q.clamp_(grid.qmin, grid.qmax)
+        return q, (q.to(scale.dtype) * scale).float()
+    q = q.add_(zp).clamp_(grid.qmin, grid.qmax)
     return q, ((q - zp).to(scale.dtype) * scale).float()
 
 
@@ -94,7 +99,7 @@ def gptq(
 
     Q = torch.zeros(out_f, in_f, dtype=torch.float8_e4m3fn if grid.kind == "float" else torch.int8, device=dev)
     group_of = group_of.tolist()
-    s_col = z_col = last = None
+    s_col = sf_col = z_col = last = None
     # Lazy updates at two levels: within a sub-block of `inner` columns each column's error
     # is applied at once (rank-1); sub-blocks and blocks pass theirs on as one matmul.
     # Sub-blocks start on group boundaries, so a group's range sees all earlier errors.
@@ -115,9 +120,10 @@ def gptq(
                     s, z = _group_params(block, Grid(grid.bits, grid.kind, grid.symmetric, g), scale_dtype, range_search, diag[perm][col : col + g])
                     scale[:, gi : gi + 1], zp[:, gi : gi + 1] = s, z
                 if gi != last:
-                    s_col, z_col, last = scale[:, gi], zp[:, gi].float(), gi
+                    s_col, last = scale[:, gi], gi
+                    sf_col, z_col = s_col.float(), None if grid.symmetric else zp[:, gi].float()
                 w = W1[:, i]  # [O]
-                q, w_hat = _round(w, s_col, z_col, grid)
+                q, w_hat = _round(w, s_col, sf_col, z_col, grid)
                 Q[:, col] = q
                 err = (w - w_hat) / d[i]  # [O]
                 W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
