@@ -50,19 +50,8 @@ def compute_qparams(
     `clip` scales the range: < 1 clips the extremes, > 1 widens the grid (see search_range).
     """
     wg = grouped(w.float(), grid.group_size)  # [O, G, g]
-    lo = wg.amin(-1).clamp(max=0) * clip  # 0 must stay representable
-    hi = wg.amax(-1).clamp(min=0) * clip
-    span = grid.qmax - grid.qmin
-    if grid.symmetric or grid.kind == "float":
-        scale = torch.maximum(lo.abs(), hi) / (span / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / span
-        zp = (grid.qmin - lo / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax).round()
-    scale = scale.to(scale_dtype)
-    tiny = torch.finfo(scale_dtype).eps
-    scale = torch.where(scale == 0, torch.full_like(scale, tiny), scale)
-    return scale, zp.to(torch.int8)
+    scale, zp = _qparams_for_ratios(wg, grid, scale_dtype, torch.tensor([clip], device=wg.device))
+    return scale[0], zp[0]
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -134,9 +123,9 @@ SEARCH_ELEMENTS = 1 << 17  # ratios x rows x columns evaluated at once: stays in
 
 
 def _qparams_for_ratios(wg: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, ratios: torch.Tensor):
-    """`compute_qparams` for every clip ratio at once: wg [O, G, g] -> scale, zp [R, O, G]."""
+    """Scale and zero point for every clip ratio at once: wg [O, G, g] -> scale, zp [R, O, G]."""
     clip = ratios[:, None, None]  # [R, 1, 1]
-    lo = wg.amin(-1).clamp(max=0) * clip
+    lo = wg.amin(-1).clamp(max=0) * clip  # 0 must stay representable
     hi = wg.amax(-1).clamp(min=0) * clip
     span = grid.qmax - grid.qmin
     if grid.symmetric or grid.kind == "float":
