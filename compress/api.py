@@ -152,11 +152,8 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
             records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
 
         console.print(f"writing {dest} ...")
-        if isinstance(loaded.layers, OnDisk):
-            loaded.layers.save(loaded.model, tmp)
-            compressor.update_config(str(tmp))
-        else:
-            ct_format.save(loaded.model, compressor, tmp)
+        loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
+        compressor.update_config(str(tmp))  # + quantization_config
         loaded.tokenizer.save_pretrained(tmp)
         loading.copy_sidecars(loaded.checkpoint, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -39,6 +40,8 @@ class LayerStore(Protocol):
 
     def release(self, i: int, layer: torch.nn.Module) -> None: ...
 
+    def save(self, model: torch.nn.Module, dest: Path) -> None: ...
+
 
 class InMemory:
     """Every layer stays loaded; a layer leaves the compute device when done."""
@@ -48,6 +51,9 @@ class InMemory:
 
     def release(self, i: int, layer: torch.nn.Module) -> None:
         layer.to("cpu")
+
+    def save(self, model: torch.nn.Module, dest: Path) -> None:
+        model.save_pretrained(dest)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

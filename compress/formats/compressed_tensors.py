@@ -54,8 +54,3 @@ def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model, skip_compressed=True)
     return compressor
-
-
-def save(model: torch.nn.Module, compressor: ModelCompressor, dest) -> None:
-    model.save_pretrained(dest)
-    compressor.update_config(str(dest))

@@ -80,7 +80,8 @@ def test_actorder_groups_round_trip_through_saved_checkpoint(tiny_model, tmp_pat
     loaded, layers, ignore, sch, weights, _ = run_method(tiny_model("llama"), "gptq", actorder=True)
     ct_format.compress_linears(loaded.model, ct_format.config_for(sch, ignore), weights)
     compressor = ct_format.finish(loaded.model, set(weights))
-    ct_format.save(loaded.model, compressor, tmp_path)
+    loaded.model.save_pretrained(tmp_path)
+    compressor.update_config(str(tmp_path))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     reloaded(torch.tensor([[1, 2, 3]]))  # decompress
     for name, qw in weights.items():
