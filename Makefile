@@ -28,9 +28,10 @@ test: install
 bench: install
 	$(PY) benchmarks/quantize_rtn.py
 	$(PY) benchmarks/quantize_calibrated.py
+	$(PY) benchmarks/prune.py
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,
-# used by benchmarks/quantize_calibrated.py for side-by-side runs.
+# used by benchmarks/quantize_calibrated.py and benchmarks/prune.py for side-by-side runs.
 bench-venv: .venv-llmc/.installed
 .venv-llmc/.installed: constraints.txt
 	$(PYTHON) -m venv .venv-llmc

@@ -71,7 +71,7 @@ def token_files(samples: int, seq_len: int, tmp: Path) -> tuple[Path, Path, Path
 def llmc(sym: bool, base: Path, calib: Path, ev: Path) -> dict | None:
     if not LLMC_PY.exists():
         return None
-    cmd = [str(LLMC_PY), str(HERE / "llmc_gptq.py"), str(base), str(calib), str(ev), "64", "sym" if sym else "asym"]
+    cmd = [str(LLMC_PY), str(HERE / "llmc.py"), str(base), str(calib), str(ev), "gptq", "64", "sym" if sym else "asym"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode:
         print(f"llm-compressor run failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

@@ -29,14 +29,16 @@ from compress.formats.atomic import atomic_dir, check_output
 from compress.models import arch, load as loading, source as sources
 from compress.models.offload import OnDisk
 from compress.quant import calibrated, rtn, schemes
-from compress.recipe import QuantizeStage, Recipe
+from compress.formats import sparse
+from compress.prune import stage as prune_stage
+from compress.recipe import PruneStage, QuantizeStage, Recipe
 from compress.report import render
 from compress.report.schema import Measurement, Report, StageRecord
 
 CALIBRATION_BATCH = 4  # calibration windows per forward pass
 
 
-def _calibration_batches(stage: QuantizeStage, tokenizer, console: Console) -> tuple[list[torch.Tensor], str, list[str]]:
+def _calibration_batches(stage: QuantizeStage | PruneStage, tokenizer, console: Console) -> tuple[list[torch.Tensor], str, list[str]]:
     texts = textdata.load(stage.dataset, "calibration", stage.text_column)
     wins = tokens.windows(tokenizer, texts.texts, stage.seq_len, stage.samples * stage.seq_len)
     warnings = []
@@ -49,7 +51,7 @@ def _calibration_batches(stage: QuantizeStage, tokenizer, console: Console) -> t
     return list(wins.split(CALIBRATION_BATCH)), desc, warnings
 
 
-def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console: Console) -> tuple[StageRecord, object]:
+def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console: Console, keep_zeros: bool) -> tuple[StageRecord, object]:
     model = loaded.model
     start = time.perf_counter()
     layers, ignore = arch.quant_targets(model, stage.ignore)
@@ -68,7 +70,7 @@ def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console
     else:
         batches, calibration, warnings = _calibration_batches(stage, loaded.tokenizer, console)
         opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid,
-                                  alpha=stage.alpha, act=scheme.act)
+                                  alpha=stage.alpha, act=scheme.act, keep_zeros=keep_zeros)
         settings.update({k: "searched" if v is None else v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
         with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task(f"{stage.method}: decoder layers", total=None)
@@ -134,8 +136,7 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     dest = Path(recipe.output)
     src = sources.resolve(recipe.model, recipe.allow_pickle)
     check_output(dest, recipe.overwrite, [src.path])
-    if sum(isinstance(s, QuantizeStage) for s in recipe.stages) > 1:
-        raise UsageError("a recipe may quantize once; merge the quantize stages")
+    _check_stages(recipe)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
 
@@ -145,15 +146,27 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
         loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload)
         if isinstance(loaded.layers, OnDisk):
             loaded.layers.out_dir = tmp  # each quantized layer is written there at once
-        records, compressor, layers = [], None, []
+        records, compressor, layers, pruned = [], None, [], None
+        sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
         for stage in recipe.stages:
             with PeakRSS() as peak:
-                record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console)
+                if isinstance(stage, QuantizeStage):
+                    record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console, keep_zeros=sparsity is not None)
+                else:
+                    record, pruned = prune_stage.run(stage, loaded, recipe.device, console,
+                                                     lambda st: _calibration_batches(st, loaded.tokenizer, console))
+                    sparsity = pruned.sparsity or sparsity
+                    layers = layers or pruned.linears
             records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
 
         console.print(f"writing {dest} ...")
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
-        compressor.update_config(str(tmp))  # + quantization_config
+        if compressor is not None:
+            compressor.update_config(str(tmp))  # + quantization_config
+        if sparsity is not None:
+            sparse.record(tmp, {k: v for k, v in sparsity.items() if k != "densified_from"} | ({"storage": "dense", "format": "dense"} if compressor else {}))
+            if pruned and pruned.sparsity and pruned.sparsity["storage"] == "sparse":
+                sparse.compress_checkpoint(tmp, pruned.linears)
         loaded.tokenizer.save_pretrained(tmp)
         loading.copy_sidecars(loaded.checkpoint, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
@@ -181,6 +194,20 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     return report
 
 
+def _check_stages(recipe: Recipe) -> None:
+    """What the stages can do together, before anything is loaded."""
+    kinds = [s.stage for s in recipe.stages]
+    if kinds.count("quantize") > 1:
+        raise UsageError("a recipe may quantize once; merge the quantize stages")
+    if "quantize" in kinds and "prune" in kinds[kinds.index("quantize"):]:
+        raise UsageError("prune before quantize: a quantized checkpoint cannot be pruned again")
+    if "quantize" in kinds and any(isinstance(s, PruneStage) and s.storage == "sparse" for s in recipe.stages):
+        raise UsageError("storage: sparse cannot be combined with quantization (no compressed-tensors release stores both); "
+                         "keep storage: dense, the zeros stay zeros through quantization")
+    if recipe.offload and "prune" in kinds:
+        raise UsageError("--offload works for quantize stages only; prune loads the model in memory")
+
+
 def _size_only(path: Path, layers: list[str]) -> Measurement:
     return Measurement(path=str(path), bytes_on_disk=size.bytes_on_disk(path), bits_per_weight=size.bits_per_weight(path, layers))
 
@@ -188,15 +215,23 @@ def _size_only(path: Path, layers: list[str]) -> Measurement:
 def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
     notes = []
     for stage in recipe.stages:
-        if stage.method != "rtn" and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
+        calibrated = stage.method not in ("rtn", "magnitude")
+        if calibrated and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
             notes.append(f"calibration and evaluation both read {stage.dataset}: the perplexity is not on held-out text")
     if src.is_gguf:
         notes.append(
             f"base: {src.path.name} de-quantized by transformers and saved as a Hugging Face checkpoint; "
             "its weights were already rounded by the GGUF quantization it ships with"
         )
-    notes.append(
-        "on CPU, transformers decompresses compressed-tensors weights to dense on the first forward: speed and "
-        "in-memory size match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."
-    )
+    for stage in recipe.stages:
+        if isinstance(stage, PruneStage) and stage.method != "structured":
+            kernel = " (2:4 is faster only on semi-structured sparse GPU kernels, not used here)" if stage.pattern == "2:4" else ""
+            stored = ("bitmask + values: smaller on disk, read back by compress, not by plain transformers" if stage.storage == "sparse"
+                      else "dense with zeros: loads in plain transformers, same size on disk")
+            notes.append(f"{stage.pattern} sparsity leaves dense kernels the same work: expect no speed-up from it{kernel}; storage {stored}")
+    if any(isinstance(st, QuantizeStage) for st in recipe.stages):
+        notes.append(
+            "on CPU, transformers decompresses compressed-tensors weights to dense on the first forward: speed and "
+            "in-memory size match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."
+        )
     return notes

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import UsageError
 
@@ -58,7 +58,61 @@ class QuantizeStage(Strict):
         return v
 
 
-Stage = Annotated[Union[QuantizeStage], Field(discriminator="stage")]
+class PruneStage(Strict):
+    stage: Literal["prune"] = "prune"
+    method: Literal["magnitude", "wanda", "sparsegpt", "structured"]
+    # Unstructured methods: share of each linear's weights set to zero, and the pattern
+    # ("unstructured", or "N:M": N weights kept of every M consecutive inputs; sets the share).
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    pattern: str = "unstructured"
+    # dense: plain transformers loads it; sparse: bitmask + values, smaller, read by compress.
+    storage: Literal["dense", "sparse"] = "dense"
+    # Structured: layers to drop (how many, chosen by importance, or which), and the share
+    # of MLP channels and of query heads to keep.
+    drop_layers: int | list[int] | None = None
+    mlp_keep: float | None = Field(None, gt=0, le=1)
+    heads_keep: float | None = Field(None, gt=0, le=1)
+    # Calibration (wanda, sparsegpt, structured).
+    dataset: str = "builtin"
+    text_column: str = "text"
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=16)
+    dampening: float = Field(0.01, gt=0, le=1)  # SparseGPT: as GPTQ's
+    block_size: int = Field(128, ge=8)  # SparseGPT: columns per lazy update (mask chosen per block)
+    ignore: list[str] = Field(default_factory=list)  # linears left dense (lm_head always is)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        from compress.primitives.masks import parse_pattern
+
+        try:
+            parse_pattern(v)
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _drop(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("drop_layers must be at least 1 (or a list of layer indices)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PruneStage:
+        structured_opts = self.drop_layers is not None or self.mlp_keep is not None or self.heads_keep is not None
+        if self.method == "structured":
+            if not structured_opts:
+                raise ValueError("structured pruning needs drop_layers, mlp_keep or heads_keep")
+            if self.pattern != "unstructured" or self.storage != "dense":
+                raise ValueError("structured pruning takes no pattern or sparse storage: the tensors themselves shrink")
+        elif structured_opts:
+            raise ValueError(f"drop_layers, mlp_keep and heads_keep belong to method structured, not {self.method}")
+        return self
+
+
+Stage = Annotated[Union[QuantizeStage, PruneStage], Field(discriminator="stage")]
 
 
 class EvalSpec(Strict):
@@ -150,7 +204,7 @@ def validate(data: Any, source: str = "recipe", yaml_text: str | None = None) ->
         root = yaml.compose(yaml_text) if yaml_text else None
         msgs = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if p != "quantize")
+            loc = tuple(p for p in err["loc"] if p not in ("quantize", "prune"))
             where = ".".join(str(p) for p in loc) or "(top)"
             line = _line_of(root, loc)
             at = f"{source}:{line}: " if line else f"{source}: "

@@ -65,3 +65,32 @@ def test_set_overrides(tmp_path):
         apply_overrides({"stages": []}, ["stages.3.scheme=w8a8"])
     with pytest.raises(UsageError, match="KEY=VALUE"):
         apply_overrides({}, ["stages"])
+
+
+PRUNE = """\
+model: smollm2-135m
+stages:
+  - stage: prune
+    method: sparsegpt
+    pattern: "2:4"
+  - stage: quantize
+    scheme: w4a16
+"""
+
+
+def test_prune_stage_parses_and_round_trips(tmp_path):
+    r = load(write(tmp_path, PRUNE))
+    assert r.stages[0].stage == "prune" and r.stages[0].pattern == "2:4" and r.stages[1].stage == "quantize"
+    assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
+
+
+@pytest.mark.parametrize("change,needle", [
+    (("method: sparsegpt", "method: sparsegpt\n    sparsty: 0.5"), "r.yaml:5: stages.0.sparsty"),
+    (('pattern: "2:4"', 'pattern: "4:2"'), "0 < N < M"),
+    (('pattern: "2:4"', "sparsity: 1.5"), "stages.0.sparsity"),
+    (("method: sparsegpt", "method: sparsegpt\n    mlp_keep: 0.5"), "belong to method structured"),
+])
+def test_prune_stage_errors_name_the_field(tmp_path, change, needle):
+    with pytest.raises(UsageError) as exc:
+        load(write(tmp_path, PRUNE.replace(*change)))
+    assert needle in str(exc.value)

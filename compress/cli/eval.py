@@ -16,6 +16,7 @@ from compress.cli.common import err, out
 from compress.data import text as textdata
 from compress.eval import size
 from compress.eval.measure import measure
+from compress.formats import sparse
 from compress.models import load as loading, source as sources
 from compress.recipe import EvalSpec
 from compress.report import render
@@ -24,7 +25,8 @@ from compress.report.schema import Report
 
 def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
     src = sources.resolve(spec, allow_pickle)
-    path = loading.checkpoint_dir(src, "auto")
+    # sparse storage is measured as it is on disk (the worker densifies it to load it)
+    path = src.path if sparse.is_sparse(src.path) else loading.checkpoint_dir(src, "auto")
     loading.check_weights(path)
     config = jsonlib.loads((path / "config.json").read_text())
     return path, loading.task_of(config.get("architectures"))
@@ -46,7 +48,7 @@ def evaluate(
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
-    layers = sorted({k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith(".weight_scale")})
+    layers = sorted({k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))})
     base = None
     with tempfile.TemporaryDirectory(prefix="compress-emb-") as tmp:
         emb = Path(tmp) / "base.pt"

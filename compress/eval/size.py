@@ -58,6 +58,9 @@ def bits_per_weight(path: Path, layers: list[str]) -> float | None:
         elif "weight_packed" in parts:
             rows, cols = parts["weight_packed"]["shape"]
             numel = rows * cols * per_word
+        elif "weight_bitmask" in parts:  # sparse storage: one bit per weight (widths are multiples of 8)
+            rows, cols = parts["weight_bitmask"]["shape"]
+            numel = rows * cols * 8
         else:
             continue
         stored += sum(_bytes(v) for k, v in parts.items() if k.startswith("weight") and k != "weight_shape") * 8

@@ -10,24 +10,34 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from compress.eval import embedding, latency, perplexity, size
+from compress.formats import sparse
 from compress.report.schema import Latency, Measurement, Perplexity
 
 
 def measure(req: dict) -> dict:
+    path = Path(req["path"])
+    if not sparse.is_sparse(path):
+        return _measure(req, path)
+    with tempfile.TemporaryDirectory(prefix="compress-dense-") as tmp:  # what compress reads back
+        return _measure(req, sparse.densify(path, Path(tmp) / "dense"))
+
+
+def _measure(req: dict, load_from: Path) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path, spec = Path(req["path"]), req["eval"]
     cls = AutoModelForCausalLM if req["task"] == "causal-lm" else AutoModel
     start = time.perf_counter()
-    model = cls.from_pretrained(path, trust_remote_code=req["trust_remote_code"]).to(req["device"]).eval()
+    model = cls.from_pretrained(load_from, trust_remote_code=req["trust_remote_code"]).to(req["device"]).eval()
     load_s = time.perf_counter() - start
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=req["trust_remote_code"])
+    tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=req["trust_remote_code"])
     quant_config = json.loads((path / "config.json").read_text()).get("quantization_config")
     out: dict = {
         "path": str(path),

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from compress import heap
 from compress.errors import CompressError, UsageError
+from compress.formats import sparse
 from compress.calibrate import InMemory
 from compress.models.offload import OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
@@ -95,7 +97,14 @@ def materialize_gguf(gguf: Path, dtype: str) -> Path:
 
 
 def checkpoint_dir(source: Source, dtype: str) -> Path:
-    return materialize_gguf(source.path, dtype) if source.is_gguf else source.path
+    """A Hugging Face directory transformers loads: GGUF de-quantized, sparse storage densified
+    (both cached)."""
+    if source.is_gguf:
+        return materialize_gguf(source.path, dtype)
+    if sparse.is_sparse(source.path):
+        dest = cache_dir() / "dense" / f"{source.path.name}-{fingerprint(source.path)}"
+        return dest if (dest / "config.json").is_file() else sparse.densify(source.path, dest)
+    return source.path
 
 
 def load(
@@ -144,6 +153,7 @@ def load(
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()
+    heap.own_weights([*model.parameters(), *model.buffers()])
     return Loaded(model.to(device), tokenizer, task, ckpt)
 
 

@@ -64,6 +64,7 @@ def gptq(
     dampening: float = 0.01,
     actorder: bool = False,
     range_search: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [O, I], H [I, I] -> (q [O, I], scale [O, G], zp [O, G]) in W's original column order.
 
@@ -71,6 +72,8 @@ def gptq(
     without actorder each group's range is chosen when GPTQ reaches it, from the updated
     weights; with actorder columns go in order of decreasing Hessian diagonal and every
     group's range is fixed up front.
+    keep [O, I] bool: weights outside it (pruned) are stored as exact zeros and the error of
+    zeroing them is spread like any rounding error, so sparsity survives quantization.
     """
     dev = W.device
     W = W.float().clone()
@@ -94,6 +97,9 @@ def gptq(
 
     perm = torch.argsort(diag, descending=True) if actorder else torch.arange(in_f, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
+    if keep is not None:
+        keep = keep.to(dev)[:, perm]
+        W *= keep
     Hinv = inverse_hessian_factor(H, dampening)  # [I, I] upper
     group_of = perm // g  # group (original order) of each processed column
 
@@ -124,6 +130,8 @@ def gptq(
                     sf_col, z_col = s_col.float(), None if grid.symmetric else zp[:, gi].float()
                 w = W1[:, i]  # [O]
                 q, w_hat = _round(w, s_col, sf_col, z_col, grid)
+                if keep is not None:
+                    w_hat = torch.where(keep[:, col], w_hat, 0.0)
                 Q[:, col] = q
                 err = (w - w_hat) / d[i]  # [O]
                 W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
@@ -132,4 +140,8 @@ def gptq(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    return Q[:, inv], scale, zp
+    Q = Q[:, inv]
+    if keep is not None:  # the integer that dequantizes to exactly 0 is the zero point
+        zero = zp.repeat_interleave(g, dim=1) if grid.kind == "int" else torch.zeros((), dtype=Q.dtype, device=dev)
+        Q = torch.where(keep[:, inv], Q, zero.to(Q.dtype))
+    return Q, scale, zp

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compress import calibrate
+from compress import calibrate, heap
 from compress.models.arch import Smooth, smooth_maps
 from compress.primitives.gptq import gptq
 from compress.primitives.hessian import Hessian
@@ -34,9 +34,10 @@ class Options:
     block_size: int = 128
     actorder: bool = False
     awq_grid: int = 20
-    awq_tokens: int = 2048  # input rows per smoothing group used by the AWQ / alpha search
+    search_tokens: int = 2048  # input rows per smoothing group kept for the SmoothQuant alpha search
     alpha: float | None = None  # SmoothQuant strength; None: searched per smoothing group
     act: str | None = None  # "int8" or "fp8": how the scheme quantizes activations
+    keep_zeros: bool = False  # a pruned model: zero weights stay zero (GPTQ would refill them)
 
     @property
     def uses_gptq(self) -> bool:
@@ -50,8 +51,9 @@ class InputStats:
     hessian: Hessian | None
     sq_sum: torch.Tensor  # [I] sum of x^2
     absmax: torch.Tensor  # [I] max |x|
+    abs_sum: torch.Tensor  # [I] sum |x|
     n: int = 0
-    samples: list[torch.Tensor] = field(default_factory=list)  # AWQ: a subset of input rows
+    samples: list[torch.Tensor] = field(default_factory=list)  # SmoothQuant alpha search: a subset of input rows
 
     def add(self, x: torch.Tensor, keep: int) -> None:
         x = x.reshape(-1, x.shape[-1])  # [n, I], in the layer's dtype
@@ -59,7 +61,9 @@ class InputStats:
             self.hessian.add(x)  # its diagonal is the sum of x^2
         else:
             self.sq_sum += x.float().pow(2).sum(0)
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0).float())
+        a = x.abs()
+        self.absmax = torch.maximum(self.absmax, a.amax(0).float())
+        self.abs_sum += a.sum(0, dtype=torch.float32)
         self.n += x.shape[0]
         if keep:
             idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.n))[:keep]
@@ -71,6 +75,10 @@ class InputStats:
             return self.hessian.H.diagonal() / 2
         return self.sq_sum / max(self.n, 1)
 
+    def mean_abs(self) -> torch.Tensor:
+        """[I] E|x| per input feature."""
+        return self.abs_sum / max(self.n, 1)
+
     def rescale(self, s: torch.Tensor) -> None:
         """Inputs became x / s after a fold."""
         s = s.to(self.sq_sum.device)
@@ -78,6 +86,7 @@ class InputStats:
             self.hessian.rescale(s)
         self.sq_sum /= s.pow(2)
         self.absmax /= s
+        self.abs_sum /= s
         self.samples = [x / s.cpu() for x in self.samples]
 
 
@@ -86,19 +95,29 @@ def _fake(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return dequantize(quantize(w, scale, zp, grid), scale, zp)
 
 
-def _awq_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: int) -> torch.Tensor:
-    """The candidate scale whose RTN-quantized linears best reproduce their float outputs."""
+def _awq_scale(second_moment: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: int) -> torch.Tensor:
+    """The candidate scale whose RTN-quantized linears best reproduce their float outputs.
+
+    The output error of a weight error D [O, I] over all calibration inputs is
+    E||x D^T||^2 = sum((D @ M) * D) with M = E[x x^T] [I, I]: every token counts, and no
+    [tokens, O] output is ever built.
+    """
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
-    ref = x @ w.T  # [n, sum O]
-    best, best_loss = torch.ones(w.shape[1]), float((ref - x @ _fake(w, grid).T).pow(2).mean())
-    for s in awq_candidates(x.abs().mean(0), normalized_weight_mean(weights, grid.group_size), steps):
-        loss = float((ref - x @ (_fake(w * s, grid) / s).T).pow(2).mean())
-        if loss < best_loss:
-            best, best_loss = s, loss
+    m = second_moment.float()
+
+    def loss(wq: torch.Tensor) -> float:
+        d = w - wq
+        return float(((d @ m) * d).sum()) / w.shape[0]
+
+    best, best_loss = torch.ones(w.shape[1]), loss(_fake(w, grid))
+    for s in awq_candidates(x_mean, normalized_weight_mean(weights, grid.group_size), steps):
+        if (err := loss(_fake(w * s, grid) / s)) < best_loss:
+            best, best_loss = s, err
     return best
 
 
 SQ_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SQ_ROWS = 256  # calibration rows per chunk of the alpha search
 
 
 def _fake_act(x: torch.Tensor, act: str | None) -> torch.Tensor:
@@ -114,10 +133,11 @@ def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid,
     best reproduce the float outputs on the calibration rows."""
     absmax = x.abs().amax(0)
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
-    ref = x @ w.T
 
-    def loss(s: torch.Tensor) -> float:
-        return float((ref - _fake_act(x / s, act) @ _fake(w * s, grid).T).pow(2).mean())
+    def loss(s: torch.Tensor) -> float:  # over row chunks: no [tokens, O] products held at once
+        wq = _fake(w * s, grid).T
+        sse = sum(float((xc @ w.T - _fake_act(xc / s, act) @ wq).pow(2).sum()) for xc in x.split(SQ_ROWS))
+        return sse / (x.shape[0] * w.shape[0])
 
     best, best_loss = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1]))
     for a in SQ_ALPHAS:
@@ -135,7 +155,8 @@ def _quantize_together(lins: list[torch.nn.Linear], st: InputStats, grid: Grid, 
     dtype = lins[0].weight.dtype
     w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
     if opts.uses_gptq:
-        q, scale, zp = gptq(w, st.hessian.H, grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search)
+        keep = w != 0 if opts.keep_zeros else None
+        q, scale, zp = gptq(w, st.hessian.H, grid, dtype, opts.block_size, opts.dampening, opts.actorder, opts.range_search, keep)
     else:
         w = w.float()
         scale, zp = search_range(w, grid, dtype, importance=st.mean_square()) if opts.range_search else compute_qparams(w, grid, dtype)
@@ -146,6 +167,7 @@ def _quantize_together(lins: list[torch.nn.Linear], st: InputStats, grid: Grid, 
         row += lin.out_features
         lin.weight.data = dequantize(q[rows], scale[rows], zp[rows]).to(dtype)
         out.append(QuantizedWeight(q[rows].cpu(), scale[rows].cpu(), zp[rows].cpu()))
+    heap.trim()  # the temporaries' pages go back before the next group's are taken
     return out
 
 
@@ -194,12 +216,13 @@ def apply(
         own = f"{prefix}.{i}."
         targets = {n[len(own):]: m for n, m in layers.items() if n.startswith(own)}
         maps: list[Smooth] = smooth_maps(model, layer) if opts.method != "gptq" else []
-        searching = opts.method == "awq" or opts.alpha is None
-        heads = {m.linears[0] for m in maps} if searching else set()
-        keep = -(-opts.awq_tokens * batches[0].numel() // n_tokens) if heads else 0  # rows per batch
+        alpha_search = opts.method.startswith("smoothquant") and opts.alpha is None
+        heads = {m.linears[0] for m in maps} if alpha_search else set()
+        keep = -(-opts.search_tokens * batches[0].numel() // n_tokens) if heads else 0  # rows per batch
+        second_moments = opts.uses_gptq or opts.method == "awq"
         stats = {
-            n: InputStats(Hessian(m.in_features, device) if opts.uses_gptq else None,
-                          torch.zeros(m.in_features, device=device), torch.zeros(m.in_features, device=device))
+            n: InputStats(Hessian(m.in_features, device) if second_moments else None,
+                          *(torch.zeros(m.in_features, device=device) for _ in range(3)))
             for n, m in targets.items()
         }
         # Linears fed the very same tensor (q/k/v, gate/up) share one set of statistics.
@@ -238,7 +261,8 @@ def apply(
                 continue  # a linear the user kept dense: leave this pair alone
             lins = [targets[n] for n in m.linears]
             if opts.method == "awq":
-                s = _awq_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.awq_grid)
+                st = stats[m.linears[0]]
+                s = _awq_scale(st.hessian.H.cpu() / 2, st.mean_abs().cpu(), [lin.weight.cpu() for lin in lins], grid, opts.awq_grid)
             elif opts.alpha is None:
                 s = _smoothquant_scale(torch.cat(stats[m.linears[0]].samples), [lin.weight.cpu() for lin in lins], grid, opts.act)
             else:
@@ -249,10 +273,11 @@ def apply(
         readers: dict[int, list[str]] = {}
         for n in targets:
             readers.setdefault(id(stats[n]), []).append(n)
-        # The groups are independent: two threads overlap one's Python-bound column loop
-        # with the other's matrix work.
+        # The groups are independent: for GPTQ two threads overlap one's Python-bound column
+        # loop with the other's matrix work. The range search is vectorized already, and in
+        # threads its temporaries pile up in the heap (measured: +400 MB on SmolLM2's first layer).
         groups = sorted(readers.values(), key=lambda names: -sum(targets[n].weight.numel() for n in names))
-        with ThreadPoolExecutor(QUANT_THREADS) as pool:
+        with ThreadPoolExecutor(QUANT_THREADS if opts.uses_gptq else 1) as pool:
             quantized = pool.map(lambda names: _quantize_together([targets[n] for n in names], stats[names[0]], grid, opts), groups)
             pending[i] = {}
             for names, qws in zip(groups, quantized):

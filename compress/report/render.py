@@ -31,7 +31,7 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
     rows = [
         ("size on disk (MiB)", lambda m: m.bytes_on_disk / MB, ".1f", "ratio"),
         ("parameters (M)", lambda m: m.parameters and m.parameters / 1e6, ".2f", "ratio"),
-        ("bits per weight (quantized layers)", lambda m: m.bits_per_weight, ".2f", "ratio"),
+        ("bits per weight (compressed layers)", lambda m: m.bits_per_weight, ".2f", "ratio"),
     ]
     if r.perplexity:
         rows.append((f"perplexity ({r.perplexity.tokens} tokens)", lambda m: m.perplexity and m.perplexity.value, ".3f", "rel"))
@@ -71,19 +71,49 @@ def _details(report: Report) -> list[str]:
 
 
 def layer_table(report: Report) -> list[str]:
-    rows = [e for s in report.stages for e in s.layer_errors]
+    out: list[str] = []
+    for s in report.stages:
+        if not s.layer_errors:
+            continue
+        method = s.settings["method"]
+        if s.stage == "quantize":
+            out += [
+                "## Per-layer output error (quantize)",
+                "",
+                "Relative error of each decoder layer's output against the float layer, on the first calibration batches "
+                f"(inputs already quantized up to that layer): plain min/max RTN vs {method}.",
+                "",
+                f"| layer | rtn | {method} |",
+                "|---|---|---|",
+                *[f"| {e['layer']} | {e['rtn']:.4f} | {e['method']:.4f} |" for e in s.layer_errors],
+                "",
+            ]
+        else:
+            out += [
+                "## Per-layer output error (prune)",
+                "",
+                f"Relative error of each decoder layer's output against the dense layer, on the first calibration batches ({method}).",
+                "",
+                "| layer | error |",
+                "|---|---|",
+                *[f"| {e['layer']} | {e['method']:.4f} |" for e in s.layer_errors],
+                "",
+            ]
+    return out
+
+
+def sparsity_table(report: Report) -> list[str]:
+    rows = [e for s in report.stages for e in s.layer_sparsity]
     if not rows:
         return []
-    method = next(s.settings["method"] for s in report.stages if s.layer_errors)
     return [
-        "## Per-layer output error",
+        "## Sparsity per layer",
         "",
-        "Relative error of each decoder layer's output against the float layer, on the first calibration batches "
-        f"(inputs already quantized up to that layer): plain min/max RTN vs {method}.",
+        "Share of exactly-zero weights in each pruned linear layer.",
         "",
-        f"| layer | rtn | {method} |",
-        "|---|---|---|",
-        *[f"| {e['layer']} | {e['rtn']:.4f} | {e['method']:.4f} |" for e in rows],
+        "| layer | sparsity |",
+        "|---|---|",
+        *[f"| {e['layer']} | {e['sparsity']:.4f} |" for e in rows],
         "",
     ]
 
@@ -103,6 +133,7 @@ def markdown(report: Report) -> str:
         *_details(report),
         "",
         *layer_table(report),
+        *sparsity_table(report),
         "## Environment",
         "",
         *[f"- {k}: {v}" for k, v in report.environment.items()],

@@ -62,7 +62,8 @@ class StageRecord(Frozen):
     ignored: list[str]
     seconds: float
     calibration: str | None = None  # calibration text and samples, for calibrated methods
-    layer_errors: list[dict[str, float]] = []  # per decoder layer: relative output error, rtn vs method
+    layer_errors: list[dict[str, float]] = []  # per decoder layer: relative output error (quantize: rtn vs method)
+    layer_sparsity: list[dict[str, Any]] = []  # prune: per linear, the share of zero weights
     warnings: list[str] = []
     # Peak resident memory of the process while the stage ran, above what it used before
     # the model was loaded: the model plus the stage's working memory.

@@ -120,7 +120,9 @@ def test_interrupt_leaves_nothing(tiny_model, tmp_path):
 
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "compress", "quantize", "smollm2-135m", "-o", str(tmp_path / "out"), "--group-size", "auto"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell's background jobs start with SIGINT ignored, and Python then keeps it so
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # wait until it is writing or measuring, then interrupt
     while time.time() < deadline and not any(".partial-" in p.name for p in tmp_path.iterdir()):

@@ -1,9 +1,10 @@
-"""llm-compressor's GPTQ on the same model, samples and sequence length, for comparison.
+"""llm-compressor's GPTQ or SparseGPT on the same model, samples and sequence length, for comparison.
 
 Runs inside its own virtual environment (`make bench-venv` makes .venv-llmc: llm-compressor
-pins its own transformers). Called by benchmarks/quantize_calibrated.py:
+pins its own transformers). Called by benchmarks/quantize_calibrated.py and benchmarks/prune.py:
 
-    .venv-llmc/bin/python benchmarks/llmc_gptq.py BASE_DIR CALIB.json EVAL.json GROUP sym|asym
+    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json gptq GROUP sym|asym
+    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json sparsegpt SPARSITY unstructured|N:M
 
 CALIB.json and EVAL.json hold token windows made by the caller, so both toolkits see the same
 tokens. Prints one JSON line: perplexity (same windows, same protocol as compress's report:
@@ -20,7 +21,6 @@ import psutil
 import torch
 from datasets import Dataset
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoModelForCausalLM
 
 
@@ -53,28 +53,36 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
+def modifier(method: str, args: list[str]):
+    if method == "gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        group, sym = int(args[0]), args[1] == "sym"
+        scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group}}
+        return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]), "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    sparsity, pattern = float(args[0]), args[1]
+    structure = "0:0" if pattern == "unstructured" else pattern
+    return (SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"]),
+            "SparseGPTModifier defaults (dampening 0.01, block 128)")
+
+
 def main() -> None:
-    base, calib, evalf, group, sym = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "sym"
+    base, calib, evalf, method = sys.argv[1:5]
     calib_ids = json.load(open(calib))
     eval_ids = torch.tensor(json.load(open(evalf)))
     before = psutil.Process().memory_info().rss
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     ds = Dataset.from_dict({"input_ids": calib_ids, "attention_mask": [[1] * len(x) for x in calib_ids]})
-    scheme = {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group},
-    }
+    recipe, settings = modifier(method, sys.argv[5:])
     peak = PeakRSS()
     with peak:
         start = time.perf_counter()
-        oneshot(
-            model=model, dataset=ds, recipe=[GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])],
-            max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids),
-        )
+        oneshot(model=model, dataset=ds, recipe=[recipe], max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids))
         seconds = time.perf_counter() - start
     peak = peak.bytes - before
-    print(json.dumps({"perplexity": perplexity(model.eval(), eval_ids), "seconds": seconds, "peak_rss_above_start": peak,
-                      "settings": "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"}))
+    print(json.dumps({"perplexity": perplexity(model.eval(), eval_ids), "seconds": seconds, "peak_rss_above_start": peak, "settings": settings}))
 
 
 if __name__ == "__main__":

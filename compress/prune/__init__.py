@@ -1,0 +1,1 @@
+"""Pruning methods: unstructured and N:M (magnitude, Wanda, SparseGPT) and structured."""

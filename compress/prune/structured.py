@@ -1,0 +1,185 @@
+"""Structured pruning: drop whole decoder layers, MLP channels and attention heads, so the
+tensors really shrink and the rewritten config loads in plain transformers.
+
+Importance comes from one layer-by-layer pass over calibration text on the unpruned model:
+- a layer: its block influence, 1 - mean cos(input, output) over tokens (Men et al., 2024,
+  "ShortGPT"): a layer that barely turns the residual stream can go;
+- an MLP channel j: E[a_j^2] * ||W_down[:, j]||^2, the energy it adds to the output;
+- a query head: E||x_h W_o,h^T||^2, the energy of its share of the attention output.
+Every layer keeps the same shapes (transformers' configs have one width per model).
+Llama-style blocks only (llama, mistral, qwen2): q/k/v/o_proj and gate/up/down_proj.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from compress import calibrate
+from compress.errors import UsageError
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class Plan:
+    drop_layers: int | list[int] | None = None
+    mlp_keep: float | None = None
+    heads_keep: float | None = None
+
+
+@dataclass
+class Importance:
+    layers: list[float] = field(default_factory=list)  # [L] block influence
+    channels: list[torch.Tensor] = field(default_factory=list)  # per layer [intermediate]
+    heads: list[torch.Tensor] = field(default_factory=list)  # per layer [num_heads]
+
+
+def check(model: torch.nn.Module, plan: Plan) -> None:
+    """Refuse what cannot be done, before any calibration runs."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", type(model).__name__)
+    if kind not in ARCHS:
+        raise UsageError(f"{kind}: structured pruning knows llama-style blocks ({', '.join(ARCHS)}); use an unstructured method")
+    n_layers = cfg.num_hidden_layers
+    drop = plan.drop_layers
+    if isinstance(drop, list):
+        bad = [i for i in drop if not 0 <= i < n_layers]
+        if bad:
+            raise UsageError(f"--drop-layers {bad[0]}: the model has layers 0..{n_layers - 1}")
+        if len(set(drop)) >= n_layers:
+            raise UsageError(f"--drop-layers would drop all {n_layers} layers")
+    elif isinstance(drop, int) and drop >= n_layers:
+        raise UsageError(f"--drop-layers {drop}: the model has {n_layers} layers; at least one must stay")
+    if plan.heads_keep is not None:
+        heads_kept(cfg.num_attention_heads, cfg.num_key_value_heads, plan.heads_keep)
+    if plan.drop_layers is None and plan.mlp_keep is None and plan.heads_keep is None:
+        raise UsageError("structured pruning needs --drop-layers, --mlp-keep or --heads-keep")
+
+
+def heads_kept(heads: int, kv_heads: int, keep: float) -> int:
+    """Query heads per key/value head after pruning: each group loses as many as the others."""
+    per_group = heads // kv_heads
+    kept = keep * per_group
+    if abs(kept - round(kept)) > 0.01 or round(kept) < 1:
+        valid = ", ".join(f"{k}/{per_group}" for k in range(1, per_group + 1))
+        raise UsageError(
+            f"--heads-keep {keep}: {heads} query heads share {kv_heads} key/value heads ({per_group} each); "
+            f"grouped-query attention needs the same whole number kept per group: use {valid}"
+        )
+    return round(kept)
+
+
+def _attn(layer):
+    return layer.self_attn
+
+
+def measure_importance(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
+                       progress: Callable[[int, int], None] | None = None) -> Importance:
+    imp = Importance()
+    head_dim = _head_dim(model.config)
+    state: dict = {}
+
+    def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
+        state["inputs"] = list(inputs.hidden)
+        attn, mlp = _attn(layer), layer.mlp
+        heads = torch.zeros(model.config.num_attention_heads, device=device)
+        chans = torch.zeros(mlp.down_proj.in_features, device=device)
+        w_o = attn.o_proj.weight.float().reshape(attn.o_proj.out_features, -1, head_dim)  # [H_out, heads, hd]
+
+        def on_o(mod, args):
+            x = args[0].float().reshape(-1, w_o.shape[1], head_dim)  # [n, heads, hd]
+            y = torch.einsum("nhd,ohd->nho", x, w_o)  # each head's share of the output
+            heads.add_(y.pow(2).sum((0, 2)))
+
+        def on_down(mod, args):
+            chans.add_(args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0))
+
+        state["hooks"] = [attn.o_proj.register_forward_pre_hook(on_o), mlp.down_proj.register_forward_pre_hook(on_down)]
+        state["acc"] = (heads, chans)
+
+    def on_outputs(i: int, outputs: list[torch.Tensor]) -> None:
+        for h in state.pop("hooks"):
+            h.remove()
+        heads, chans = state.pop("acc")
+        layer = calibrate.decoder_layers(model)[i]
+        imp.heads.append(heads.cpu())
+        imp.channels.append((chans * layer.mlp.down_proj.weight.float().pow(2).sum(0)).cpu())
+        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(state.pop("inputs"), outputs)]
+        imp.layers.append(1 - float(torch.stack(cos).mean()))
+
+    calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress, on_outputs=on_outputs)
+    return imp
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _linear(old: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.nn.Linear:
+    w = old.weight.data
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device="meta")
+    new.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+    if old.bias is not None:
+        b = old.bias.data[rows] if rows is not None else old.bias.data
+        new.bias = torch.nn.Parameter(b.contiguous(), requires_grad=False)
+    return new
+
+
+@torch.no_grad()
+def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
+    """Shrink the model in place and rewrite its config. Returns what was removed."""
+    cfg = model.config
+    blocks = calibrate.decoder_layers(model)
+    n_layers = len(blocks)
+    done: dict = {}
+    if plan.mlp_keep is not None:
+        width = blocks[0].mlp.down_proj.in_features
+        keep = max(8, round(width * plan.mlp_keep / 8) * 8) if width >= 8 else width  # multiples of 8 suit kernels
+        for layer, score in zip(blocks, imp.channels):
+            idx = torch.topk(score, keep).indices.sort().values
+            mlp = layer.mlp
+            mlp.gate_proj, mlp.up_proj = _linear(mlp.gate_proj, rows=idx), _linear(mlp.up_proj, rows=idx)
+            mlp.down_proj = _linear(mlp.down_proj, cols=idx)
+        cfg.intermediate_size = keep
+        done["mlp_channels"] = f"{width} -> {keep} per layer"
+    if plan.heads_keep is not None:
+        hd, heads, kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+        per_group, kept = heads // kv, heads_kept(heads, kv, plan.heads_keep)
+        for layer, score in zip(blocks, imp.heads):
+            groups = score.reshape(kv, per_group)
+            chosen = torch.topk(groups, kept, dim=1).indices.sort(dim=1).values + torch.arange(kv)[:, None] * per_group
+            cols = (chosen.reshape(-1, 1) * hd + torch.arange(hd)).reshape(-1)  # their channels
+            attn = _attn(layer)
+            attn.q_proj = _linear(attn.q_proj, rows=cols)
+            attn.o_proj = _linear(attn.o_proj, cols=cols)
+            attn.num_key_value_groups = kept
+        cfg.head_dim = hd  # no longer hidden_size / heads
+        cfg.num_attention_heads = kept * kv
+        done["attention_heads"] = f"{heads} -> {kept * kv} per layer (key/value heads: {kv})"
+    if plan.drop_layers is not None:
+        drop = plan.drop_layers
+        if isinstance(drop, int):
+            drop = sorted(torch.tensor(imp.layers).argsort()[:drop].tolist())
+        kept = [i for i in range(n_layers) if i not in set(drop)]
+        _set_layers(model, blocks, torch.nn.ModuleList([blocks[i] for i in kept]))
+        for new_idx, layer in enumerate(calibrate.decoder_layers(model)):
+            _attn(layer).layer_idx = new_idx
+        cfg.num_hidden_layers = len(kept)
+        if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n_layers:
+            cfg.layer_types = [cfg.layer_types[i] for i in kept]
+        done["dropped_layers"] = sorted(drop)
+    return done
+
+
+def _set_layers(model: torch.nn.Module, old: torch.nn.ModuleList, new: torch.nn.ModuleList) -> None:
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if child is old:
+                setattr(module, child_name, new)
+                return
+    raise RuntimeError("decoder layer list not found")
