@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from compress import api
 from compress.errors import UsageError
-from compress.recipe import GroupSize, Recipe
+from compress.recipe import EvalSpec, GroupSize, Recipe, validate
 from compress.report import render
 
 err = Console(stderr=True)
 out = Console()
+
+# Options every model-changing command takes (Typer reads them from these annotations).
+Model = Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist unless --overwrite)")]
+Dataset = Annotated[str, typer.Option(help="Calibration text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")]
+TextColumn = Annotated[str, typer.Option(help="Column holding the text in .jsonl/.parquet/hub datasets")]
+Samples = Annotated[int, typer.Option(help="Calibration samples")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample")]
+Device = Annotated[str, typer.Option(help="cpu | cuda")]
+EvalDataset = Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")]
+EvalTokens = Annotated[int, typer.Option(help="Tokens scored for perplexity")]
+Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")]
+Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Run Python code shipped with the model (unsafe)")]
+AllowPickle = Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")]
+SaveRecipe = Annotated[Optional[Path], typer.Option(help="Also write the equivalent recipe YAML here")]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")]
+
+
+def one_stage(stage: dict[str, Any], *, model: str, output: Path, overwrite: bool, dtype: str, device: str, trust_remote_code: bool,
+              allow_pickle: bool, evaluate: bool, eval_dataset: str, text_column: str, eval_tokens: int, latency: bool,
+              offload: bool = False) -> Recipe:
+    """The recipe a single command stands for."""
+    return validate({
+        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device, "offload": offload,
+        "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],
+        "evaluate": EvalSpec(enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency).model_dump(),
+    }, "options")
 
 
 def parse_group_size(value: str | None) -> GroupSize | None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from compress.cli.common import execute
+from compress.cli.common import (
+    AllowPickle, Dataset, Device, EvalDataset, EvalTokens, Evaluate, Json, Latency, Model, Output, Overwrite, Samples,
+    SaveRecipe, SeqLen, TextColumn, TrustRemoteCode, execute, one_stage,
+)
 from compress.errors import UsageError
-from compress.recipe import EvalSpec, validate
 
 
 def _layers(value: str | None) -> int | list[int] | None:
@@ -34,8 +35,8 @@ def _fraction(value: str | None) -> float | None:
 
 
 def prune(
-    model: Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist unless --overwrite)")],
+    model: Model,
+    output: Output,
     method: Annotated[str, typer.Option(help="magnitude | wanda | sparsegpt | structured")] = "sparsegpt",
     sparsity: Annotated[float, typer.Option(help="Share of weights set to zero, 0..1 (unstructured pattern)")] = 0.5,
     pattern: Annotated[str, typer.Option(help="unstructured, or N:M (N kept of every M inputs): 2:4, 4:8")] = "unstructured",
@@ -44,32 +45,30 @@ def prune(
     mlp_keep: Annotated[Optional[float], typer.Option(help="structured: share of MLP channels to keep")] = None,
     heads_keep: Annotated[Optional[str], typer.Option(help="structured: share of query heads to keep, e.g. 0.5 or 2/3 (whole heads per key/value group)")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep dense; repeatable")] = None,
-    dataset: Annotated[str, typer.Option(help="Calibration text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")] = "builtin",
-    text_column: Annotated[str, typer.Option(help="Column holding the text in .jsonl/.parquet/hub datasets")] = "text",
-    samples: Annotated[int, typer.Option(help="Calibration samples")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample")] = 512,
+    dataset: Dataset = "builtin",
+    text_column: TextColumn = "text",
+    samples: Samples = 64,
+    seq_len: SeqLen = 512,
     dampening: Annotated[float, typer.Option(help="SparseGPT: dampening, a fraction of the Hessian's mean diagonal")] = 0.01,
     block_size: Annotated[int, typer.Option(help="SparseGPT: columns per lazy update and mask selection")] = 128,
     dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    eval_dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
-    eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")] = True,
-    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")] = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run Python code shipped with the model (unsafe)")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")] = False,
-    save_recipe: Annotated[Optional[Path], typer.Option(help="Also write the equivalent recipe YAML here")] = None,
-    json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    device: Device = "cpu",
+    eval_dataset: EvalDataset = "builtin",
+    eval_tokens: EvalTokens = 8192,
+    evaluate: Evaluate = True,
+    latency: Latency = True,
+    overwrite: Overwrite = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    save_recipe: SaveRecipe = None,
+    json: Json = False,
 ) -> None:
     """Prune weights (unstructured or N:M, stored dense or sparse) or whole layers, channels and heads."""
     stage = {"stage": "prune", "method": method, "sparsity": sparsity, "pattern": pattern, "storage": storage,
              "drop_layers": _layers(drop_layers), "mlp_keep": mlp_keep, "heads_keep": _fraction(heads_keep), "ignore": ignore or [],
              "dataset": dataset, "text_column": text_column, "samples": samples, "seq_len": seq_len,
              "dampening": dampening, "block_size": block_size}
-    recipe = validate({
-        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device,
-        "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],
-        "evaluate": EvalSpec(enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency).model_dump(),
-    }, "options")
+    recipe = one_stage(stage, model=model, output=output, overwrite=overwrite, dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, evaluate=evaluate,
+                       eval_dataset=eval_dataset, text_column=text_column, eval_tokens=eval_tokens, latency=latency)
     execute(recipe, save_recipe, json)
