@@ -7,7 +7,9 @@ and result in fresh processes -> report.json / report.md.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +27,16 @@ from compress.eval import size
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS
 from compress.formats import compressed_tensors as ct_format
-from compress.formats.atomic import atomic_dir, check_output
+from compress.distill import stage as distill_stage
+from compress.eval.perplexity import token_windows
+from compress.formats.atomic import atomic_dir, check_output, staging_dir
 from compress.models import arch, load as loading, source as sources
 from compress.models.offload import OnDisk
 from compress.quant import calibrated, rtn, schemes
 from compress.formats import sparse
 from compress.prune import stage as prune_stage
-from compress.recipe import PruneStage, QuantizeStage, Recipe
+from compress.quant.rtn import QuantizedWeight
+from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
 from compress.report import render
 from compress.report.schema import Measurement, Report, StageRecord
 
@@ -129,37 +134,64 @@ def environment() -> dict[str, str]:
     }
 
 
-def run(recipe: Recipe, console: Console | None = None) -> Report:
+def is_main_process() -> bool:
+    """False in the other processes of a `torchrun` / `accelerate launch` job: they train, the
+    main one writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(recipe: Recipe, console: Console | None = None, resume: bool = False) -> Report | None:
+    """Run the recipe; the report (None in the non-main processes of a distributed job).
+    resume: continue an interrupted distill stage from its last checkpoint."""
     console = console or Console(stderr=True)
     if not recipe.output:
         raise UsageError("no output directory: pass -o OUT or set `output:` in the recipe")
     dest = Path(recipe.output)
     src = sources.resolve(recipe.model, recipe.allow_pickle)
-    check_output(dest, recipe.overwrite, [src.path])
+    teachers = [sources.resolve(s.teacher, recipe.allow_pickle) if s.teacher else src for s in recipe.stages if isinstance(s, DistillStage)]
+    check_output(dest, recipe.overwrite, [src.path, *(t.path for t in teachers)])
     _check_stages(recipe)
+    trains = bool(teachers)
+    if resume and not trains:
+        raise UsageError("--resume continues a distill stage; this recipe has none")
+    main = is_main_process()
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
 
-    with atomic_dir(dest, recipe.overwrite) as tmp:
+    with atomic_dir(dest, recipe.overwrite, stable=trains, resume=resume) if main else _shared(staging_dir(dest)) as tmp:
         console.print(f"loading {recipe.model}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
         rss_start = psutil.Process().memory_info().rss
-        loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload)
+        only_distill = all(isinstance(s, DistillStage) for s in recipe.stages)
+        loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload,
+                              quantized=only_distill)
         if isinstance(loaded.layers, OnDisk):
             loaded.layers.out_dir = tmp  # each quantized layer is written there at once
         records, compressor, layers, pruned = [], None, [], None
         sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
+        heldout, teacher_of = None, iter(teachers)
+        if trains and texts is not None and loaded.task == "causal-lm":
+            heldout = token_windows(loaded.tokenizer, texts.texts, spec.seq_len, spec.max_tokens)
         for stage in recipe.stages:
             with PeakRSS() as peak:
                 if isinstance(stage, QuantizeStage):
                     record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console, keep_zeros=sparsity is not None)
-                else:
+                elif isinstance(stage, PruneStage):
                     record, pruned = prune_stage.run(stage, loaded, recipe.device, console,
                                                      lambda st: _calibration_batches(st, loaded.tokenizer, console))
                     sparsity = pruned.sparsity or sparsity
                     layers = layers or pruned.linears
+                else:
+                    record, distilled = distill_stage.run(stage, loaded, next(teacher_of), recipe.dtype, recipe.device, heldout, tmp, resume,
+                                                          masked=sparsity is not None, console=console,
+                                                          trust_remote_code=recipe.trust_remote_code)
+                    if distilled.quantized:  # a quantized student is saved quantized again, on its own grid
+                        compressor, layers = _requantize(loaded, distilled.quantized)
             records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
+        if not main:
+            return None
 
         console.print(f"writing {dest} ...")
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # training state: not part of the result
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
         if compressor is not None:
             compressor.update_config(str(tmp))  # + quantization_config
@@ -194,6 +226,26 @@ def run(recipe: Recipe, console: Console | None = None) -> Report:
     return report
 
 
+class _shared:
+    """The staging directory as the non-main processes of a distributed job see it: the main
+    process creates and finishes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def _requantize(loaded: loading.Loaded, quantized: dict) -> tuple[object, list[str]]:
+    config, _ = loaded.quantized
+    ct_format.compress_linears(loaded.model, config, {n: QuantizedWeight(q, p.scale, p.zero_point) for n, (q, p) in quantized.items()})
+    return ct_format.finish(loaded.model, set(quantized)), sorted(quantized)
+
+
 def _check_stages(recipe: Recipe) -> None:
     """What the stages can do together, before anything is loaded."""
     kinds = [s.stage for s in recipe.stages]
@@ -204,8 +256,11 @@ def _check_stages(recipe: Recipe) -> None:
     if "quantize" in kinds and any(isinstance(s, PruneStage) and s.storage == "sparse" for s in recipe.stages):
         raise UsageError("storage: sparse cannot be combined with quantization (no compressed-tensors release stores both); "
                          "keep storage: dense, the zeros stay zeros through quantization")
-    if recipe.offload and "prune" in kinds:
-        raise UsageError("--offload works for quantize stages only; prune loads the model in memory")
+    if "quantize" in kinds and "distill" in kinds[kinds.index("quantize"):]:
+        raise UsageError("distill before quantize in one recipe; to heal a quantized model, distill its checkpoint: "
+                         "compress distill --student QUANTIZED")
+    if recipe.offload and ("prune" in kinds or "distill" in kinds):
+        raise UsageError("--offload works for quantize stages only; prune and distill load the model in memory")
 
 
 def _size_only(path: Path, layers: list[str]) -> Measurement:
@@ -215,9 +270,10 @@ def _size_only(path: Path, layers: list[str]) -> Measurement:
 def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
     notes = []
     for stage in recipe.stages:
-        calibrated = stage.method not in ("rtn", "magnitude")
-        if calibrated and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
-            notes.append(f"calibration and evaluation both read {stage.dataset}: the perplexity is not on held-out text")
+        reads_text = isinstance(stage, DistillStage) or stage.method not in ("rtn", "magnitude")
+        if reads_text and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
+            use = "training" if isinstance(stage, DistillStage) else "calibration"
+            notes.append(f"{use} and evaluation both read {stage.dataset}: the perplexity is not on held-out text")
     if src.is_gguf:
         notes.append(
             f"base: {src.path.name} de-quantized by transformers and saved as a Hugging Face checkpoint; "

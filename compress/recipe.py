@@ -112,7 +112,47 @@ class PruneStage(Strict):
         return self
 
 
-Stage = Annotated[Union[QuantizeStage, PruneStage], Field(discriminator="stage")]
+class DistillStage(Strict):
+    stage: Literal["distill"] = "distill"
+    # The teacher: a model spec as for `model`; None: the recipe's model as loaded, before
+    # any stage (so prune -> distill heals the pruned model from the original).
+    teacher: str | None = None
+    # Length: optimizer steps, or training tokens (steps = tokens / tokens per step).
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    seq_len: int = Field(256, ge=16)
+    batch_size: int = Field(4, ge=1)  # windows per micro-batch, per process
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0, le=1)
+    warmup: float = Field(0.05, ge=0, lt=1)  # share of the steps spent warming up, then cosine decay
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    # Losses: logit divergence on temperature-softened logits, hidden-state matching
+    # (student layer -> teacher layer, mapped automatically), next-token loss.
+    loss: Literal["kl", "reverse-kl", "jsd"] = "kl"
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(1.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    lm_weight: float = Field(0.0, ge=0)
+    train_embeddings: bool = False  # token embeddings (and a tied output layer) stay fixed unless set
+    autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bfloat16 on GPUs that have it
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints
+    seed: int = 0
+    dataset: str = "builtin"  # training text; built-in: the calibration half, never the evaluation half
+    text_column: str = "text"
+
+    @model_validator(mode="after")
+    def _length(self) -> DistillStage:
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give steps or tokens, not both")
+        if self.kd_weight == 0 and self.hidden_weight == 0 and self.lm_weight == 0:
+            raise ValueError("every loss weight is 0: nothing to train on")
+        return self
+
+
+Stage = Annotated[Union[QuantizeStage, PruneStage, DistillStage], Field(discriminator="stage")]
 
 
 class EvalSpec(Strict):
@@ -204,7 +244,7 @@ def validate(data: Any, source: str = "recipe", yaml_text: str | None = None) ->
         root = yaml.compose(yaml_text) if yaml_text else None
         msgs = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if p not in ("quantize", "prune"))
+            loc = tuple(p for p in err["loc"] if p not in ("quantize", "prune", "distill"))
             where = ".".join(str(p) for p in loc) or "(top)"
             line = _line_of(root, loc)
             at = f"{source}:{line}: " if line else f"{source}: "

@@ -94,3 +94,42 @@ def test_prune_stage_errors_name_the_field(tmp_path, change, needle):
     with pytest.raises(UsageError) as exc:
         load(write(tmp_path, PRUNE.replace(*change)))
     assert needle in str(exc.value)
+
+
+DISTILL = """\
+model: m
+stages:
+  - stage: prune
+    method: structured
+    drop_layers: 2
+  - stage: distill
+    steps: 10
+"""
+
+
+def test_distill_stage_parses_and_round_trips(tmp_path):
+    r = load(write(tmp_path, DISTILL))
+    d = r.stages[1]
+    assert d.stage == "distill" and d.teacher is None and d.steps == 10 and d.loss == "kl"
+    assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
+
+
+@pytest.mark.parametrize("change,needle", [
+    (("steps: 10", "steps: 10\n    tokens: 100"), "steps or tokens"),
+    (("steps: 10", "steps: 0"), "r.yaml:7: stages.1.steps"),
+    (("steps: 10", "stepz: 10"), "stages.1.stepz"),
+    (("steps: 10", "loss: kl-div"), "stages.1.loss"),
+    (("steps: 10", "kd_weight: 0"), "nothing to train"),
+])
+def test_distill_stage_errors_name_the_field(tmp_path, change, needle):
+    with pytest.raises(UsageError) as exc:
+        load(write(tmp_path, DISTILL.replace(*change)))
+    assert needle in str(exc.value)
+
+
+def test_distill_after_quantize_is_refused(tmp_path):
+    from compress import api
+
+    r = load(write(tmp_path, "model: m\noutput: o\nstages:\n  - {stage: quantize, scheme: w8a16}\n  - {stage: distill}\n"))
+    with pytest.raises(UsageError, match="distill its checkpoint"):
+        api._check_stages(r)

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from compress import heap
-from compress.cli import eval as eval_cmd, prune, quantize, report, run  # noqa: E402
+from compress.cli import distill, eval as eval_cmd, prune, quantize, report, run  # noqa: E402
 from compress.errors import CompressError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 app.command("quantize")(quantize.quantize)
 app.command("prune")(prune.prune)
+app.command("distill")(distill.distill)
 app.command("eval")(eval_cmd.evaluate)
 app.command("run")(run.run)
 app.command("report")(report.report)

@@ -59,10 +59,12 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
     err.print(f"recipe written to {path}")
 
 
-def execute(recipe: Recipe, save_to: Path | None, as_json: bool) -> None:
-    if save_to is not None:
+def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = False) -> None:
+    if save_to is not None and api.is_main_process():
         save_recipe(recipe, save_to)
-    report = api.run(recipe, err)
+    report = api.run(recipe, err, resume=resume)
+    if report is None:  # a non-main process of a distributed job: the main one reports
+        return
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:

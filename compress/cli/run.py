@@ -17,6 +17,7 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (overrides the recipe's)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: stages.0.scheme=w8a8; repeatable")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted distill stage from its last checkpoint")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Run the stages of a recipe and write one report."""
@@ -27,4 +28,4 @@ def run(
     r = r.model_copy(update=updates)
     if not r.output:
         raise UsageError(f"{recipe}: no output; pass -o OUT")
-    execute(r, None, json)
+    execute(r, None, json, resume=resume)

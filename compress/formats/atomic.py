@@ -32,12 +32,32 @@ def check_output(dest: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise UsageError(f"output {dest} is not writable (no write permission in {probe})")
 
 
+def staging_dir(dest: Path) -> Path:
+    """Where a resumable job (one that trains) builds OUT: a fixed name, so a rerun finds it."""
+    return dest.parent / f".{dest.name}.partial"
+
+
+def resumable(path: Path) -> bool:
+    return any((path / "checkpoints").glob("step-*/state.json"))
+
+
 @contextmanager
-def atomic_dir(dest: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside `dest`; on success it becomes `dest`."""
+def atomic_dir(dest: Path, overwrite: bool, stable: bool = False, resume: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest`; on success it becomes `dest`.
+
+    stable: the directory is `staging_dir(dest)` and outlives a failure or Ctrl-C when it
+    holds training checkpoints, so that `resume` can continue from them."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        if stable:
+            tmp = staging_dir(dest)
+            if tmp.exists() and not resume:
+                if resumable(tmp) and not overwrite:
+                    raise UsageError(f"{tmp} holds checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to start over")
+                shutil.rmtree(tmp)
+            tmp.mkdir(exist_ok=True)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     except OSError as exc:
         raise CompressError(f"cannot create the output beside {dest}: {exc.strerror}") from None
     try:
@@ -52,10 +72,12 @@ def atomic_dir(dest: Path, overwrite: bool) -> Iterator[Path]:
         else:
             os.rename(tmp, dest)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (stable and resumable(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise CompressError(f"no space left on the device while writing {dest}; nothing was written") from None
         raise CompressError(f"cannot write {dest}: {exc.strerror or exc}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (stable and resumable(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

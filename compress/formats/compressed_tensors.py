@@ -7,13 +7,18 @@ without our code.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.base import compress_module
 from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
+from compress.errors import UsageError
 from compress.models.arch import TARGETS
-from compress.primitives.qparams import dequantize
+from compress.primitives.qparams import Grid, GridParams, dequantize
 from compress.quant.rtn import QuantizedWeight
 from compress.quant.schemes import Scheme
 
@@ -54,3 +59,34 @@ def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model, skip_compressed=True)
     return compressor
+
+
+def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
+    """A compressed-tensors checkpoint written by us: its quantization config and, per
+    quantized linear, the grid with its stored scales and zero points (zeros if symmetric)."""
+
+    ckpt = Path(ckpt)
+    qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        raise UsageError(f"{ckpt}: not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r})")
+    config = QuantizationConfig.model_validate(qc)
+    if len(config.config_groups) != 1:
+        raise UsageError(f"{ckpt}: {len(config.config_groups)} quantization groups; compress reads checkpoints with one")
+    args = next(iter(config.config_groups.values())).weights
+    if args is None or args.strategy not in ("group", "channel") or args.dynamic:
+        raise UsageError(f"{ckpt}: weight quantization {args and args.strategy!r} is not one compress can train through")
+    grid = Grid(args.num_bits, args.type, args.symmetric, args.group_size if args.strategy == "group" else None)
+    grids: dict[str, GridParams] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if not key.endswith(".weight_scale"):
+                    continue
+                name = key[: -len(".weight_scale")]
+                scale = st.get_tensor(key)
+                zp_key = f"{name}.weight_zero_point"
+                zp = st.get_tensor(zp_key).to(torch.int8) if zp_key in st.keys() else torch.zeros_like(scale, dtype=torch.int8)
+                grids[name] = GridParams(grid, scale, zp)
+    if not grids:
+        raise UsageError(f"{ckpt}: no quantized weights (weight_scale) found")
+    return config, grids

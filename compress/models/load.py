@@ -32,6 +32,8 @@ class Loaded:
     task: str  # "causal-lm" or "encoder"
     checkpoint: Path  # the Hugging Face directory the weights came from
     layers: InMemory | OnDisk = field(default_factory=InMemory)  # where decoder layers live between uses
+    # A compressed-tensors input loaded de-quantized (quantized=True): its config and grids.
+    quantized: tuple[object, dict] | None = None
 
 
 def task_of(architectures: list[str] | None) -> str:
@@ -114,9 +116,11 @@ def load(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     offload: bool = False,
+    quantized: bool = False,
 ) -> Loaded:
     """offload: build the decoder layers empty; each is read from disk when its turn comes
-    (see `offload.OnDisk`)."""
+    (see `offload.OnDisk`). quantized: accept a compressed-tensors checkpoint written by
+    compress, loaded with de-quantized weights, its grids kept in `Loaded.quantized`."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     ckpt = checkpoint_dir(source, dtype)
@@ -127,7 +131,15 @@ def load(
     except ValueError as exc:
         raise UsageError(f"unsupported architecture in {ckpt}: {_first_line(exc)}") from None
     qc = getattr(config, "quantization_config", None)
-    if qc:
+    grids, extra = None, {}
+    if qc and quantized and not offload:
+        from transformers import CompressedTensorsConfig
+
+        from compress.formats.compressed_tensors import read_grids
+
+        grids = read_grids(ckpt)
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    elif qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise UsageError(f"{source.spec} is already quantized ({method}); start from the original checkpoint")
     check_weights(ckpt)
@@ -149,12 +161,17 @@ def load(
             dtype=resolve_dtype(dtype, config),
             use_safetensors=not allow_pickle,
             trust_remote_code=trust_remote_code,
+            **extra,
         )
+        if grids:  # a plain model from here on; saving quantizes it again
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()
     heap.own_weights([*model.parameters(), *model.buffers()])
-    return Loaded(model.to(device), tokenizer, task, ckpt)
+    return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids)
 
 
 def copy_sidecars(src: Path, dest: Path) -> None:

@@ -33,6 +33,15 @@ class Grid:
         return FP8_MAX if self.kind == "float" else 2 ** (self.bits - 1) - 1
 
 
+@dataclass(frozen=True)
+class GridParams:
+    """A quantized weight's grid and its per-group scale and zero point (as stored)."""
+
+    grid: Grid
+    scale: torch.Tensor  # [O, G]
+    zero_point: torch.Tensor  # [O, G] int8 (zeros when symmetric)
+
+
 def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[O, I] -> [O, G, g] view (G = I/g groups; per channel: G = 1, g = I)."""
     out_f, in_f = w.shape

@@ -170,6 +170,8 @@ def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
         for new_idx, layer in enumerate(calibrate.decoder_layers(model)):
             _attn(layer).layer_idx = new_idx
         cfg.num_hidden_layers = len(kept)
+        # Which original layer each kept one was: distillation matches hidden states by it.
+        cfg.compress_kept_layers = [getattr(cfg, "compress_kept_layers", range(n_layers))[i] for i in kept]
         if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n_layers:
             cfg.layer_types = [cfg.layer_types[i] for i in kept]
         done["dropped_layers"] = sorted(drop)

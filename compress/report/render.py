@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from compress.report import plots
 from compress.report.schema import Measurement, Report
 
 MB = 1024 * 1024
@@ -62,7 +63,7 @@ def _details(report: Report) -> list[str]:
         out.append(f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt {lt.prompt_len} tokens" + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "") + "; median of 3 rounds")
     for s in report.stages:
         if s.calibration:
-            out.append(f"- calibration: {s.calibration}")
+            out.append(f"- {'training text' if s.stage == 'distill' else 'calibration'}: {s.calibration}")
         if s.peak_memory_bytes:
             out.append(f"- peak memory while `{s.stage}` ran: {s.peak_memory_bytes / MB:.0f} MiB above the process before the model was loaded (model included)")
         out += [f"- warning: {w}" for w in s.warnings]
@@ -118,7 +119,42 @@ def sparsity_table(report: Report) -> list[str]:
     ]
 
 
-def markdown(report: Report) -> str:
+def training_section(report: Report, plot: str | None = None) -> list[str]:
+    out: list[str] = []
+    for s in report.stages:
+        t = s.training
+        if t is None:
+            continue
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        first, last = (t.curve[0], t.curve[-1]) if t.curve else ({}, {})
+        gap = None
+        if None not in (t.teacher_perplexity, t.student_perplexity_before, t.student_perplexity_after):
+            before = t.student_perplexity_before - t.teacher_perplexity
+            gap = (before - (t.student_perplexity_after - t.teacher_perplexity)) / before if before > 0 else None
+        out += [
+            "## Distillation",
+            "",
+            f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s or 0:,.0f} tokens/s, {t.processes} process(es))"
+            + (f", resumed at step {t.resumed_from}" if t.resumed_from else "") + f"; training text: {t.text}.",
+            "",
+            "| held-out perplexity | value |",
+            "|---|---|",
+            f"| teacher | {fmt(t.teacher_perplexity)} |",
+            f"| student before | {fmt(t.student_perplexity_before)} |",
+            f"| student after | {fmt(t.student_perplexity_after)} |",
+            *([f"| gap to the teacher closed | {gap:.1%} |"] if gap is not None else []),
+            "",
+            f"Training loss: {first.get('loss', float('nan')):.4f} at step 1, {last.get('loss', float('nan')):.4f} at step {last.get('step', 0)} "
+            "(per-step values in report.json).",
+            *([f"Pruned zeros held fixed: {t.masked_zeros:,}."] if t.masked_zeros else []),
+            *([f"Quantized linears trained through their grid (straight-through) and saved quantized: {t.fake_quantized}."] if t.fake_quantized else []),
+            "",
+            *([f"![training loss]({plot})", ""] if plot else []),
+        ]
+    return out
+
+
+def markdown(report: Report, plot: str | None = None) -> str:
     lines = [
         f"# compress report: {report.model}",
         "",
@@ -134,6 +170,7 @@ def markdown(report: Report) -> str:
         "",
         *layer_table(report),
         *sparsity_table(report),
+        *training_section(report, plot),
         "## Environment",
         "",
         *[f"- {k}: {v}" for k, v in report.environment.items()],
@@ -144,7 +181,7 @@ def markdown(report: Report) -> str:
 
 def write(report: Report, dest: Path) -> None:
     (dest / "report.json").write_text(report.model_dump_json(indent=2))
-    (dest / "report.md").write_text(markdown(report))
+    (dest / "report.md").write_text(markdown(report, plots.loss_curve(report, dest)))
 
 
 def table(report: Report) -> Table:

@@ -55,6 +55,24 @@ class Measurement(Frozen):
     load_seconds: float | None = None
 
 
+class Training(Frozen):
+    """A distill stage's training: length, speed, loss curve and held-out perplexities."""
+
+    steps: int
+    resumed_from: int = 0  # the step a resumed run continued from
+    tokens: int
+    seconds: float
+    tokens_per_s: float | None
+    processes: int = 1
+    text: str  # training text
+    curve: list[dict[str, int | float]]  # per optimizer step: step, loss (and its parts), lr, seconds
+    teacher_perplexity: float | None = None
+    student_perplexity_before: float | None = None
+    student_perplexity_after: float | None = None
+    masked_zeros: int | None = None  # a sparse student: zeros held fixed
+    fake_quantized: int = 0  # a quantized student: linears trained through their grid
+
+
 class StageRecord(Frozen):
     stage: str
     settings: dict[str, Any]
@@ -64,6 +82,7 @@ class StageRecord(Frozen):
     calibration: str | None = None  # calibration text and samples, for calibrated methods
     layer_errors: list[dict[str, float]] = []  # per decoder layer: relative output error (quantize: rtn vs method)
     layer_sparsity: list[dict[str, Any]] = []  # prune: per linear, the share of zero weights
+    training: Training | None = None  # distill
     warnings: list[str] = []
     # Peak resident memory of the process while the stage ran, above what it used before
     # the model was loaded: the model plus the stage's working memory.

@@ -1,0 +1,1 @@
+"""Knowledge distillation: teacher -> student, on one machine or under accelerate/torchrun."""
