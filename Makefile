@@ -29,6 +29,8 @@ bench: install
 	$(PY) benchmarks/quantize_rtn.py
 	$(PY) benchmarks/quantize_calibrated.py
 	$(PY) benchmarks/prune.py
+	$(PY) benchmarks/distill.py
+	$(PY) benchmarks/recipes.py
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,
 # used by benchmarks/quantize_calibrated.py and benchmarks/prune.py for side-by-side runs.

@@ -9,118 +9,34 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import torch
 from rich.console import Console
-from rich.progress import Progress, TimeElapsedColumn
 
 import compress
-from compress import heap
-from compress.data import text as textdata, tokens
+from compress import plan, stages
+from compress.data import text as textdata
+from compress.distill import stage as distill_stage
 from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS
-from compress.formats import compressed_tensors as ct_format
-from compress.distill import stage as distill_stage
 from compress.eval.perplexity import token_windows
-from compress.formats.atomic import atomic_dir, check_output, staging_dir
-from compress.models import arch, load as loading, source as sources
+from compress.formats import compressed_tensors as ct_format, sparse
+from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
+from compress.models import load as loading, source as sources
 from compress.models.offload import OnDisk
-from compress.quant import calibrated, rtn, schemes
-from compress.formats import sparse
 from compress.prune import stage as prune_stage
+from compress.quant import stage as quant_stage
 from compress.quant.rtn import QuantizedWeight
 from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
-from compress.report import render
-from compress.report.schema import Measurement, Report, StageRecord
-
-CALIBRATION_BATCH = 4  # calibration windows per forward pass
-
-
-def _calibration_batches(stage: QuantizeStage | PruneStage, tokenizer, console: Console) -> tuple[list[torch.Tensor], str, list[str]]:
-    texts = textdata.load(stage.dataset, "calibration", stage.text_column)
-    wins = tokens.windows(tokenizer, texts.texts, stage.seq_len, stage.samples * stage.seq_len)
-    warnings = []
-    if len(wins) == 0:
-        raise UsageError(f"calibration text ({texts.description}) is shorter than one sample of {stage.seq_len} tokens; lower --seq-len")
-    if len(wins) < stage.samples:
-        warnings.append(f"calibration text holds {len(wins)} samples of {stage.seq_len} tokens, fewer than the {stage.samples} asked; using {len(wins)}")
-        console.print(f"[yellow]warning:[/] {warnings[-1]}")
-    desc = f"{texts.description}; {len(wins)} samples x {stage.seq_len} tokens"
-    return list(wins.split(CALIBRATION_BATCH)), desc, warnings
-
-
-def _quantize(stage: QuantizeStage, loaded: loading.Loaded, device: str, console: Console, keep_zeros: bool) -> tuple[StageRecord, object]:
-    model = loaded.model
-    start = time.perf_counter()
-    layers, ignore = arch.quant_targets(model, stage.ignore)
-    scheme = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
-    console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
-    settings = {
-        "scheme": scheme.name, "method": stage.method, "group_size": scheme.weight.group_size or "channel",
-        "group_choice": scheme.group_note, "symmetric": scheme.weight.symmetric,
-        "range": "searched for least weight MSE" if stage.range_search else "min/max",
-        "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
-    }
-    calibration, layer_errors, warnings = None, [], []
-    config = ct_format.config_for(scheme, ignore)
-    if stage.method == "rtn":
-        _rtn(model, layers, scheme, stage.range_search, config, loaded.layers)
-    else:
-        batches, calibration, warnings = _calibration_batches(stage, loaded.tokenizer, console)
-        opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid,
-                                  alpha=stage.alpha, act=scheme.act, keep_zeros=keep_zeros)
-        settings.update({k: "searched" if v is None else v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
-        with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(f"{stage.method}: decoder layers", total=None)
-            _, layer_errors = calibrated.apply(
-                model, layers, scheme.weight, batches, opts, torch.device(device),
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-                sink=lambda weights: ct_format.compress_linears(model, config, weights),  # each layer compressed once final
-                store=loaded.layers,
-            )
-    compressor = ct_format.finish(model, set(layers))
-    record = StageRecord(
-        stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start,
-        calibration=calibration, layer_errors=layer_errors, warnings=warnings,
-    )
-    return record, (compressor, sorted(layers))
-
-
-def _rtn(model, layers: dict[str, torch.nn.Linear], scheme: schemes.Scheme, range_search: bool, config, store) -> None:
-    """Round to nearest, one decoder layer at a time (loaded and released through `store`),
-    then the quantized linears outside the decoder layers, if any."""
-
-    def quantize(names: list[str]) -> None:
-        for name in names:
-            lin = model.get_submodule(name)
-            qw = rtn.quantize_weight(lin.weight, scheme.weight, lin.weight.dtype, range_search)
-            ct_format.compress_linears(model, config, {name: qw})
-            heap.trim()
-
-    inside = set()
-    for i, block in enumerate(store.layers if isinstance(store, OnDisk) else []):
-        names = [n for n in layers if n.startswith(f"{store.prefix}.{i}.")]
-        store.load(i, block)
-        quantize(names)
-        store.release(i, block)
-        inside.update(names)
-    quantize([n for n in layers if n not in inside])
-
-
-_METHOD_KEYS = {
-    "gptq": ("dampening", "block_size", "actorder"),
-    "awq": ("awq_grid",),
-    "smoothquant+gptq": ("alpha", "dampening", "block_size", "actorder"),
-    "smoothquant+rtn": ("alpha",),
-}
-
+from compress.report import gates, render
+from compress.report.schema import Measurement, Report
 
 def environment() -> dict[str, str]:
     import compressed_tensors
@@ -140,9 +56,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(recipe: Recipe, console: Console | None = None, resume: bool = False) -> Report | None:
-    """Run the recipe; the report (None in the non-main processes of a distributed job).
-    resume: continue an interrupted distill stage from its last checkpoint."""
+def run(recipe: Recipe, console: Console | None = None, resume: bool = False, dry_run: bool = False) -> Report | plan.Plan | None:
+    """Run the recipe and return its report (None in the non-main processes of a distributed
+    job). resume: go on after the last finished stage of an interrupted run (and inside a
+    distill stage, from its last checkpoint). dry_run: check everything, return the plan."""
     console = console or Console(stderr=True)
     if not recipe.output:
         raise UsageError("no output directory: pass -o OUT or set `output:` in the recipe")
@@ -151,59 +68,85 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False) ->
     teachers = [sources.resolve(s.teacher, recipe.allow_pickle) if s.teacher else src for s in recipe.stages if isinstance(s, DistillStage)]
     check_output(dest, recipe.overwrite, [src.path, *(t.path for t in teachers)])
     _check_stages(recipe)
-    trains = bool(teachers)
-    if resume and not trains:
-        raise UsageError("--resume continues a distill stage; this recipe has none")
-    main = is_main_process()
+    staged = bool(teachers) or len(recipe.stages) > 1  # resumable: built in a fixed staging directory
+    if resume and not staged:
+        raise UsageError("--resume continues a recipe of several stages or with a distill stage; this one has neither")
+    if resume and not resumable(staging_dir(dest)):
+        console.print(f"nothing to resume in {staging_dir(dest)}: starting from the beginning")
+    the_plan = plan.make(recipe, src, teachers, dest)
+    _check_gates_fit(recipe, the_plan.base.task)
+    for stage in recipe.stages:  # every text exists and is readable before anything heavy
+        if isinstance(stage, DistillStage) or stage.method not in ("rtn", "magnitude"):
+            textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
+    if dry_run:
+        return the_plan
+    plan.check(the_plan)
+    main = is_main_process()
 
-    with atomic_dir(dest, recipe.overwrite, stable=trains, resume=resume) if main else _shared(staging_dir(dest)) as tmp:
-        console.print(f"loading {recipe.model}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
+    with atomic_dir(dest, recipe.overwrite, stable=staged, resume=resume) if main else _shared(staging_dir(dest)) as tmp:
+        if main:
+            _same_recipe(tmp, recipe, resume)
+        kept = stages.last(tmp) if resume else None
+        done = kept[1] if kept else stages.Done()
+        start_src = sources.Source(f"{recipe.model} after stage {done.count - 1}", "dir", kept[0]) if kept else src
+        if kept:
+            console.print(f"resuming after stage {done.count - 1} ({done.records[-1].stage}), kept in {kept[0]}")
+        console.print(f"loading {start_src.spec}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
         rss_start = psutil.Process().memory_info().rss
         only_distill = all(isinstance(s, DistillStage) for s in recipe.stages)
-        loaded = loading.load(src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload,
+        loaded = loading.load(start_src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload,
                               quantized=only_distill)
         if isinstance(loaded.layers, OnDisk):
             loaded.layers.out_dir = tmp  # each quantized layer is written there at once
-        records, compressor, layers, pruned = [], None, [], None
-        sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
-        heldout, teacher_of = None, iter(teachers)
-        if trains and texts is not None and loaded.task == "causal-lm":
+        compressor = None
+        if done.sparsity is None:
+            done.sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
+        heldout, teacher_of = None, iter(teachers[sum(isinstance(s, DistillStage) for s in recipe.stages[:done.count]):])
+        if teachers and texts is not None and loaded.task == "causal-lm":
             heldout = token_windows(loaded.tokenizer, texts.texts, spec.seq_len, spec.max_tokens)
-        for stage in recipe.stages:
+        for i, stage in enumerate(recipe.stages[done.count:], done.count):
             with PeakRSS() as peak:
                 if isinstance(stage, QuantizeStage):
-                    record, (compressor, layers) = _quantize(stage, loaded, recipe.device, console, keep_zeros=sparsity is not None)
+                    record, (compressor, quantized) = quant_stage.run(stage, loaded, recipe.device, console, keep_zeros=done.sparsity is not None)
+                    done.layers = quantized
                 elif isinstance(stage, PruneStage):
                     record, pruned = prune_stage.run(stage, loaded, recipe.device, console,
-                                                     lambda st: _calibration_batches(st, loaded.tokenizer, console))
-                    sparsity = pruned.sparsity or sparsity
-                    layers = layers or pruned.linears
+                                                     lambda st, tok=loaded.tokenizer: quant_stage.calibration_batches(st, tok, console))
+                    done.sparsity = pruned.sparsity or done.sparsity
+                    done.layers = done.layers or pruned.linears
+                    done.sparse_storage = pruned.linears if pruned.sparsity and pruned.sparsity["storage"] == "sparse" else []
                 else:
-                    record, distilled = distill_stage.run(stage, loaded, next(teacher_of), recipe.dtype, recipe.device, heldout, tmp, resume,
-                                                          masked=sparsity is not None, console=console,
+                    record, distilled = distill_stage.run(stage, loaded, next(teacher_of), recipe.dtype, recipe.device, heldout, tmp,
+                                                          resume and i == done.count, masked=done.sparsity is not None, console=console,
                                                           trust_remote_code=recipe.trust_remote_code)
                     if distilled.quantized:  # a quantized student is saved quantized again, on its own grid
-                        compressor, layers = _requantize(loaded, distilled.quantized)
-            records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
+                        compressor, done.layers = _requantize(loaded, distilled.quantized)
+            done.records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
+            if main and i < len(recipe.stages) - 1 and not loaded.quantized:
+                stages.save(tmp, i, stage.stage, loaded, done)
+            if main:
+                shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a finished stage's training state
         if not main:
             return None
 
         console.print(f"writing {dest} ...")
-        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # training state: not part of the result
+        shutil.rmtree(tmp / "stages", ignore_errors=True)  # kept for --resume only
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
         if compressor is not None:
             compressor.update_config(str(tmp))  # + quantization_config
-        if sparsity is not None:
-            sparse.record(tmp, {k: v for k, v in sparsity.items() if k != "densified_from"} | ({"storage": "dense", "format": "dense"} if compressor else {}))
-            if pruned and pruned.sparsity and pruned.sparsity["storage"] == "sparse":
-                sparse.compress_checkpoint(tmp, pruned.linears)
+        if done.sparsity is not None:
+            sparse.record(tmp, {k: v for k, v in done.sparsity.items() if k != "densified_from"} | ({"storage": "dense", "format": "dense"} if compressor else {}))
+            if done.sparse_storage:
+                sparse.compress_checkpoint(tmp, done.sparse_storage)
         loaded.tokenizer.save_pretrained(tmp)
         loading.copy_sidecars(loaded.checkpoint, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        task, base_ckpt = loaded.task, loaded.checkpoint
+        task, layers = loaded.task, done.layers
+        base_ckpt = loading.checkpoint_dir(src, recipe.dtype)  # the original, also when resuming
         del loaded  # the measurements reload from disk, in their own processes
+        run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
         base = result = None
         if spec.enabled:
@@ -219,11 +162,32 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False) ->
         report = Report(
             tool=f"compress {compress.__version__}",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            model=recipe.model, task=task, recipe=recipe.model_dump(mode="json"), stages=records,
-            base=base, result=result, environment=environment(), notes=_notes(src, recipe),
+            model=recipe.model, task=task, recipe=recipe.model_dump(mode="json"), stages=done.records,
+            base=base, result=result, environment=environment(), notes=_notes(src, recipe), run_peak_rss_bytes=run_peak,
+            estimate={"peak_rss_bytes": the_plan.peak_bytes, "bytes_on_disk": the_plan.output_bytes,
+                      "seconds": round(sum(s.seconds for s in the_plan.stages), 1)},
         )
+        if recipe.gates.any():
+            results = gates.check(recipe.gates, report)
+            report = report.model_copy(update={"gates": results, "passed": all(g.passed for g in results)})
         render.write(report, tmp)
     return report
+
+
+def _same_recipe(tmp: Path, recipe: Recipe, resume: bool) -> None:
+    """A resumed run must be the run that was interrupted."""
+    mark = tmp / "recipe.yaml"
+    if resume and mark.is_file() and mark.read_text() != recipe.to_yaml():
+        raise UsageError(f"the recipe differs from the interrupted run's ({mark}); resume with the same recipe and options, or --overwrite")
+    mark.write_text(recipe.to_yaml())
+
+
+def _check_gates_fit(recipe: Recipe, task: str) -> None:
+    g = recipe.gates
+    if task == "encoder" and g.max_ppl_increase is not None:
+        raise UsageError("gates.max_ppl_increase: an encoder has no perplexity; use min_embedding_similarity")
+    if task == "causal-lm" and g.min_embedding_similarity is not None:
+        raise UsageError("gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model")
 
 
 class _shared:

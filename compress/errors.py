@@ -11,3 +11,7 @@ class UsageError(CompressError):
     """Bad input from the user (exit 2): paths, schemes, options, recipes."""
 
     exit_code = 2
+
+
+class GateFailed(CompressError):
+    """The run finished and wrote its output, but a recipe gate was missed (exit 1)."""

@@ -169,6 +169,52 @@ class EvalSpec(Strict):
     new_tokens: int = Field(32, ge=1)
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(v: Any) -> int:
+    """4096, "512MiB", "1.5GB" -> bytes."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"expected a size such as 2GiB or 500MB, got {v!r}")
+    if isinstance(v, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", v)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"expected a size such as 2GiB or 500MB, got {v!r}")
+        v = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if v <= 0:
+        raise ValueError("a size must be positive")
+    return int(v)
+
+
+class Gates(Strict):
+    """Budgets the result must meet; `compress run` exits 1 when one is missed."""
+
+    max_ppl_increase: float | None = Field(None, ge=0)  # relative: 0.05 = at most 5% above the base
+    min_embedding_similarity: float | None = Field(None, ge=-1, le=1)  # encoders: mean cosine to the base
+    max_size_ratio: float | None = Field(None, gt=0)  # bytes on disk, result / base
+    min_speedup: float | None = Field(None, gt=0)  # decode tokens/s (prefill for encoders), result / base
+    max_peak_memory: int | None = None  # bytes (or "2GiB"): peak memory of the result loaded and evaluated
+
+    @field_validator("max_peak_memory", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int | None:
+        return None if v is None else parse_bytes(v)
+
+    def any(self) -> bool:
+        return any(v is not None for v in self.model_dump().values())
+
+
+class Data(Strict):
+    """Default texts for the stages and the evaluation; a stage's own `dataset` wins."""
+
+    calibration: str = "builtin"
+    training: str = "builtin"
+    evaluation: str = "builtin"
+    text_column: str = "text"
+
+
 class Recipe(Strict):
     version: Literal[1] = 1
     model: str
@@ -179,8 +225,49 @@ class Recipe(Strict):
     trust_remote_code: bool = False
     allow_pickle: bool = False
     offload: bool = False  # decoder layers stay on disk: read one at a time, written once quantized
+    data: Data = Field(default_factory=Data)
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    gates: Gates = Field(default_factory=Gates)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_defaults(cls, raw: Any) -> Any:
+        """Stages and evaluation without their own dataset read the recipe's `data`."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            return raw
+        data, raw = raw["data"], dict(raw)
+        column = data.get("text_column")
+        stages = []
+        for st in raw.get("stages") or []:
+            if isinstance(st, dict):
+                st = dict(st)
+                key = "training" if st.get("stage") == "distill" else "calibration"
+                if "dataset" not in st and key in data:
+                    st["dataset"] = data[key]
+                if "text_column" not in st and column:
+                    st["text_column"] = column
+            stages.append(st)
+        if "stages" in raw:
+            raw["stages"] = stages
+        ev = raw.get("evaluate") or {}
+        if isinstance(ev, dict):
+            ev = dict(ev)
+            if "dataset" not in ev and "evaluation" in data:
+                ev["dataset"] = data["evaluation"]
+            if "text_column" not in ev and column:
+                ev["text_column"] = column
+            raw["evaluate"] = ev
+        return raw
+
+    @model_validator(mode="after")
+    def _gates_measurable(self) -> Recipe:
+        g, ev = self.gates, self.evaluate
+        if g.any() and not ev.enabled:
+            raise ValueError("gates need measurements: set evaluate.enabled: true")
+        if g.min_speedup is not None and not ev.latency:
+            raise ValueError("gates.min_speedup needs evaluate.latency: true")
+        return self
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude={"output", "overwrite"})

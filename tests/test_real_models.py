@@ -44,7 +44,7 @@ def test_smollm2_quality_and_size(smol_runs, scheme):
     assert result["bytes_on_disk"] / base["bytes_on_disk"] <= max_size
     assert result["bytes_on_disk"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert (out / "report.md").read_text().count("perplexity") >= 1
-    assert json.loads((out / "report.json").read_text())["schema_version"] == 1
+    assert json.loads((out / "report.json").read_text())["schema_version"] == 2
 
 
 def test_w4a16_report_names_its_protocols(smol_runs):

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from compress import api
-from compress.errors import UsageError
+from compress import api, plan
+from compress.errors import GateFailed, UsageError
 from compress.recipe import EvalSpec, GroupSize, Recipe, validate
 from compress.report import render
 
@@ -59,14 +59,39 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
     err.print(f"recipe written to {path}")
 
 
-def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = False) -> None:
+def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = False, dry_run: bool = False) -> None:
+    """Run the recipe and print its report; exit 1 when a gate fails (the output is written)."""
     if save_to is not None and api.is_main_process():
         save_recipe(recipe, save_to)
-    report = api.run(recipe, err, resume=resume)
+    report = api.run(recipe, err, resume=resume, dry_run=dry_run)
     if report is None:  # a non-main process of a distributed job: the main one reports
+        return
+    if dry_run:
+        show_plan(report, as_json)
         return
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
     else:
         render.show(report, out)
         out.print(f"checkpoint, report.json and report.md written to {recipe.output}")
+    if report.passed is False:
+        failed = [g for g in report.gates if not g.passed]
+        raise GateFailed(f"{len(failed)} of {len(report.gates)} gates failed: " + "; ".join(f"{g.name} {g.shown}" for g in failed)
+                            + f" (the checkpoint is in {recipe.output}, marked failing in its report)")
+
+
+def show_plan(p: plan.Plan, as_json: bool) -> None:
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    if as_json:
+        import dataclasses
+        import json
+
+        typer.echo(json.dumps({**dataclasses.asdict(p), "peak_bytes": p.peak_bytes}, indent=2))
+        return
+    out.print(plan.table(p))
+    out.print(f"output weights: {mib(p.output_bytes)}; disk needed: {mib(p.disk_bytes)} ({mib(p.disk_free)} free); "
+              f"peak memory: {mib(p.peak_bytes)} ({mib(p.memory_available)} available)")
+    for n in p.notes:
+        out.print(f"note: {n}")
+    plan.check(p)
+    out.print("dry run: the recipe is valid and fits this machine; nothing was loaded or written")

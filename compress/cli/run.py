@@ -17,10 +17,11 @@ def run(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (overrides the recipe's)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: stages.0.scheme=w8a8; repeatable")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted distill stage from its last checkpoint")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run after its last finished stage (and checkpoint)")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Validate, print the plan with estimates of time, memory and disk; load nothing")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
-    """Run the stages of a recipe and write one report."""
+    """Run the stages of a recipe and write one report; exit 1 when a gate fails."""
     r = recipes.load(recipe, set_ or [])
     updates = {"overwrite": overwrite or r.overwrite}
     if output is not None:
@@ -28,4 +29,4 @@ def run(
     r = r.model_copy(update=updates)
     if not r.output:
         raise UsageError(f"{recipe}: no output; pass -o OUT")
-    execute(r, None, json, resume=resume)
+    execute(r, None, json, resume=resume, dry_run=dry_run)

@@ -38,7 +38,8 @@ def staging_dir(dest: Path) -> Path:
 
 
 def resumable(path: Path) -> bool:
-    return any((path / "checkpoints").glob("step-*/state.json"))
+    """Holds a finished stage or a training checkpoint of an interrupted run."""
+    return any((path / "checkpoints").glob("step-*/state.json")) or any((path / "stages").glob("*/stage.json"))
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def atomic_dir(dest: Path, overwrite: bool, stable: bool = False, resume: bool =
             tmp = staging_dir(dest)
             if tmp.exists() and not resume:
                 if resumable(tmp) and not overwrite:
-                    raise UsageError(f"{tmp} holds checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to start over")
+                    raise UsageError(f"{tmp} holds the finished stages or checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to start over")
                 shutil.rmtree(tmp)
             tmp.mkdir(exist_ok=True)
         else:

@@ -164,6 +164,7 @@ def markdown(report: Report, plot: str | None = None) -> str:
         "|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)],
         "",
+        *gates_section(report),
         "## How it was measured",
         "",
         *_details(report),
@@ -193,7 +194,31 @@ def table(report: Report) -> Table:
     return t
 
 
+def gates_table(report: Report) -> Table:
+    t = Table(title="gates: " + ("all passed" if report.passed else "FAILED"), title_justify="left")
+    for col in ("gate", "measured (limit)", "result"):
+        t.add_column(col)
+    for g in report.gates:
+        t.add_row(g.name, g.shown, "[green]pass[/]" if g.passed else "[red]FAIL[/]")
+    return t
+
+
+def gates_section(report: Report) -> list[str]:
+    if not report.gates:
+        return []
+    return [
+        "## Gates: " + ("all passed" if report.passed else "FAILED"),
+        "",
+        "| gate | measured (limit) | result |",
+        "|---|---|---|",
+        *[f"| {g.name} | {g.shown} | {'pass' if g.passed else 'FAIL'} |" for g in report.gates],
+        "",
+    ]
+
+
 def show(report: Report, console: Console) -> None:
     console.print(table(report))
     for line in _details(report):
         console.print(line, markup=False, highlight=False)
+    if report.gates:
+        console.print(gates_table(report))

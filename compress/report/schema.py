@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: distill training, gates, run peak memory, plan estimates
 
 
 class Frozen(BaseModel):
@@ -89,6 +89,14 @@ class StageRecord(Frozen):
     peak_memory_bytes: int | None = None
 
 
+class GateResult(Frozen):
+    name: str
+    limit: float
+    value: float | None  # None: not measured (a failed gate)
+    passed: bool
+    shown: str  # value and limit, for people
+
+
 class Report(Frozen):
     schema_version: int = SCHEMA_VERSION
     tool: str
@@ -101,6 +109,11 @@ class Report(Frozen):
     result: Measurement
     environment: dict[str, str]
     notes: list[str] = []
+    gates: list[GateResult] = []
+    passed: bool | None = None  # all gates passed; None: the recipe has no gates
+    # Peak resident memory of the compress process over the whole run (stages and writing).
+    run_peak_rss_bytes: int | None = None
+    estimate: dict[str, float] | None = None  # the plan's estimates (peak_rss_bytes, bytes_on_disk, seconds), to compare
 
     def ratio(self, field: str) -> float | None:
         if self.base is None:

@@ -1,9 +1,6 @@
 """`compress distill` through the real command: errors, kill + resume, sparse and quantized students."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -1,0 +1,258 @@
+"""What a recipe will cost, before anything heavy is loaded: peak memory, disk, time per stage.
+
+Model facts come from config.json and the safetensors headers (or the GGUF's tensor table);
+the memory model's constants were fitted on SmolLM2-135M runs on CPU (benchmarks/RESULTS.md
+records estimate against measurement) and scale with parameters, tokens and widths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import psutil
+
+from compress.errors import UsageError
+from compress.models.source import Source, cache_dir, fingerprint
+from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
+
+MB = 2**20
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+IMPORTS = 400 * MB  # python + torch + transformers + compress, before the model is loaded
+# Stage working memory above the loaded model, as a multiple of the model's bytes (measured
+# on SmolLM2-135M with 64 x 512 calibration tokens: benchmarks/RESULTS.md).
+WORKING = {"rtn": 0.25, "gptq": 1.0, "awq": 1.15, "smoothquant+gptq": 1.25, "smoothquant+rtn": 1.3,
+           "magnitude": 0.25, "wanda": 1.0, "sparsegpt": 1.0, "structured": 1.0}
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a checkpoint holds, by kind of parameter."""
+
+    task: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    linear: int  # parameters in decoder-layer weight matrices (what quantization and pruning touch)
+    embed: int
+    head: int  # 0 when tied to the embeddings
+    other: int
+    dtype_bytes: int
+    linear_bits: float = 0.0  # stored bits per linear weight (0: the dtype's)
+
+    @property
+    def params(self) -> int:
+        return self.linear + self.embed + self.head + self.other
+
+    @property
+    def bytes_in_memory(self) -> int:
+        return self.params * self.dtype_bytes
+
+    @property
+    def bytes_on_disk(self) -> int:
+        bits = self.linear_bits or self.dtype_bytes * 8
+        return int(self.linear * bits / 8 + (self.embed + self.head + self.other) * self.dtype_bytes)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    seconds: float
+    peak_bytes: int  # process resident memory at the stage's peak
+    after: Facts
+    disk_bytes: int = 0  # written while it runs (training checkpoints, a kept stage result)
+
+
+@dataclass
+class Plan:
+    model: str
+    base: Facts
+    stages: list[StagePlan]
+    output_bytes: int
+    disk_bytes: int
+    disk_free: int
+    memory_available: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(s.peak_bytes for s in self.stages)
+
+
+def _classify(name: str, shape: list[int], f: dict[str, int]) -> None:
+    n = 1
+    for s in shape:
+        n *= s
+    low = name.lower()
+    if "embed" in low or low.startswith("token_embd") or "wte" in low or "wpe" in low:
+        f["embed"] += n
+    elif low.startswith(("lm_head", "output.")):
+        f["head"] += n
+    elif len(shape) == 2 and any(k in low for k in (".layers.", ".layer.", ".h.", "blk.")):
+        f["linear"] += n
+    else:
+        f["other"] += n
+
+
+def facts(src: Source, dtype: str) -> Facts:
+    counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
+    if src.is_gguf:
+        cached = next((p for p in (cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*") if (p / "config.json").is_file()), None)
+        if cached is None:
+            return _gguf_facts(src.path, dtype)
+        src = replace(src, path=cached)
+    from compress.eval.size import headers
+    from compress.models.load import task_of
+
+    cfg = json.loads((src.path / "config.json").read_text())
+    head = headers(src.path)
+    if not head:
+        raise UsageError(f"{src.spec}: no safetensors weights to plan from")
+    for name, entry in head.items():
+        _classify(name, entry["shape"], counts)
+    stored = {v["dtype"] for v in head.values()}
+    d = DTYPE_BYTES.get(dtype) or (4 if "F32" in stored else 2)
+    return Facts(task=task_of(cfg.get("architectures")), layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1,
+                 hidden=cfg.get("hidden_size") or cfg.get("n_embd") or 1, intermediate=cfg.get("intermediate_size") or 4 * (cfg.get("hidden_size") or 1),
+                 vocab=cfg.get("vocab_size") or 1, dtype_bytes=d, **counts)
+
+
+def _gguf_facts(path: Path, dtype: str) -> Facts:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
+    for t in reader.tensors:
+        _classify(t.name, [int(s) for s in t.shape], counts)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def meta(key: str) -> int:
+        f = reader.fields.get(f"{arch}.{key}")
+        return int(f.parts[f.data[0]][0]) if f else 0
+
+    hidden = meta("embedding_length")
+    return Facts(task="causal-lm", layers=meta("block_count"), hidden=hidden, intermediate=meta("feed_forward_length") or 4 * hidden,
+                 vocab=counts["embed"] // max(hidden, 1), dtype_bytes=DTYPE_BYTES.get(dtype, 2), **counts)
+
+
+def _matmul_gflops() -> float:
+    """This machine's float32 matmul speed, timed for a fraction of a second."""
+    import torch
+
+    a = torch.randn(512, 512)
+    a @ a
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def _after_prune(f: Facts, st: PruneStage) -> Facts:
+    if st.method != "structured":
+        if st.storage == "sparse":
+            nm = st.pattern.split(":") if ":" in st.pattern else None
+            kept = int(nm[0]) / int(nm[1]) if nm else 1 - st.sparsity
+            value_bits = 12 if f.dtype_bytes == 2 else f.dtype_bytes * 8  # bf16: sign/mantissa byte + 4-bit exponent code
+            return replace(f, linear_bits=1 + kept * value_bits)
+        return f
+    per_layer = f.linear / max(f.layers, 1)
+    mlp = min(3 * f.hidden * f.intermediate, per_layer)
+    attn = per_layer - mlp
+    dropped = len(st.drop_layers) if isinstance(st.drop_layers, list) else (st.drop_layers or 0)
+    layers = f.layers - dropped
+    mlp_keep, heads_keep = st.mlp_keep or 1.0, st.heads_keep or 1.0
+    q_o = min(2 * f.hidden * f.hidden, attn)
+    new_layer = mlp * mlp_keep + (attn - q_o) + q_o * heads_keep
+    other_per_layer = f.other / max(f.layers, 1)
+    return replace(f, layers=layers, intermediate=int(f.intermediate * mlp_keep), linear=int(new_layer * layers),
+                   other=int(f.other - other_per_layer * dropped))
+
+
+def _after_quantize(f: Facts, st: QuantizeStage) -> Facts:
+    bits = {"w4a16": 4, "w8a16": 8, "w8a8": 8, "fp8": 8}[st.scheme]
+    group = st.group_size
+    if st.scheme == "w4a16" and group in (None, "auto"):
+        group = next((g for g in (128, 64, 32, 16) if f.hidden % g == 0 and f.intermediate % g == 0), None)
+    per_group = (16 + (0 if st.symmetric else 8)) / group if isinstance(group, int) else 0.0
+    return replace(f, linear_bits=bits + per_group)
+
+
+def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePlan, Facts]:
+    model = f.bytes_in_memory
+    if isinstance(st, QuantizeStage):
+        tokens = 0 if st.method == "rtn" else st.samples * st.seq_len
+        seconds = 0.1 * f.linear / 1e6 + 3 * 2 * f.params * tokens / (gflops * 1e9)
+        after = _after_quantize(f, st)
+        return StagePlan(f"quantize {st.scheme} {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
+    if isinstance(st, PruneStage):
+        tokens = 0 if st.method == "magnitude" else st.samples * st.seq_len
+        seconds = 0.05 * f.linear / 1e6 + 3 * 2 * f.params * tokens / (gflops * 1e9)
+        after = _after_prune(f, st)
+        return StagePlan(f"prune {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
+    # distill: float32 student + gradients + AdamW moments of the trainable part, float32 teacher,
+    # and the activations of one micro-batch (logits of both models dominate on small models).
+    t = teacher or f
+    trainable = f.linear + f.other + (f.embed if st.train_embeddings else 0)
+    steps = st.steps or (max(1, -(-st.tokens // (st.batch_size * st.grad_accum * st.seq_len))) if st.tokens else 100)
+    tokens = st.batch_size * st.seq_len  # per micro-batch
+    logits = tokens * f.vocab * 4 * 8  # student and teacher logits, their log-softmaxes and gradients
+    layers_act = tokens * f.layers * (16 * f.hidden + 4 * f.intermediate) * 4 * (0.2 if st.gradient_checkpointing else 1.0)
+    attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
+    peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
+    flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
+    seconds = flops / (0.7 * gflops * 1e9) + 3 * 2 * (t.params + 2 * f.params) * 8192 / (gflops * 1e9)
+    ckpt = 16 * f.params  # float32 student + AdamW moments
+    return StagePlan("distill", seconds, int(peak), f, disk_bytes=ckpt), f
+
+
+def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path) -> Plan:
+    base = facts(src, recipe.dtype)
+    notes = []
+    if src.is_gguf and not any((cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*/config.json")):
+        notes.append("the GGUF is de-quantized to a cached Hugging Face checkpoint first")
+    gflops = _matmul_gflops()
+    f, plans, t_iter = base, [], iter(teachers)
+    for i, st in enumerate(recipe.stages):
+        teacher = None
+        if isinstance(st, DistillStage):
+            t_src = next(t_iter)
+            teacher = base if t_src == src else facts(t_src, "float32")
+        plan, f = _stage(st, f, teacher, gflops)
+        if i < len(recipe.stages) - 1:
+            plan.disk_bytes += f.bytes_on_disk  # kept under .OUT.partial/stages until the run ends
+        plans.append(plan)
+    output = f.bytes_on_disk
+    disk = output + max([p.disk_bytes for p in plans] + [0]) + sum(p.after.bytes_on_disk for p in plans[:-1])
+    probe = dest.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    return Plan(recipe.model, base, plans, output, disk, shutil.disk_usage(probe).free, psutil.virtual_memory().available, notes)
+
+
+def check(plan: Plan) -> None:
+    """Refuse a plan the machine cannot hold, before anything heavy runs."""
+    if plan.disk_bytes > plan.disk_free:
+        raise UsageError(f"not enough disk for this run: it needs about {plan.disk_bytes / MB:,.0f} MiB, {plan.disk_free / MB:,.0f} MiB are free")
+    if plan.peak_bytes > plan.memory_available:
+        raise UsageError(f"not enough memory for this run: its peak is about {plan.peak_bytes / MB:,.0f} MiB, "
+                         f"{plan.memory_available / MB:,.0f} MiB are available (lower samples, seq_len or batch_size)")
+
+
+def table(plan: Plan):
+    from rich.table import Table
+
+    t = Table(title=f"plan for {plan.model} ({plan.base.params / 1e6:.1f}M parameters, {plan.base.bytes_on_disk / MB:.0f} MiB)", title_justify="left")
+    for col in ("stage", "time (est.)", "peak memory (est.)", "parameters after", "weights after"):
+        t.add_column(col, justify="left" if col == "stage" else "right")
+    for s in plan.stages:
+        t.add_row(s.name, _secs(s.seconds), f"{s.peak_bytes / MB:,.0f} MiB", f"{s.after.params / 1e6:.1f}M", f"{s.after.bytes_on_disk / MB:,.1f} MiB")
+    return t
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"

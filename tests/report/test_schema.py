@@ -1,0 +1,15 @@
+"""The report's JSON is a contract: its fields change only with its schema_version."""
+
+import hashlib
+import json
+
+from compress.report.schema import SCHEMA_VERSION, Report
+
+# sha256 of the JSON schema of `Report` at this SCHEMA_VERSION. A change to the report's fields
+# fails here: bump SCHEMA_VERSION when a field changes meaning, then update the digest.
+DIGEST = {2: "08f8e12cbd1d6973db667da1afb17776365d884890f7a4ff8ed213390c87433f"}
+
+
+def test_schema_is_stable_for_its_version():
+    schema = json.dumps(Report.model_json_schema(), sort_keys=True)
+    assert hashlib.sha256(schema.encode()).hexdigest() == DIGEST[SCHEMA_VERSION]
