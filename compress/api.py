@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from compress.distill import stage as distill_stage
 from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
-from compress.eval.memory import PeakRSS
+from compress.eval.memory import PeakRSS, peak_rss
 from compress.eval.perplexity import token_windows
 from compress.formats import compressed_tensors as ct_format, sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
@@ -146,7 +145,7 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, dr
         task, layers = loaded.task, done.layers
         base_ckpt = loading.checkpoint_dir(src, recipe.dtype)  # the original, also when resuming
         del loaded  # the measurements reload from disk, in their own processes
-        run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        run_peak = peak_rss()
 
         base = result = None
         if spec.enabled:

@@ -26,6 +26,9 @@ IMPORTS = 400 * MB  # python + torch + transformers + compress, before the model
 # on SmolLM2-135M with 64 x 512 calibration tokens: benchmarks/RESULTS.md).
 WORKING = {"rtn": 0.25, "gptq": 1.0, "awq": 1.15, "smoothquant+gptq": 1.25, "smoothquant+rtn": 1.3,
            "magnitude": 0.25, "wanda": 1.0, "sparsegpt": 1.0, "structured": 1.0}
+# Model-sized matmuls run faster than the 512 x 512 probe `_matmul_gflops` times (fitted on the
+# SmolLM2-135M GPTQ and distill runs: 53 s and 469 s on 2 cores).
+EFFICIENCY = 1.2
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,13 @@ def facts(src: Source, dtype: str) -> Facts:
             return _gguf_facts(src.path, dtype)
         src = replace(src, path=cached)
     from compress.eval.size import headers
-    from compress.models.load import task_of
+    from compress.models.load import check_weights, task_of
 
-    cfg = json.loads((src.path / "config.json").read_text())
+    try:
+        cfg = json.loads((src.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{src.spec}: cannot read config.json ({exc})") from None
+    check_weights(src.path)  # a corrupt or truncated file is refused here, before its header is read
     head = headers(src.path)
     if not head:
         raise UsageError(f"{src.spec}: no safetensors weights to plan from")
@@ -152,6 +159,11 @@ def _matmul_gflops() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
 
 
+def _forward_seconds(params: int, tokens: int, gflops: float) -> float:
+    """A forward pass over `tokens` through `params` weights (2 flops per weight and token)."""
+    return 2 * params * tokens / (EFFICIENCY * gflops * 1e9)
+
+
 def _after_prune(f: Facts, st: PruneStage) -> Facts:
     if st.method != "structured":
         if st.storage == "sparse":
@@ -186,12 +198,14 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     model = f.bytes_in_memory
     if isinstance(st, QuantizeStage):
         tokens = 0 if st.method == "rtn" else st.samples * st.seq_len
-        seconds = 0.1 * f.linear / 1e6 + 3 * 2 * f.params * tokens / (gflops * 1e9)
+        search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
+        slower = 1.6 if st.method in ("awq", "smoothquant+gptq", "smoothquant+rtn") else 1.0  # their scale searches
+        seconds = search + slower * _forward_seconds(f.linear, tokens, gflops)
         after = _after_quantize(f, st)
         return StagePlan(f"quantize {st.scheme} {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
     if isinstance(st, PruneStage):
         tokens = 0 if st.method == "magnitude" else st.samples * st.seq_len
-        seconds = 0.05 * f.linear / 1e6 + 3 * 2 * f.params * tokens / (gflops * 1e9)
+        seconds = 0.05 * f.linear / 1e6 + _forward_seconds(f.linear, tokens, gflops)
         after = _after_prune(f, st)
         return StagePlan(f"prune {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
     # distill: float32 student + gradients + AdamW moments of the trainable part, float32 teacher,
@@ -205,7 +219,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
     peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
     flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
-    seconds = flops / (0.7 * gflops * 1e9) + 3 * 2 * (t.params + 2 * f.params) * 8192 / (gflops * 1e9)
+    seconds = flops / (EFFICIENCY * gflops * 1e9) + _forward_seconds(t.params + 2 * f.params, 8192, gflops)  # + held-out perplexities
     ckpt = 16 * f.params  # float32 student + AdamW moments
     return StagePlan("distill", seconds, int(peak), f, disk_bytes=ckpt), f
 

@@ -134,7 +134,7 @@ class DistillStage(Strict):
     kd_weight: float = Field(1.0, ge=0)
     hidden_weight: float = Field(0.0, ge=0)
     hidden_loss: Literal["mse", "cosine"] = "mse"
-    lm_weight: float = Field(0.0, ge=0)
+    lm_weight: float = Field(1.0, ge=0)
     train_embeddings: bool = False  # token embeddings (and a tied output layer) stay fixed unless set
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bfloat16 on GPUs that have it
     gradient_checkpointing: bool = False

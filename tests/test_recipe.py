@@ -119,7 +119,7 @@ def test_distill_stage_parses_and_round_trips(tmp_path):
     (("steps: 10", "steps: 0"), "r.yaml:7: stages.1.steps"),
     (("steps: 10", "stepz: 10"), "stages.1.stepz"),
     (("steps: 10", "loss: kl-div"), "stages.1.loss"),
-    (("steps: 10", "kd_weight: 0"), "nothing to train"),
+    (("steps: 10", "kd_weight: 0\n    lm_weight: 0"), "nothing to train"),
 ])
 def test_distill_stage_errors_name_the_field(tmp_path, change, needle):
     with pytest.raises(UsageError) as exc:

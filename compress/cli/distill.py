@@ -32,7 +32,7 @@ def distill(
     kd_weight: Annotated[float, typer.Option(help="Weight of the logit loss")] = 1.0,
     hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching (0: off)")] = 0.0,
     hidden_loss: Annotated[str, typer.Option(help="Hidden-state loss: mse | cosine")] = "mse",
-    lm_weight: Annotated[float, typer.Option(help="Weight of the plain next-token loss (0: off)")] = 0.0,
+    lm_weight: Annotated[float, typer.Option(help="Weight of the plain next-token loss (0: off)")] = 1.0,
     train_embeddings: Annotated[bool, typer.Option(help="Also train the token embeddings (and a tied output layer)")] = False,
     autocast: Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it) | bf16 | off")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass (less memory)")] = False,

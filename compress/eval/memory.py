@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import psutil
 
@@ -31,3 +33,21 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.bytes = max(self.bytes, self._proc.memory_info().rss)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes.
+
+    Linux: VmHWM, the high-water mark of this program's own memory. Not ru_maxrss: a process
+    started by fork + exec inherits its parent's high-water mark there, so a small measuring
+    process spawned by a large one would report the large one's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -7,12 +7,15 @@ import math
 import torch
 
 from compress.data.tokens import windows
+from compress.errors import UsageError
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """[N, L] windows; L is seq_len, or max_tokens when fewer tokens than one window are asked."""
+    seq_len = min(seq_len, max_tokens)
     out = windows(tokenizer, texts, seq_len, max_tokens)
     if len(out) == 0:
-        raise ValueError(f"evaluation text is shorter than one window of {seq_len} tokens")
+        raise UsageError(f"evaluation text is shorter than one window of {seq_len} tokens")
     return out
 
 

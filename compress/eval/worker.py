@@ -8,7 +8,6 @@ user gets, not our in-memory model.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compress.eval import embedding, latency, perplexity, size
+from compress.eval import embedding, latency, memory, perplexity, size
 from compress.formats import sparse
 from compress.report.schema import Latency, Measurement, Perplexity
 
@@ -51,7 +50,7 @@ def _measure(req: dict, load_from: Path) -> dict:
     if req["task"] == "causal-lm":
         windows = perplexity.token_windows(tok, texts, spec["seq_len"], spec["max_tokens"])
         ppl = perplexity.perplexity(model, windows)
-        out["perplexity"] = Perplexity(value=ppl, text=req["text_desc"], seq_len=spec["seq_len"], tokens=windows.numel()).model_dump()
+        out["perplexity"] = Perplexity(value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()).model_dump()
         if spec["latency"]:
             prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
             speed = latency.causal_lm(model, prompt, spec["new_tokens"])
@@ -75,7 +74,7 @@ def _measure(req: dict, load_from: Path) -> dict:
     out["weights_in_memory_bytes"] = sum(p.numel() * p.element_size() for p in params.values()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss_bytes"] = memory.peak_rss()
     return Measurement(**out).model_dump()
 
 

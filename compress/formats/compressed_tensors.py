@@ -70,6 +70,7 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
     if qc.get("quant_method") != "compressed-tensors":
         raise UsageError(f"{ckpt}: not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r})")
     config = QuantizationConfig.model_validate(qc)
+    config.quantization_status = QuantizationStatus.FROZEN  # as `config_for`: compressed again when saved
     if len(config.config_groups) != 1:
         raise UsageError(f"{ckpt}: {len(config.config_groups)} quantization groups; compress reads checkpoints with one")
     args = next(iter(config.config_groups.values())).weights

@@ -139,6 +139,7 @@ def load(
 
         grids = read_grids(ckpt)
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
     elif qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise UsageError(f"{source.spec} is already quantized ({method}); start from the original checkpoint")

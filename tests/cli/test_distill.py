@@ -38,7 +38,7 @@ def test_vocabulary_mismatch_is_refused_before_training(tiny_model, mismatched, 
 @pytest.mark.parametrize("args, needle", [
     (["--steps", "0"], "steps"),
     (["--loss", "mse"], "loss"),
-    (["--kd-weight", "0"], "nothing to train"),
+    (["--kd-weight", "0", "--lm-weight", "0"], "nothing to train"),
 ])
 def test_bad_options(tiny_model, tmp_path, args, needle):
     msg = assert_one_line_error(compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o", *args), 2)
@@ -131,3 +131,12 @@ evaluate: {{latency: false, max_tokens: 256}}
     t = distill["training"]
     assert t["student_perplexity_before"] > 0 and len(t["curve"]) == 3
     assert (tmp_path / "out" / "loss_curve.png").is_file() and "## Distillation" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tiny_model, tmp_path):
+    rep = json.loads(ok(compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o",
+                                 "--steps", "2", "--gradient-checkpointing", "--autocast", "bf16", "--hidden-weight", "0.5",
+                                 "--loss", "jsd", *FAST, "--no-eval", "--json")).stdout)
+    t = rep["stages"][0]["training"]
+    assert len(t["curve"]) == 2 and {"kd", "hidden", "lm"} <= set(t["curve"][0])
+    assert rep["stages"][0]["settings"]["gradient_checkpointing"] is True
