@@ -136,12 +136,11 @@ def run(recipe: Recipe, console: Console | None = None, resume: bool = False, dr
         if compressor is not None:
             compressor.update_config(str(tmp))  # + quantization_config
         if done.sparsity is not None:
-            sparse.record(tmp, {k: v for k, v in done.sparsity.items() if k != "densified_from"} | ({"storage": "dense", "format": "dense"} if compressor else {}))
+            sparse.record(tmp, sparse.carried(done.sparsity) | ({"storage": "dense", "format": "dense"} if compressor else {}))
             if done.sparse_storage:
                 sparse.compress_checkpoint(tmp, done.sparse_storage)
         loaded.tokenizer.save_pretrained(tmp)
-        loading.copy_sidecars(loaded.checkpoint, tmp)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        loading.copy_sidecars(loaded.checkpoint, tmp)  # recipe.yaml was written at the start (`_same_recipe`)
         task, layers = loaded.task, done.layers
         base_ckpt = loading.checkpoint_dir(src, recipe.dtype)  # the original, also when resuming
         del loaded  # the measurements reload from disk, in their own processes

@@ -41,7 +41,7 @@ def save(root: Path, i: int, kind: str, loaded, done: Done) -> None:
     loaded.model.save_pretrained(dest)
     loaded.tokenizer.save_pretrained(dest)
     if done.sparsity is not None:
-        sparse.record(dest, {k: v for k, v in done.sparsity.items() if k != "densified_from"} | {"storage": "dense"})
+        sparse.record(dest, sparse.carried(done.sparsity) | {"storage": "dense"})
     state = {"records": [r.model_dump(mode="json") for r in done.records], "layers": done.layers,
              "sparsity": done.sparsity, "sparse_storage": done.sparse_storage}
     (dest / "stage.json").write_text(json.dumps(state))

@@ -25,7 +25,6 @@ DEFAULT_STEPS = 100
 @dataclass
 class Outcome:
     quantized: dict | None = None  # linear name -> (integers, GridParams), for a quantized student
-    trained_linears: list[str] | None = None
 
 
 def accelerator_for(stage: DistillStage, device: str):
@@ -106,7 +105,6 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
 
         history = trainer.train(model, teacher.model, train, opts, accelerator, workdir / "checkpoints", resume, hmap,
                                 after_step=masks.apply if masks else (lambda: None), on_step=on_step)
-    model = accelerator.unwrap_model(model)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.get_input_embeddings().requires_grad_(True)
@@ -125,4 +123,4 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
     settings |= {"teacher": teacher_src.spec, "steps": steps, "hidden_map": hmap}
     record = StageRecord(stage="distill", settings=settings, layers=len(linears), ignored=[], seconds=time.perf_counter() - start,
                          calibration=train.description, training=training)
-    return record, Outcome(quantized, sorted(linears))
+    return record, Outcome(quantized)

@@ -14,6 +14,7 @@ import signal
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def train(
         for micro in range(layout.grad_accum):
             ids = micro_batch(data, layout, opts.seed, step, micro, rank).to(accelerator.device)  # [B, L]
             last = micro == layout.grad_accum - 1
-            with (accelerator.no_sync(model) if not last else _nothing()), accelerator.autocast():
+            with (accelerator.no_sync(model) if not last else nullcontext()), accelerator.autocast():
                 parts = step_losses(model, teacher, ids, opts, hidden_map)
                 accelerator.backward(parts["loss"] / layout.grad_accum)
             for k, v in parts.items():
@@ -141,14 +142,6 @@ def train(
     history.seconds += time.perf_counter() - began
     model.eval()
     return history
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _mean_over_processes(accelerator, value: float) -> float:

@@ -92,6 +92,12 @@ def is_sparse(path: Path) -> bool:
     return (info(path) or {}).get("storage") == "sparse"
 
 
+def carried(sparsity: dict) -> dict:
+    """What a checkpoint written from a sparse input records of its sparsity (not where a
+    densified copy came from)."""
+    return {k: v for k, v in sparsity.items() if k != "densified_from"}
+
+
 def record(path: Path, sparsity: dict) -> None:
     """Add the sparsity block to a written checkpoint's config.json."""
     cfg_file = path / "config.json"
