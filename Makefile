@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/prune.py
 	$(PY) benchmarks/distill.py
 	$(PY) benchmarks/recipes.py
+	$(PY) benchmarks/export.py
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,
 # used by benchmarks/quantize_calibrated.py and benchmarks/prune.py for side-by-side runs.

@@ -73,3 +73,30 @@ def tiny_model(tmp_path_factory, smollm2_dir, minilm_dir):
         return dest
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_model, tmp_path_factory):
+    """Factory: (arch, scheme, group_size) -> a compress checkpoint of a tiny random model
+    (scheme None: the tiny model itself)."""
+    from rich.console import Console
+
+    from compress import api
+    from compress.recipe import validate
+
+    quiet = Console(file=open(os.devnull, "w"))
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str, scheme: str | None, group_size="auto") -> Path:
+        if scheme is None:
+            return tiny_model(arch)
+        key = (arch, scheme, group_size)
+        if key not in made:
+            out = tmp_path_factory.mktemp("q") / f"{arch}-{scheme}-{group_size}"
+            recipe = validate({"model": str(tiny_model(arch)), "output": str(out), "evaluate": {"enabled": False},
+                               "stages": [{"stage": "quantize", "scheme": scheme, "group_size": group_size}]})
+            api.run(recipe, quiet)
+            made[key] = out
+        return made[key]
+
+    return make

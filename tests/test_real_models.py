@@ -113,3 +113,73 @@ def test_minilm_embeddings_stay_close(tmp_path, scheme, min_cos):
     sim = report["result"]["similarity"]
     assert sim["mean"] >= min_cos and sim["texts"] >= 100
     assert report["result"]["bytes_on_disk"] < report["base"]["bytes_on_disk"]
+
+
+def _exact_torch(out):
+    from compress.export.onnx_export import exact_reference
+    from compress.export.stored import read
+    from compress.models.load import load
+    from compress.models.source import resolve
+
+    loaded = load(resolve(str(out)), dtype="float32", quantized=True)
+    exact_reference(loaded, read(loaded.checkpoint))
+    return loaded
+
+
+def _windows(tokenizer, n=2, length=512):
+    from compress.data.text import builtin
+    from compress.eval.perplexity import token_windows
+
+    return token_windows(tokenizer, builtin("evaluation").texts, length, n * length)
+
+
+def test_smollm2_onnx_export_matches_pytorch(smol_runs, tmp_path):
+    """Issue 7: the w4a16 export's greedy tokens equal PyTorch's on the same integers, and its
+    perplexity is within 1% of the checkpoint's in PyTorch."""
+    from compress.eval.perplexity import perplexity
+    from compress.runtime import ort
+
+    out, _ = smol_runs["w4a16"]
+    info = json.loads(run_cli("export", out, "-o", tmp_path / "onnx", "--json").stdout)
+    assert info["nbits_layers"] == 30 * 4 and info["accuracy_level"] == 0
+    assert info["check"]["greedy_equal"] == 16 and info["check"]["top1_agreement"] == 1.0
+    loaded = _exact_torch(out)
+    windows = _windows(loaded.tokenizer)
+    ref = perplexity(loaded.model, windows)
+    got = ort.perplexity(ort.OrtDecoder(ort.session(tmp_path / "onnx" / "model.onnx")), [w.numpy() for w in windows])
+    assert got == pytest.approx(ref, rel=0.01)
+    # smaller than the fp32 weights it replaces: int4 layers, fp32 embedding shared with the output layer
+    assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 0.4 * 4 * 134.5e6
+
+
+def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
+    """Issue 7: the w8a16 GGUF reads back with the same tensors; llama.cpp (when installed)
+    scores text within 1% of PyTorch."""
+    import numpy as np
+
+    from compress.runtime import llama_cpp
+
+    out, _ = smol_runs["w8a16"]
+    run_cli("export", out, "-f", "gguf", "-o", tmp_path / "gguf")
+    info = json.loads((tmp_path / "gguf" / "export.json").read_text())
+    assert info["exact"] == 30 * 7 and info["requantized"] == 0 and info["types"]["Q8_0"] == 30 * 7
+    assert info["check"]["verdict"] == "every exact tensor identical"
+    if not llama_cpp.available():
+        pytest.skip("llama-cpp-python not installed: file checked, not run")
+    loaded = _exact_torch(out)
+    windows = _windows(loaded.tokenizer)
+    dec = llama_cpp.LlamaCppDecoder(tmp_path / "gguf" / "model.gguf", threads=2, n_ctx=512, logits_all=True)
+    try:
+        got = np.exp(np.concatenate([-dec.logprobs(w.tolist()) for w in windows]).mean())
+    finally:
+        dec.close()
+    from compress.eval.perplexity import perplexity
+
+    assert got == pytest.approx(perplexity(loaded.model, windows), rel=0.01)
+
+
+def test_minilm_onnx_export(tmp_path):
+    run_cli("quantize", "minilm-l6", "-o", tmp_path / "q", "--scheme", "w8a16", "--no-eval")
+    info = json.loads(run_cli("export", tmp_path / "q", "-o", tmp_path / "onnx", "--accuracy-level", "0", "--json").stdout)
+    assert info["task"] == "encoder" and info["nbits_layers"] == 6 * 4
+    assert info["check"]["min_cosine"] > 0.9999

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from compress import heap
-from compress.cli import distill, eval as eval_cmd, prune, quantize, report, run  # noqa: E402
+from compress.cli import bench, distill, eval as eval_cmd, export, prune, quantize, report, run  # noqa: E402
 from compress.errors import CompressError
 
 app = typer.Typer(
@@ -31,6 +31,8 @@ app.command("distill")(distill.distill)
 app.command("eval")(eval_cmd.evaluate)
 app.command("run")(run.run)
 app.command("report")(report.report)
+app.command("export")(export.export)
+app.command("bench")(bench.bench)
 
 
 def _quiet_libraries() -> None:

@@ -43,27 +43,17 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def causal_lm(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict[str, float]:
-    """prompt: [1, P]. Returns tokens/s for prefill (P tokens) and decode (new_tokens steps)."""
-    prompt = prompt.to(next(model.parameters()).device)
+    """prompt: [1, P]. Tokens/s for prefill (P tokens) and decode (new_tokens steps), with the
+    greedy protocol `compress bench` uses on every runtime (runtime/loop.py)."""
+    from compress.runtime import loop
+    from compress.runtime.torch_decoder import TorchDecoder
 
-    def prefill():
-        return model(prompt, use_cache=True)
-
-    def decode():
-        out = prefill()
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - start
-
-    prefill()  # warm-up
-    pre = statistics.median(_timed(prefill) for _ in range(rounds))
-    dec = statistics.median(decode() for _ in range(rounds))
-    return {"prefill_tokens_per_s": prompt.shape[1] / pre, "decode_tokens_per_s": new_tokens / dec}
+    dec = TorchDecoder(model, kernel="")
+    ids = prompt.cpu().numpy()
+    loop.one_round(dec, ids, min(new_tokens, 8))  # warm-up
+    t = loop.median([loop.one_round(dec, ids, new_tokens) for _ in range(rounds)])
+    return {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s}
 
 
 @torch.no_grad()

@@ -86,6 +86,16 @@ def test_prune_command_2_4_sparse_storage_reads_back(tiny_model, tmp_path):
     assert n_of_m_holds(w, 2, 4)
     assert json.loads((q / "config.json").read_text())["compress_sparsity"]["pattern"] == "2:4"
 
+    # and export reads the sparse storage: the ONNX graph holds the 2:4 weights, matching PyTorch
+    import onnx
+    from onnx import numpy_helper
+
+    proc = compress("export", out, "-o", tmp_path / "onnx", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["check"]["greedy_equal"] == 16
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    assert n_of_m_holds(torch.from_numpy(inits["model.layers.0.mlp.down_proj.weight"].T.copy()), 2, 4)
+
 
 def test_prune_then_quantize_recipe_keeps_sparsity(tiny_model, tmp_path):
     import yaml

@@ -1,0 +1,74 @@
+"""`compress export MODEL --format onnx|gguf [-o DIR]`: a checkpoint for ONNX Runtime or llama.cpp."""
+
+from __future__ import annotations
+
+import json as jsonlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+
+from compress.cli.common import AllowPickle, Json, Overwrite, err, out
+from compress.errors import UsageError
+from compress.formats.atomic import atomic_dir, check_output
+from compress.models import load as loading, source as sources
+
+
+def export(
+    model: Annotated[str, typer.Argument(help="Checkpoint written by compress (or any HF checkpoint / built-in alias)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | gguf")] = "onnx",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write (default: MODEL-onnx / MODEL-gguf)")] = None,
+    accuracy_level: Annotated[Optional[int], typer.Option(help="ONNX MatMulNBits: 0 = float32 math on our exact weights, 4 = int8 activations inside the kernel (faster, not exact). Default: 0 for 4-bit, 4 for 8-bit (ONNX Runtime's 8-bit float path is slower than float32)")] = None,
+    lm_head_bits: Annotated[Optional[int], typer.Option(help="ONNX: also quantize the output layer (round to nearest, blocks of 32) to 4 or 8 bits")] = None,
+    threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    json: Json = False,
+) -> None:
+    """Export for CPU/edge runtimes, carrying the quantized integers over, and check the result."""
+    if format not in ("onnx", "gguf"):
+        raise UsageError(f"--format must be onnx or gguf, got {format!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise UsageError(f"--accuracy-level must be 0..4, got {accuracy_level}")
+    if lm_head_bits not in (None, 4, 8):
+        raise UsageError(f"--lm-head-bits must be 4 or 8, got {lm_head_bits}")
+    if lm_head_bits and format != "onnx":
+        raise UsageError("--lm-head-bits applies to --format onnx")
+    src = sources.resolve(model, allow_pickle)
+    dest = output or Path(f"{src.path.name.removesuffix('.gguf')}-{format}")
+    check_output(dest, overwrite, [src.path])
+    threads = threads or torch.get_num_threads()
+    err.print(f"loading {model} ...")
+    loaded = loading.load(src, dtype="float32", allow_pickle=allow_pickle, quantized=True)
+    with atomic_dir(dest, overwrite) as tmp:
+        err.print(f"exporting to {format} ...")
+        if format == "onnx":
+            from compress.export import onnx_decoder, onnx_export
+
+            done = onnx_export.export(loaded, tmp, onnx_decoder.Options(accuracy_level, lm_head_bits), threads)
+            summary = onnx_export._jsonable(done)
+        else:
+            from compress.export import gguf_export
+
+            summary = asdict(gguf_export.export(loaded, tmp))
+    summary["path"] = str(dest)
+    if json:
+        typer.echo(jsonlib.dumps(summary, indent=2))
+        return
+    for note in summary.get("notes", []):
+        err.print(f"note: {note}")
+    out.print(_summary_line(format, summary))
+    out.print(f"written to {dest}")
+
+
+def _summary_line(format: str, s: dict) -> str:
+    c = s["check"]
+    if format == "gguf":
+        return (f"GGUF: {s['tensors']} tensors ({s['exact']} carried over exactly, {s['requantized']} re-quantized); "
+                f"read back: {c['verdict']}")
+    agree = (f"next-token agreement {c['top1_agreement']:.1%}, greedy {c['greedy_equal']}/{c['greedy_of']} tokens equal"
+             if c["top1_agreement"] is not None else f"lowest hidden-state cosine {c['min_cosine']:.6f}")
+    return (f"ONNX: {s['nbits_layers']} MatMulNBits + {s['float_layers']} float matmuls (accuracy_level {s['accuracy_level']}); "
+            f"check vs PyTorch on {c['tokens']} tokens: max |logit diff| {c['max_abs_logit_diff']:.3g}, {agree}")

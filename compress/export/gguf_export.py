@@ -1,0 +1,261 @@
+"""Export a Llama-family checkpoint to GGUF (llama.cpp) with the `gguf` package.
+
+Where our grid is exactly a GGUF block type the values carry over: symmetric int8 with
+groups that are multiples of 32 (or per channel) is Q8_0 (scale d, 32 int8), symmetric int4
+likewise is Q4_0 (d, 32 codes q + 8); a group of 64 is two blocks with the same d. The
+block scale d is float16, so a stored scale that float16 cannot hold exactly is rounded:
+counted and reported. Anything else (fp8, asymmetric grids, groups that are not multiples
+of 32) is re-quantized to Q8_0 from its de-quantized values, with the error it costs.
+Unquantized weights keep their dtype (bf16/f16/f32); norms are f32.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import UsageError
+from compress.export.stored import StoredLinear, read
+from compress.models.load import Loaded
+
+FILE = "model.gguf"
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.N
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+@dataclass
+class GgufCheck:
+    verdict: str
+    tensors_compared: int
+    max_abs_diff_exact: float  # over the tensors carried over exactly: 0 when the read-back matches
+    requantized_rel_error: float | None  # ||W_gguf - W|| / ||W|| over the re-quantized ones
+
+
+@dataclass
+class GgufExported:
+    path: str
+    tensors: int
+    exact: int  # quantized linears carried over as GGUF blocks
+    requantized: int
+    rounded_scales: int  # block scales float16 could not hold exactly
+    types: dict[str, int]
+    check: GgufCheck
+    notes: list[str] = field(default_factory=list)
+
+
+def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Llama rotary pairs dims (2i, 2i+1); transformers pairs (i, i + d/2): reorder
+    q/k rows the way llama.cpp's converter does. Rows move whole, so blocks along K stay intact."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def q_blocks(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """q [N, K] int8, scale [N, K/32] float32 -> Q8_0 / Q4_0 bytes [N, K/32 * block bytes], and
+    how many scales float16 rounded."""
+    n, k = q.shape
+    d = scale.astype(np.float16)
+    rounded = int((d.astype(np.float32) != scale).sum())
+    qb = q.reshape(n, k // 32, 32)
+    if bits == 8:
+        body = qb.view(np.uint8)
+    else:  # Q4_0: byte j holds element j (low nibble) and element j + 16 (high nibble)
+        u = (qb.astype(np.int16) + 8).astype(np.uint8)
+        body = u[..., :16] | (u[..., 16:] << 4)
+    blocks = np.concatenate([d.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2), body], axis=-1)
+    return blocks.reshape(n, -1), rounded
+
+
+def exact_type(w: StoredLinear) -> str | None:
+    """The GGUF type our grid is exactly, or None."""
+    k = w.q.shape[1]
+    if w.kind != "int" or not w.symmetric or w.bits not in (4, 8) or k % 32:
+        return None
+    if w.group_size is not None and w.group_size % 32:
+        return None
+    return "Q8_0" if w.bits == 8 else "Q4_0"
+
+
+def export(loaded: Loaded, dest: Path) -> GgufExported:
+    import gguf
+
+    model, cfg = loaded.model, loaded.model.config
+    arch = ARCHS.get(getattr(cfg, "model_type", ""))
+    if loaded.task != "causal-lm" or arch is None:
+        raise UsageError(f"GGUF export supports decoders of type {', '.join(ARCHS)}; this model is {getattr(cfg, 'model_type', '?')!r}")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise UsageError(f"GGUF export: rope type {rope.get('rope_type')!r} is not mapped yet")
+    stored = read(loaded.checkpoint)
+    src_dtype = json.loads((loaded.checkpoint / "config.json").read_text()).get("dtype", "float32")
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+    w = gguf.GGUFWriter(str(dest / FILE), arch)
+    w.add_name(loaded.checkpoint.name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    _tokenizer(w, loaded.checkpoint)
+
+    out = GgufExported(str(dest / FILE), 0, 0, 0, 0, {}, GgufCheck("", 0, 0.0, None))
+    expected: dict[str, tuple[np.ndarray, bool]] = {}  # GGUF name -> (float32 weights, exact)
+
+    def add(name: str, hf: str, permute_heads: int | None = None) -> None:
+        if hf in stored:
+            arr, kind, exact = _quantized(stored[hf], permute_heads, out)
+        else:
+            t = model.get_submodule(hf).weight.detach() if not hf.endswith(".weight") else _param(model, hf)
+            arr, kind, exact = _plain(t, src_dtype, permute_heads)
+        if kind in ("F32", "F16"):
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        out.tensors += 1
+        out.types[kind] = out.types.get(kind, 0) + 1
+        ref = stored[hf].dequantized().numpy() if hf in stored else _param_or_module(model, hf)
+        expected[name] = (_permute_rows(ref, permute_heads) if permute_heads else ref, exact)
+
+    add("token_embd.weight", "model.embed_tokens.weight")
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in LAYER_NAMES.items():
+            full = f"model.layers.{i}.{hf}"
+            perm = {"attn_q": heads, "attn_k": kv_heads}.get(name) if arch == "llama" else None
+            if name.endswith("norm"):
+                w.add_tensor(f"blk.{i}.{name}.weight", _param(model, f"{full}.weight").float().numpy())
+                out.tensors += 1
+                continue
+            add(f"blk.{i}.{name}.weight", full, perm)
+            bias = model.get_submodule(full).bias
+            if bias is not None:
+                w.add_tensor(f"blk.{i}.{name}.bias", bias.detach().float().numpy())
+                out.tensors += 1
+    w.add_tensor("output_norm.weight", _param(model, "model.norm.weight").float().numpy())
+    out.tensors += 1
+    head = model.get_output_embeddings()
+    if head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        add("output.weight", next(n for n, m in model.named_modules() if m is head))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out.check = read_back(dest / FILE, expected)
+    if out.requantized:
+        out.notes.append(f"{out.requantized} quantized linears have no exact GGUF type; re-quantized to Q8_0 "
+                         f"(relative weight error {out.check.requantized_rel_error:.2e})")
+    if out.rounded_scales:
+        out.notes.append(f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)")
+    out.notes.append("tokenizer.ggml.pre is 'default': llama.cpp may split some raw text differently from the HF tokenizer")
+    (dest / "export.json").write_text(json.dumps(_asdict(out), indent=2) + "\n")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (loaded.checkpoint / f).is_file():
+            (dest / f).write_bytes((loaded.checkpoint / f).read_bytes())
+    return out
+
+
+def _quantized(s: StoredLinear, permute_heads: int | None, out: GgufExported) -> tuple[np.ndarray, str, bool]:
+    kind = exact_type(s)
+    if kind is not None:
+        scale = np.repeat(s.scale.numpy(), (s.group_size or s.q.shape[1]) // 32, axis=1)
+        q = s.q.numpy()
+        if permute_heads:
+            q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
+        blocks, rounded = q_blocks(q, scale, s.bits)
+        out.exact += 1
+        out.rounded_scales += rounded
+        return blocks, kind, rounded == 0
+    import gguf
+
+    dense = s.dequantized().numpy()
+    if permute_heads:
+        dense = _permute_rows(dense, permute_heads)
+    if dense.shape[1] % 32:
+        out.requantized += 1
+        return dense, "F32", False
+    out.requantized += 1
+    return gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0), "Q8_0", False
+
+
+def _plain(t: torch.Tensor, src_dtype: str, permute_heads: int | None) -> tuple[np.ndarray, str, bool]:
+    arr = t.float().numpy()
+    if permute_heads:
+        arr = _permute_rows(arr, permute_heads)
+    if src_dtype == "bfloat16":  # the checkpoint's own values, exactly
+        import gguf
+
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), "BF16", True
+    if src_dtype == "float16":
+        return arr.astype(np.float16), "F16", True
+    return arr, "F32", True
+
+
+def read_back(path: Path, expected: dict[str, tuple[np.ndarray, bool]]) -> GgufCheck:
+    """Read the file with gguf's reader, de-quantize every weight and compare with ours."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    worst, num, den, n = 0.0, 0.0, 0.0, 0
+    for t in reader.tensors:
+        if t.name not in expected:
+            continue
+        ref, exact = expected[t.name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape).astype(np.float32)
+        n += 1
+        if exact:
+            worst = max(worst, float(np.abs(got - ref).max()))
+        else:
+            num += float(((got - ref) ** 2).sum())
+            den += float((ref**2).sum())
+    if n != len(expected):
+        return GgufCheck(f"FAILED: {len(expected) - n} weights missing from the file", n, worst, None)
+    verdict = "every exact tensor identical" if worst == 0 else f"FAILED: exact tensors differ by up to {worst:.3g}"
+    return GgufCheck(verdict, n, worst, (num / den) ** 0.5 if den else None)
+
+
+def _tokenizer(w, ckpt: Path) -> None:
+    import gguf
+
+    try:
+        vocab = gguf.vocab.BpeVocab(ckpt)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"GGUF export needs a byte-level BPE tokenizer (tokenizer.json) beside the weights: {exc}") from None
+    tokens, types = [], []
+    for text, _score, ttype in vocab.all_tokens():
+        tokens.append(text)
+        types.append(ttype)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(ckpt, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    return dict(model.named_parameters(remove_duplicate=False))[name].detach()
+
+
+def _param_or_module(model: torch.nn.Module, name: str) -> np.ndarray:
+    if name.endswith(".weight"):
+        return _param(model, name).float().numpy()
+    return model.get_submodule(name).weight.detach().float().numpy()
+
+
+def _asdict(out: GgufExported) -> dict:
+    from dataclasses import asdict
+
+    return asdict(out)

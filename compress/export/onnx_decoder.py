@@ -1,0 +1,227 @@
+"""A Llama-family decoder with KV cache as an ONNX graph for ONNX Runtime's CPU kernels.
+
+Inputs and outputs use the names decoder tooling expects:
+    input_ids [B, S], attention_mask [B, T], position_ids [B, S],
+    past_key_values.{i}.key/value [B, kv_heads, P, head_dim]  (T = P + S)
+    -> logits [B, S, V], present.{i}.key/value [B, kv_heads, T, head_dim]
+Per layer: SimplifiedLayerNormalization (RMSNorm, fused with the residual add), q/k/v as one
+matmul, RotaryEmbedding at position_ids, GroupQueryAttention (causal, KV cache), o_proj,
+gate/up as one matmul, SiLU, down_proj. Quantized linears are `MatMulNBits` with the
+checkpoint's own integers; the rest is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from compress.errors import UsageError
+from compress.export.onnx_graph import (
+    FLOAT,
+    INT64,
+    MS,
+    Graph,
+    NBits,
+    concat_nbits,
+    matmul_dense,
+    matmul_nbits,
+    nbits_block,
+    nbits_from_stored,
+    rtn_nbits,
+)
+from compress.export.stored import StoredLinear
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class Options:
+    accuracy_level: int | None = None  # MatMulNBits: 0/1 float32 math (exact), 4 int8 activations; None: see `resolved`
+    lm_head_bits: int | None = None  # quantize the output layer (round to nearest) to 4 or 8 bits
+
+
+@dataclass
+class Linear:
+    """What one (or several fused) linear layers become: packed integers or a float matrix."""
+
+    nbits: NBits | None
+    dense: np.ndarray | None  # [N, K]
+    bias: np.ndarray | None
+
+
+def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
+    """The accuracy level when none is asked: 0 (exact) for 4-bit weights; 4 for 8-bit ones,
+    whose float32 path in ONNX Runtime 1.31 runs slower than a float32 MatMul (measured:
+    benchmarks/export.py), while level 4's int8 kernels run faster."""
+    if opts.accuracy_level is not None:
+        return opts
+    bits = {w.bits for w in stored.values() if w.kind == "int"}
+    return Options(4 if bits == {8} else 0, opts.lm_head_bits)
+
+
+def check_supported(config) -> None:
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED:
+        raise UsageError(f"ONNX export supports decoders of type {', '.join(SUPPORTED)}; this model is {kind!r}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UsageError(f"ONNX export supports SiLU MLPs; this model uses {config.hidden_act!r}")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise UsageError("ONNX export supports rotary embeddings over the full head; this model uses a partial one")
+    if getattr(config, "mlp_bias", False):
+        raise UsageError("ONNX export does not support MLP biases")
+
+
+def _linear(model: torch.nn.Module, stored: dict[str, StoredLinear], name: str) -> Linear:
+    module = model.get_submodule(name)
+    bias = None if module.bias is None else module.bias.detach().float().numpy()
+    if name in stored:
+        nb = nbits_from_stored(stored[name])
+        if nb is not None:
+            return Linear(nb, None, bias)
+        return Linear(None, stored[name].dequantized().numpy(), bias)
+    return Linear(None, module.weight.detach().float().numpy(), bias)
+
+
+def _fused(parts: list[Linear]) -> Linear | None:
+    """One matmul for linears that read the same input, when their storage agrees."""
+    biases = [p.bias for p in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    bias = None if biases[0] is None else np.concatenate(biases)
+    if all(p.nbits is not None for p in parts):
+        nb = concat_nbits([p.nbits for p in parts])
+        return None if nb is None else Linear(nb, None, bias)
+    if all(p.dense is not None for p in parts):
+        return Linear(None, np.concatenate([p.dense for p in parts]), bias)
+    return None
+
+
+def _apply(g: Graph, x: str, name: str, lin: Linear, opts: Options) -> str:
+    if lin.nbits is not None:
+        return matmul_nbits(g, x, name, lin.nbits, opts.accuracy_level, lin.bias)
+    return matmul_dense(g, x, name, lin.dense, lin.bias)
+
+
+def _projections(g: Graph, x: str, name: str, lins: list[Linear], opts: Options) -> list[str]:
+    fused = _fused(lins)
+    if fused is None:
+        return [_apply(g, x, f"{name}.{i}", lin, opts) for i, lin in enumerate(lins)]
+    y = _apply(g, x, name, fused, opts)
+    sizes = [lin.nbits.n if lin.nbits is not None else lin.dense.shape[0] for lin in lins]
+    return g.op("Split", [y, g.const(f"{name}.split", np.array(sizes, dtype=np.int64))], outs=len(lins), axis=-1)
+
+
+def rotary_caches(model: torch.nn.Module, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim/2] from the model's own rotary module, so every RoPE
+    variant transformers implements (base, scaling, attention factor) carries over."""
+    rope = model.model.rotary_emb
+    pos = torch.arange(max_positions).unsqueeze(0)
+    with torch.no_grad():
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options) -> onnx.ModelProto:
+    cfg = model.config
+    check_supported(cfg)
+    n_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    eps = float(cfg.rms_norm_eps)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    max_pos = int(getattr(cfg, "max_position_embeddings", 4096))
+
+    g = Graph()
+    ids = g.input("input_ids", INT64, ["batch", "seq"])
+    mask = g.input("attention_mask", INT64, ["batch", "total"])
+    pos = g.input("position_ids", INT64, ["batch", "seq"])
+    pasts = [
+        (
+            g.input(f"past_key_values.{i}.key", FLOAT, ["batch", kv_heads, "past", head_dim]),
+            g.input(f"past_key_values.{i}.value", FLOAT, ["batch", kv_heads, "past", head_dim]),
+        )
+        for i in range(n_layers)
+    ]
+    embed = g.const("model.embed_tokens.weight", model.get_input_embeddings().weight.detach().float().numpy())
+    cos, sin = rotary_caches(model, max_pos)
+    cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
+
+    # GroupQueryAttention's lengths: index of each row's last token, and the total length.
+    one = g.const("one_i64", np.array(1, dtype=np.int64))
+    summed = g.op("ReduceSum", [mask, g.const("axis1", np.array([1], dtype=np.int64))], keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [summed, one])], to=onnx.TensorProto.INT32)
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), one], axis=0)], to=onnx.TensorProto.INT32)
+
+    x = g.op("Gather", [embed, ids], axis=0)  # [B, S, H]
+    residual, pending = x, None  # pending: the block output still to be added to the residual
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        ln1 = g.const(f"{p}.input_layernorm.weight", _vec(model, f"{p}.input_layernorm"))
+        if pending is None:
+            h = g.op("SimplifiedLayerNormalization", [residual, ln1], axis=-1, epsilon=eps, stash_type=1)
+        else:
+            h, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, ln1], outs="x--x", domain=MS, epsilon=eps)
+
+        qkv = [_linear(model, stored, f"{p}.self_attn.{n}_proj") for n in "qkv"]
+        q, k, v = _projections(g, h, f"{p}.self_attn.qkv_proj", qkv, opts)
+        q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS, interleaved=0, num_heads=heads)
+        k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS, interleaved=0, num_heads=kv_heads)
+        attn, pk, pv = g.op(
+            "GroupQueryAttention",
+            [q, k, v, *pasts[i], seqlens_k, total],
+            outs=3,
+            domain=MS,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=float(head_dim**-0.5),
+            local_window_size=int(window) if window else -1,
+        )
+        g.output(pk, f"present.{i}.key", FLOAT, ["batch", kv_heads, "total", head_dim])
+        g.output(pv, f"present.{i}.value", FLOAT, ["batch", kv_heads, "total", head_dim])
+        attn = _apply(g, attn, f"{p}.self_attn.o_proj", _linear(model, stored, f"{p}.self_attn.o_proj"), opts)
+
+        ln2 = g.const(f"{p}.post_attention_layernorm.weight", _vec(model, f"{p}.post_attention_layernorm"))
+        h, residual = g.op("SkipSimplifiedLayerNormalization", [attn, residual, ln2], outs="x--x", domain=MS, epsilon=eps)
+        gate_up = [_linear(model, stored, f"{p}.mlp.{n}_proj") for n in ("gate", "up")]
+        gate, up = _projections(g, h, f"{p}.mlp.gate_up_proj", gate_up, opts)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+        pending = _apply(g, act, f"{p}.mlp.down_proj", _linear(model, stored, f"{p}.mlp.down_proj"), opts)
+
+    norm = g.const("model.norm.weight", _vec(model, "model.norm"))
+    h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm], outs=1, domain=MS, epsilon=eps)
+    g.output(_lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts), "logits", FLOAT, ["batch", "seq", vocab])
+    return g.model(f"{cfg.model_type}-decoder")
+
+
+def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
+    """The output layer rounded to nearest on `bits`, blocks of 32 (when they fit)."""
+    w = model.get_output_embeddings().weight.detach().float().numpy()
+    block = 32 if w.shape[1] % 32 == 0 else nbits_block(w.shape[1], None)
+    if block is None:
+        raise UsageError(f"--lm-head-bits: no MatMulNBits block length divides the hidden size {w.shape[1]}")
+    return rtn_nbits(w, bits, block)
+
+
+def _lm_head(g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options) -> str:
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    if opts.lm_head_bits:
+        return matmul_nbits(g, h, "lm_head", quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level)
+    if name in stored:
+        return _apply(g, h, "lm_head", _linear(model, stored, name), opts)
+    tied = head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    weight = embed if tied else g.const("lm_head.weight", head.weight.detach().float().numpy())
+    # Gemm reads the [V, H] matrix transposed in place: a tied output layer shares the embedding.
+    flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], dtype=np.int64))])
+    logits = g.op("Gemm", [flat, weight], transB=1)
+    bs = g.op("Slice", [g.op("Shape", [ids]), g.const("zero1", np.array([0], dtype=np.int64)), g.const("two1", np.array([2], dtype=np.int64))])
+    shape = g.op("Concat", [bs, g.const("vocab1", np.array([vocab], dtype=np.int64))], axis=0)
+    return g.op("Reshape", [logits, shape])
+
+
+def _vec(model: torch.nn.Module, name: str) -> np.ndarray:
+    return model.get_submodule(name).weight.detach().float().numpy()

@@ -1,0 +1,146 @@
+"""Export a checkpoint to ONNX (decoders with KV cache, encoders) and check the result against
+the PyTorch model loaded by our own transformers, on the exact weights the file carries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from compress.data import text as textdata
+from compress.data.tokens import windows
+from compress.errors import CompressError
+from compress.export import onnx_decoder, onnx_encoder, stored as stored_mod
+from compress.export.onnx_graph import dequantize_nbits, nbits_from_stored
+from compress.models.load import Loaded
+
+MODEL_FILE = "model.onnx"
+INLINE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside it
+CHECK_TOKENS = 64
+CHECK_NEW_TOKENS = 16
+
+
+@dataclass
+class Check:
+    tokens: int
+    max_abs_logit_diff: float
+    logit_scale: float
+    top1_agreement: float | None = None  # decoders: share of positions whose argmax matches PyTorch
+    greedy_equal: int | None = None  # decoders: leading greedy tokens equal to PyTorch's
+    greedy_of: int | None = None
+    min_cosine: float | None = None  # encoders: lowest cosine of a token's hidden state to PyTorch's
+
+
+@dataclass
+class Exported:
+    path: Path
+    task: str
+    nbits_layers: int  # linears as MatMulNBits
+    float_layers: int  # linears as float MatMul (unquantized, ignored, or no exact MatMulNBits form)
+    accuracy_level: int
+    lm_head_bits: int | None
+    check: Check
+    notes: list[str]
+
+
+def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear]) -> None:
+    """Put the stored grids' values, de-quantized in float32, into the loaded model: the
+    PyTorch side of every check then runs on exactly the weights the export carries."""
+    for name, w in stored.items():
+        loaded.model.get_submodule(name).weight.data = w.dequantized()
+
+
+def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options) -> onnx.ModelProto:
+    if loaded.task == "causal-lm":
+        return onnx_decoder.build(loaded.model, stored, opts)
+    return onnx_encoder.build(loaded.model, stored, opts)
+
+
+def write(model: onnx.ModelProto, dest: Path) -> None:
+    big = sum(t.ByteSize() for t in model.graph.initializer) > INLINE_LIMIT
+    onnx.save(model, str(dest / MODEL_FILE), save_as_external_data=big, location=f"{MODEL_FILE}.data" if big else None)
+
+
+def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int) -> Exported:
+    """Write DIR/model.onnx with the tokenizer and config beside it, then check it."""
+    stored = stored_mod.read(loaded.checkpoint)
+    opts = onnx_decoder.resolved(opts, stored)
+    exact_reference(loaded, stored)
+    graph = build(loaded, stored, opts)
+    if opts.lm_head_bits:  # the reference multiplies by the same rounded output layer (untied from the embedding)
+        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
+        loaded.model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(head)), requires_grad=False)
+    nbits = sum(1 for n in graph.graph.node if n.op_type == "MatMulNBits")
+    dense = sum(1 for n in graph.graph.node if n.op_type in ("MatMul", "Gemm"))
+    write(graph, dest)
+    del graph
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.txt", "chat_template.jinja"):
+        if (loaded.checkpoint / f).is_file():
+            shutil.copy2(loaded.checkpoint / f, dest / f)
+    notes = []
+    fp8 = [n for n, w in stored.items() if w.kind == "float"]
+    if fp8:
+        notes.append(f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or speed gain)")
+    other = [n for n, w in stored.items() if w.kind == "int" and nbits_from_stored(w) is None]
+    if other:
+        notes.append(f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their groups): float32")
+    if opts.accuracy_level == 4 and nbits:
+        notes.append("accuracy_level 4: MatMulNBits quantizes activations to int8 per block inside the kernel (faster, not bit-exact to the checkpoint)")
+    chk = check(loaded, dest / MODEL_FILE, threads)
+    exp = Exported(dest, loaded.task, nbits, dense - (1 if loaded.task == "causal-lm" and not opts.lm_head_bits else 0),
+                   opts.accuracy_level, opts.lm_head_bits, chk, notes)
+    _verify(exp)
+    (dest / "export.json").write_text(json.dumps(_jsonable(exp), indent=2) + "\n")
+    return exp
+
+
+def _verify(exp: Exported) -> None:
+    """An export that runs but computes something else is an error, not a file."""
+    c = exp.check
+    exact = exp.accuracy_level in (0, 1) or exp.nbits_layers == 0
+    if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
+        raise CompressError(f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})")
+    if c.top1_agreement is not None and c.top1_agreement < (0.99 if exact else 0.8):
+        raise CompressError(f"export check failed: only {c.top1_agreement:.0%} of next-token predictions match PyTorch")
+    if c.min_cosine is not None and c.min_cosine < (0.9999 if exact else 0.99):
+        raise CompressError(f"export check failed: hidden states differ from PyTorch (lowest cosine {c.min_cosine:.5f})")
+
+
+def check(loaded: Loaded, path: Path, threads: int) -> Check:
+    from compress.runtime import ort
+    from compress.runtime.loop import generate
+
+    ids = windows(loaded.tokenizer, textdata.builtin("evaluation").texts, CHECK_TOKENS, CHECK_TOKENS)
+    if len(ids) == 0:
+        raise CompressError("export check: the built-in text is shorter than one check window")
+    ids = ids[:1]  # [1, T]
+    sess = ort.session(path, threads)
+    if loaded.task == "causal-lm":
+        dec = ort.OrtDecoder(sess)
+        got, _ = dec.forward(ids.numpy())
+        with torch.no_grad():
+            ref = loaded.model(ids).logits.float().numpy()
+            want = loaded.model.generate(ids, max_new_tokens=CHECK_NEW_TOKENS, min_new_tokens=CHECK_NEW_TOKENS, do_sample=False)
+        greedy = generate(dec, ids.numpy(), CHECK_NEW_TOKENS)[0]
+        want = want[0, ids.shape[1]:].numpy()
+        equal = int(np.argmin(np.append(greedy == want, False)))
+        return Check(ids.shape[1], float(np.abs(got - ref).max()), float(np.abs(ref).max()),
+                     top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()), greedy_equal=equal, greedy_of=CHECK_NEW_TOKENS)
+    feed = onnx_encoder.feed(sess, ids.numpy())
+    got = sess.run(["last_hidden_state"], feed)[0]
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).last_hidden_state.float().numpy()
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    return Check(ids.shape[1], float(np.abs(got - ref).max()), float(np.abs(ref).max()), min_cosine=float(cos.min()))
+
+
+def _jsonable(exp: Exported) -> dict:
+    d = asdict(exp)
+    d["path"] = str(exp.path)
+    return d

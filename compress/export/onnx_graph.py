@@ -1,0 +1,167 @@
+"""A small ONNX graph builder and the one op our exports care most about: linear layers as
+float MatMul or as ONNX Runtime's `MatMulNBits` carrying our integers exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compress.export.stored import StoredLinear
+
+MS = "com.microsoft"
+NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block lengths ONNX Runtime's CPU kernels take
+
+
+class Graph:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._count = 0
+
+    def input(self, name: str, elem: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, value: str, name: str, elem: int, shape: list) -> None:
+        if value != name:
+            self.op("Identity", [value], out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outs: int | str = 1, out: str | None = None, domain: str = "", **attrs) -> str | list[str]:
+        """outs: how many outputs, or a pattern like "x--x" (x: wanted, -: optional, left out)."""
+        self._count += 1
+        base = f"/{op_type}_{self._count}"
+        if out:
+            names = [out]
+        elif isinstance(outs, str):
+            names = [f"{base}/out{i}" if c == "x" else "" for i, c in enumerate(outs)]
+        else:
+            names = [f"{base}/out{i}" for i in range(outs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=base, domain=domain or None, **attrs))
+        wanted = [n for n in names if n]
+        return wanted[0] if len(wanted) == 1 else wanted
+
+    def model(self, name: str, opset: int = 21) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.inits)
+        opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+        return helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="compress")
+
+
+@dataclass(frozen=True)
+class NBits:
+    """Weights for `MatMulNBits`: B [N, K/block, block*bits/8] uint8, scales [N * K/block]."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None  # uint8, None: the op's default 2**(bits-1) (symmetric)
+    bits: int
+    block: int
+    k: int
+    n: int
+
+
+def nbits_block(k: int, group_size: int | None) -> int | None:
+    """The MatMulNBits block for groups of `group_size` (None: one per row): a power of two
+    that divides the group, so each block has one scale and the values carry over exactly."""
+    group = group_size or k
+    return next((b for b in NBITS_BLOCKS if group % b == 0 and k % b == 0), None)
+
+
+def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int, block: int) -> NBits:
+    """q [N, K] signed ints on a grid with scale/zero_point [N, G] (G groups per row). The
+    op reads unsigned codes u = q + 2**(bits-1), two 4-bit codes per byte, low nibble first."""
+    n, k = q.shape
+    per_group = (k // scale.shape[1]) // block  # blocks per group
+    offset = 1 << (bits - 1)
+    u = (q.astype(np.int16) + offset).astype(np.uint8).reshape(n, k // block, block)
+    if bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    scales = np.repeat(scale.astype(np.float32), per_group, axis=1)  # [N, K/block]
+    zp = None
+    if zero_point is not None and np.any(zero_point):
+        codes = np.repeat((zero_point.astype(np.int16) + offset).astype(np.uint8), per_group, axis=1)
+        if bits == 4:
+            codes = np.pad(codes, ((0, 0), (0, codes.shape[1] % 2)), constant_values=offset)
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        zp = codes.reshape(-1)
+    return NBits(np.ascontiguousarray(u), scales.reshape(-1), zp, bits, block, k, n)
+
+
+def nbits_from_stored(w: StoredLinear) -> NBits | None:
+    """None when the stored grid has no exact MatMulNBits form (fp8, or no fitting block)."""
+    if w.kind != "int" or w.bits not in (4, 8):
+        return None
+    block = nbits_block(w.q.shape[1], w.group_size)
+    if block is None:
+        return None
+    return pack_nbits(w.q.numpy(), w.scale.numpy(), w.zero_point.numpy(), w.bits, block)
+
+
+def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
+    """Round-to-nearest symmetric quantization (for the optional quantized output layer)."""
+    n, k = weight.shape
+    qmax = (1 << (bits - 1)) - 1
+    wg = weight.reshape(n, k // block, block).astype(np.float32)
+    scale = np.abs(wg).max(-1) / (qmax + 0.5)  # as compress's symmetric grids: absmax / 7.5 for int4
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(wg / scale[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
+    return pack_nbits(q, scale, None, bits, block)
+
+
+def dequantize_nbits(w: NBits) -> np.ndarray:
+    """[N, K] float32: what MatMulNBits multiplies by (symmetric codes only)."""
+    codes = w.packed
+    if w.bits == 4:
+        codes = np.stack([codes & 0xF, codes >> 4], -1)
+    q = codes.reshape(w.n, w.k // w.block, w.block).astype(np.float32) - (1 << (w.bits - 1))
+    return (q * w.scales.reshape(w.n, -1, 1)).reshape(w.n, w.k)
+
+
+def concat_nbits(parts: list[NBits]) -> NBits | None:
+    """Stack linears that read the same input along N (q/k/v, gate/up); None if they differ."""
+    first = parts[0]
+    if any((p.bits, p.block, p.k, p.zero_points is None) != (first.bits, first.block, first.k, first.zero_points is None) for p in parts):
+        return None
+    zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return NBits(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        zps,
+        first.bits,
+        first.block,
+        first.k,
+        sum(p.n for p in parts),
+    )
+
+
+def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bias: np.ndarray | None = None) -> str:
+    inputs = [x, g.const(f"{name}.qweight", w.packed), g.const(f"{name}.scales", w.scales)]
+    inputs.append(g.const(f"{name}.qzeros", w.zero_points) if w.zero_points is not None else "")
+    if bias is not None:
+        inputs += ["", g.const(f"{name}.bias", bias.astype(np.float32))]  # g_idx unused
+    while inputs[-1] == "":
+        inputs.pop()
+    return g.op(
+        "MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block, accuracy_level=accuracy_level
+    )
+
+
+def matmul_dense(g: Graph, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+    """weight [N, K] as stored by torch; ONNX MatMul wants [K, N]."""
+    y = g.op("MatMul", [x, g.const(f"{name}.weight", weight.T.astype(np.float32))])
+    if bias is not None:
+        y = g.op("Add", [y, g.const(f"{name}.bias", bias.astype(np.float32))])
+    return y
+
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64

@@ -1,0 +1,70 @@
+"""The integers, scales and zero points a compress checkpoint stores, read straight from its
+safetensors, so exporters carry them over exactly instead of quantizing again."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from safetensors import safe_open
+
+from compress.errors import UsageError
+
+
+@dataclass(frozen=True)
+class StoredLinear:
+    """One quantized linear as stored: w_hat = (q - zero_point) * scale, per group of
+    `group_size` input columns (None: one group per row)."""
+
+    q: torch.Tensor  # [N, K] int8 (int grids) or float8_e4m3fn (fp8)
+    scale: torch.Tensor  # [N, G] float32 (exact: stored bf16/fp16 widen losslessly)
+    zero_point: torch.Tensor  # [N, G] int8, zeros when symmetric
+    bits: int
+    kind: str  # "int" or "float"
+    symmetric: bool
+    group_size: int | None
+
+    def dequantized(self) -> torch.Tensor:
+        """[N, K] float32, computed in float32 (the reference every export is checked against)."""
+        n, k = self.q.shape
+        g = self.scale.shape[1]
+        qg = self.q.float().reshape(n, g, k // g) - self.zero_point.float().unsqueeze(-1)
+        return (qg * self.scale.unsqueeze(-1)).reshape(n, k)
+
+
+def quantization_config(ckpt: Path) -> dict | None:
+    return json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
+
+
+def read(ckpt: Path) -> dict[str, StoredLinear]:
+    """Every quantized linear of a compressed-tensors checkpoint written by compress, by module
+    name (e.g. "model.layers.0.self_attn.q_proj"). Empty for a plain checkpoint."""
+    qc = quantization_config(ckpt)
+    if not qc:
+        return {}
+    if qc.get("quant_method") != "compressed-tensors" or len(qc.get("config_groups", {})) != 1:
+        raise UsageError(f"{ckpt}: only compressed-tensors checkpoints with one scheme (as compress writes) can be exported")
+    args = next(iter(qc["config_groups"].values()))["weights"]
+    bits, kind, sym = args["num_bits"], args["type"], args["symmetric"]
+    group = args["group_size"] if args["strategy"] == "group" else None
+    if args["strategy"] not in ("group", "channel"):
+        raise UsageError(f"{ckpt}: weight strategy {args['strategy']!r} cannot be exported")
+    out: dict[str, StoredLinear] = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            keys = set(st.keys())
+            for key in sorted(k for k in keys if k.endswith(".weight_scale")):
+                name = key[: -len(".weight_scale")]
+                scale = st.get_tensor(key).float()
+                if f"{name}.weight_packed" in keys:
+                    shape = torch.Size(st.get_tensor(f"{name}.weight_shape").tolist())
+                    q = unpack_from_int32(st.get_tensor(f"{name}.weight_packed"), bits, shape)
+                else:
+                    q = st.get_tensor(f"{name}.weight")
+                zp_key = f"{name}.weight_zero_point"
+                zp = st.get_tensor(zp_key).to(torch.int8) if zp_key in keys else torch.zeros(scale.shape, dtype=torch.int8)
+                out[name] = StoredLinear(q, scale, zp.reshape(scale.shape), bits, kind, sym, group)
+    return out

@@ -1,0 +1,74 @@
+"""GGUF export: exact block types carry our integers over (read back identical), the rest is
+re-quantized with a note, and llama.cpp (when installed) runs the file."""
+
+import numpy as np
+import pytest
+import torch
+
+from compress.errors import UsageError
+from compress.export import gguf_export
+from compress.export.stored import read
+from compress.models.load import load
+from compress.models.source import resolve
+from compress.runtime import llama_cpp
+
+
+def export(ckpt, dest):
+    loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
+    dest.mkdir()
+    return loaded, gguf_export.export(loaded, dest)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("scheme,group,kind", [("w8a16", "channel", "Q8_0"), ("w4a16", 32, "Q4_0"), ("w4a16", 64, "Q4_0")])
+def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, group, kind):
+    ckpt = quantized(arch, scheme, group)
+    _, out = export(ckpt, tmp_path / "gguf")
+    linears = len(read(ckpt))
+    assert out.exact == linears and out.requantized == 0 and out.types[kind] == linears
+    assert out.check.verdict == "every exact tensor identical" and out.check.max_abs_diff_exact == 0.0
+    assert out.check.tensors_compared == linears + 2  # + token embedding and the untied output layer
+
+
+def test_q4_0_layout_matches_gguf_reference():
+    """Our block writer against gguf's own Q4_0/Q8_0 de-quantizer on random integers."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    for bits, qtype in ((4, gguf.GGMLQuantizationType.Q4_0), (8, gguf.GGMLQuantizationType.Q8_0)):
+        q = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=(8, 96)).astype(np.int8)
+        scale = rng.random((8, 3)).astype(np.float16).astype(np.float32)
+        blocks, rounded = gguf_export.q_blocks(q, scale, bits)
+        want = (q.reshape(8, 3, 32) * scale[..., None]).reshape(8, 96)
+        assert rounded == 0
+        assert np.array_equal(gguf.quants.dequantize(blocks, qtype).reshape(8, 96), want)
+
+
+def test_fp8_is_requantized_with_its_cost(quantized, tmp_path):
+    _, out = export(quantized("llama", "fp8"), tmp_path / "gguf")
+    assert out.exact == 0 and out.requantized == len(read(quantized("llama", "fp8")))
+    assert out.check.requantized_rel_error < 0.01
+    assert any("re-quantized to Q8_0" in n for n in out.notes)
+
+
+def test_encoder_refused(quantized, tmp_path):
+    with pytest.raises(UsageError, match="GGUF export supports decoders"):
+        export(quantized("bert", None), tmp_path / "gguf")
+
+
+@pytest.mark.skipif(not llama_cpp.available(), reason="llama-cpp-python is not installed")
+def test_llama_cpp_runs_the_export(quantized, tmp_path):
+    loaded, out = export(quantized("llama", "w8a16"), tmp_path / "gguf")
+    from compress.export.onnx_export import exact_reference
+
+    exact_reference(loaded, read(loaded.checkpoint))
+    ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
+    dec = llama_cpp.LlamaCppDecoder(tmp_path / "gguf" / "model.gguf", threads=1, n_ctx=64, logits_all=True)
+    try:
+        got = dec.logprobs(ids)
+    finally:
+        dec.close()
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    assert np.abs(got - want).max() < 0.02

@@ -1,0 +1,123 @@
+"""ONNX export on tiny random models of each supported family and every scheme: the file
+carries the checkpoint's integers exactly, and ONNX Runtime matches PyTorch."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compress.errors import UsageError
+from compress.export import onnx_decoder, onnx_export
+from compress.export.stored import read
+from compress.models.load import load
+from compress.models.source import resolve
+from compress.runtime import ort
+from compress.runtime.loop import generate
+from compress.runtime.torch_decoder import TorchDecoder
+
+
+def export(ckpt, dest, **opts):
+    loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
+    dest.mkdir()
+    return loaded, onnx_export.export(loaded, dest, onnx_decoder.Options(**opts), threads=1)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
+    if bits == 4:
+        packed = np.stack([packed & 0xF, packed >> 4], -1)
+    return packed.reshape(n, k).astype(np.int16) - (1 << (bits - 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("scheme", [None, "w4a16", "w8a16", "w8a8"])
+def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
+    loaded, exp = export(quantized(arch, scheme), tmp_path / "onnx", accuracy_level=0)
+    c = exp.check
+    assert c.top1_agreement == 1.0 and c.greedy_equal == c.greedy_of == 16
+    assert c.max_abs_logit_diff < 1e-3 * max(1.0, c.logit_scale)
+    assert exp.nbits_layers == (0 if scheme is None else 2 * 4)  # qkv + o + gate/up + down, per layer
+    info = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert info["check"]["greedy_equal"] == 16
+    # the standard decoder interface
+    sess = ort.session(tmp_path / "onnx" / "model.onnx", 1)
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.1.value" in names
+    assert [o.name for o in sess.get_outputs()][:2] == ["present.0.key", "present.0.value"]
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_integers_carried_over_exactly(quantized, tmp_path, scheme):
+    ckpt = quantized("llama", scheme)
+    export(ckpt, tmp_path / "onnx")
+    stored = read(ckpt)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp"
+        gate, up = stored[f"{p}.gate_proj"], stored[f"{p}.up_proj"]
+        n, k = gate.q.shape[0] * 2, gate.q.shape[1]
+        q = unpack(inits[f"{p}.gate_up_proj.qweight"], gate.bits, n, k)
+        assert np.array_equal(q, torch.cat([gate.q, up.q]).numpy())
+        scales = inits[f"{p}.gate_up_proj.scales"].reshape(n, -1)
+        per_block = scales.shape[1] // gate.scale.shape[1]
+        assert np.array_equal(scales, np.repeat(torch.cat([gate.scale, up.scale]).numpy(), per_block, axis=1))
+
+
+def test_generation_loop_matches_transformers(quantized, tmp_path):
+    loaded, _ = export(quantized("llama", "w4a16"), tmp_path / "onnx")
+    dec = ort.OrtDecoder(ort.session(tmp_path / "onnx" / "model.onnx", 1))
+    prompt = np.array([[5, 17, 99, 3, 250, 11, 7, 8]] * 2, dtype=np.int64)  # batch 2
+    want = generate(TorchDecoder(loaded.model, ""), prompt, 12)
+    assert np.array_equal(generate(dec, prompt, 12), want)
+
+
+def test_default_accuracy_level(quantized):
+    assert onnx_decoder.resolved(onnx_decoder.Options(), read(quantized("llama", "w4a16"))).accuracy_level == 0
+    assert onnx_decoder.resolved(onnx_decoder.Options(), read(quantized("llama", "w8a16"))).accuracy_level == 4
+    assert onnx_decoder.resolved(onnx_decoder.Options(1), read(quantized("llama", "w8a16"))).accuracy_level == 1
+
+
+def test_accuracy_level_4_and_quantized_output_layer(quantized, tmp_path):
+    _, exp = export(quantized("llama", "w4a16"), tmp_path / "onnx", accuracy_level=4, lm_head_bits=8)
+    assert exp.nbits_layers == 2 * 4 + 1  # the output layer too
+    assert exp.check.top1_agreement >= 0.8
+    assert any("accuracy_level 4" in n for n in exp.notes)
+
+
+def test_quantized_output_layer_is_exact_at_level_0(quantized, tmp_path):
+    _, exp = export(quantized("qwen2", "w4a16"), tmp_path / "onnx", accuracy_level=0, lm_head_bits=4)
+    assert exp.check.top1_agreement == 1.0 and exp.check.max_abs_logit_diff < 1e-4
+
+
+def test_fp8_is_written_dequantized_with_a_note(quantized, tmp_path):
+    _, exp = export(quantized("llama", "fp8"), tmp_path / "onnx")
+    assert exp.nbits_layers == 0 and exp.check.greedy_equal == 16
+    assert any("fp8" in n for n in exp.notes)
+
+
+def test_encoder(quantized, tmp_path):
+    _, exp = export(quantized("bert", "w8a16"), tmp_path / "onnx")
+    assert exp.task == "encoder" and exp.nbits_layers == 2 * 4  # qkv, attention output, intermediate, output
+    assert exp.check.min_cosine > 0.9999
+
+
+def test_unsupported_architecture(quantized, tmp_path):
+    with pytest.raises(UsageError, match="decoders of type"):
+        export(quantized("phi3", None), tmp_path / "onnx")
+
+
+def test_encoder_padding_mask(quantized, tmp_path):
+    loaded, _ = export(quantized("bert", "w4a16"), tmp_path / "onnx")
+    from compress.export.onnx_encoder import feed
+
+    sess = ort.session(tmp_path / "onnx" / "model.onnx", 1)
+    ids = np.array([[101, 7, 8, 9, 10, 102], [101, 7, 8, 102, 0, 0]], dtype=np.int64)
+    mask = (np.arange(6)[None] < np.array([[6], [4]])).astype(np.int64)
+    got = sess.run(["last_hidden_state"], feed(sess, ids, mask))[0]
+    with torch.no_grad():
+        want = loaded.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], want[keep], atol=1e-4)

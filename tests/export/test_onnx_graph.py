@@ -1,0 +1,70 @@
+"""MatMulNBits packing: exact round trips, and ONNX Runtime's kernel against the
+de-quantized matmul on random shapes."""
+
+import numpy as np
+import pytest
+
+from compress.export.onnx_graph import FLOAT, Graph, matmul_nbits, nbits_block, pack_nbits, rtn_nbits
+
+
+def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
+    if bits == 4:
+        lo, hi = packed & 0xF, packed >> 4
+        packed = np.stack([lo, hi], -1).reshape(n, -1)
+    return packed.reshape(n, k).astype(np.int16) - (1 << (bits - 1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_round_trip(bits):
+    rng = np.random.default_rng(0)
+    q = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=(24, 192)).astype(np.int8)
+    scale = rng.random((24, 3)).astype(np.float32)  # groups of 64
+    nb = pack_nbits(q, scale, None, bits, 32)
+    assert nb.packed.shape == (24, 6, 32 * bits // 8)
+    assert np.array_equal(unpack(nb.packed, bits, 24, 192), q)
+    assert np.array_equal(nb.scales.reshape(24, 6), np.repeat(scale, 2, axis=1))  # one scale per block
+    assert nb.zero_points is None
+
+
+def test_blocks_divide_groups():
+    assert nbits_block(576, 64) == 64
+    assert nbits_block(576, None) == 64  # per channel: the largest power of two dividing K
+    assert nbits_block(1536, None) == 256
+    assert nbits_block(576, 48) == 16
+    assert nbits_block(100, None) is None
+
+
+def run_nbits(x: np.ndarray, nb, accuracy_level: int = 0) -> np.ndarray:
+    import onnxruntime as ort
+
+    g = Graph()
+    a = g.input("a", FLOAT, ["m", nb.k])
+    g.output(matmul_nbits(g, a, "w", nb, accuracy_level), "y", FLOAT, ["m", nb.n])
+    sess = ort.InferenceSession(g.model("t").SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"a": x})[0]
+
+
+@pytest.mark.parametrize("bits,block,asym", [(4, 32, False), (4, 64, False), (8, 64, False), (8, 128, True), (4, 16, True)])
+@pytest.mark.parametrize("shape", [(48, 256), (96, 512)])
+def test_kernel_matches_dequantized_matmul(bits, block, asym, shape):
+    rng = np.random.default_rng(bits + block)
+    n, k = shape
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
+    q = rng.integers(lo, hi, size=(n, k)).astype(np.int8)
+    scale = (rng.random((n, k // block)) * 0.02 + 0.001).astype(np.float32)
+    zp = rng.integers(lo // 2, hi // 2, size=(n, k // block)).astype(np.int8) if asym else np.zeros((n, k // block), np.int8)
+    w = (q.reshape(n, -1, block) - zp[..., None].astype(np.float32)) * scale[..., None]
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    got = run_nbits(x, pack_nbits(q, scale, zp, bits, block))
+    want = x @ w.reshape(n, k).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_rtn_output_layer_close():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    want = x @ w.T
+    for bits, tol in ((8, 0.01), (4, 0.2)):
+        got = run_nbits(x, rtn_nbits(w, bits, 32))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
