@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/distill.py
 	$(PY) benchmarks/recipes.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/gpu_kernels.py  # prints that it needs a GPU, when there is none
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,
 # used by benchmarks/quantize_calibrated.py and benchmarks/prune.py for side-by-side runs.

@@ -29,7 +29,7 @@ MODELS = [
     ("w8a16", ["--scheme", "w8a16"], []),
     ("w8a8", ["--scheme", "w8a8"], []),
     ("w8a16 exact", None, ["--accuracy-level", "0"]),  # same checkpoint as w8a16
-    ("w4a16 + int8 output layer", None, ["--lm-head-bits", "8"]),  # same checkpoint as w4a16
+    ("w4a16 + int4 output layer", None, ["--lm-head-bits", "4"]),  # same checkpoint as w4a16
 ]
 
 
@@ -131,7 +131,7 @@ def main() -> None:
     ]
     for r in rows:
         if r.role == "baseline":
-            q = "| |"
+            q = "| | |"
         elif r.role == "w8a16 GGUF":
             q = f"| {gguf_ppl[0]:.3f} -> {gguf_ppl[1]:.3f} ({(gguf_ppl[1] / gguf_ppl[0] - 1) * 100:+.2f}%) | |" if gguf_ppl else "| |"
         else:

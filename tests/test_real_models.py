@@ -171,6 +171,8 @@ def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
     dec = llama_cpp.LlamaCppDecoder(tmp_path / "gguf" / "model.gguf", threads=2, n_ctx=512, logits_all=True)
     try:
         got = np.exp(np.concatenate([-dec.logprobs(w.tolist()) for w in windows]).mean())
+        text = "def f(x):\n    return x * 12345 + 0.5  # Ünïcode, spaces   and\ttabs"
+        assert dec.llm.tokenize(text.encode(), add_bos=False, special=False) == loaded.tokenizer(text, add_special_tokens=False).input_ids
     finally:
         dec.close()
     from compress.eval.perplexity import perplexity

@@ -42,6 +42,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
 
+    # Warnings the CLI lets through (--trust-remote-code, kernel fallbacks) print as one line.
+    warnings.showwarning = lambda message, *_args, **_kw: sys.stderr.write(f"warning: {message}\n")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

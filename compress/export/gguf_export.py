@@ -160,7 +160,9 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
                          f"(relative weight error {out.check.requantized_rel_error:.2e})")
     if out.rounded_scales:
         out.notes.append(f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)")
-    out.notes.append("tokenizer.ggml.pre is 'default': llama.cpp may split some raw text differently from the HF tokenizer")
+    pre = pre_tokenizer(json.loads((loaded.checkpoint / "tokenizer.json").read_text()).get("pre_tokenizer"))
+    if pre == "default":
+        out.notes.append("tokenizer.ggml.pre is 'default' (this tokenizer's pre-tokenizer is not one compress recognises): llama.cpp may split some raw text differently from the HF tokenizer")
     (dest / "export.json").write_text(json.dumps(_asdict(out), indent=2) + "\n")
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (loaded.checkpoint / f).is_file():
@@ -239,10 +241,24 @@ def _tokenizer(w, ckpt: Path) -> None:
         tokens.append(text)
         types.append(ttype)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre_tokenizer(json.loads((ckpt / "tokenizer.json").read_text()).get("pre_tokenizer")))
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(ckpt, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def pre_tokenizer(spec: dict | None) -> str:
+    """llama.cpp's name for the tokenizer's way of splitting text before BPE, for the splits
+    we can recognise from tokenizer.json; "default" otherwise (said in a note)."""
+    def byte_level(p: dict) -> bool:
+        return p.get("type") == "ByteLevel" and p.get("use_regex", True)
+
+    if spec and byte_level(spec):
+        return "gpt-2"
+    parts = (spec or {}).get("pretokenizers", []) if (spec or {}).get("type") == "Sequence" else []
+    if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and byte_level(parts[1]):
+        return "smollm"
+    return "default"
 
 
 def _param(model: torch.nn.Module, name: str) -> torch.Tensor:

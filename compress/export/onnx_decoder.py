@@ -41,6 +41,7 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 class Options:
     accuracy_level: int | None = None  # MatMulNBits: 0/1 float32 math (exact), 4 int8 activations; None: see `resolved`
     lm_head_bits: int | None = None  # quantize the output layer (round to nearest) to 4 or 8 bits
+    act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Linear:
     nbits: NBits | None
     dense: np.ndarray | None  # [N, K]
     bias: np.ndarray | None
+    quantized: bool = False  # stored quantized in the checkpoint (its input may be quantized too)
 
 
 def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
@@ -59,7 +61,7 @@ def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
     if opts.accuracy_level is not None:
         return opts
     bits = {w.bits for w in stored.values() if w.kind == "int"}
-    return Options(4 if bits == {8} else 0, opts.lm_head_bits)
+    return Options(4 if bits == {8} else 0, opts.lm_head_bits, opts.act_int8)
 
 
 def check_supported(config) -> None:
@@ -80,8 +82,8 @@ def _linear(model: torch.nn.Module, stored: dict[str, StoredLinear], name: str) 
     if name in stored:
         nb = nbits_from_stored(stored[name])
         if nb is not None:
-            return Linear(nb, None, bias)
-        return Linear(None, stored[name].dequantized().numpy(), bias)
+            return Linear(nb, None, bias, True)
+        return Linear(None, stored[name].dequantized().numpy(), bias, True)
     return Linear(None, module.weight.detach().float().numpy(), bias)
 
 
@@ -91,15 +93,30 @@ def _fused(parts: list[Linear]) -> Linear | None:
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return None
     bias = None if biases[0] is None else np.concatenate(biases)
+    if len({p.quantized for p in parts}) > 1:
+        return None
     if all(p.nbits is not None for p in parts):
         nb = concat_nbits([p.nbits for p in parts])
-        return None if nb is None else Linear(nb, None, bias)
+        return None if nb is None else Linear(nb, None, bias, parts[0].quantized)
     if all(p.dense is not None for p in parts):
-        return Linear(None, np.concatenate([p.dense for p in parts]), bias)
+        return Linear(None, np.concatenate([p.dense for p in parts]), bias, parts[0].quantized)
     return None
 
 
+def per_token_int8(g: Graph, x: str) -> str:
+    """x rounded to int8 per token (last axis) and back, as compressed-tensors' dynamic
+    symmetric per-token activations: s = absmax / 127.5, q = clamp(round(x / s), -128, 127)."""
+    absmax = g.op("ReduceMax", [g.op("Abs", [x]), g.const("last_axis", np.array([-1], dtype=np.int64))], keepdims=1)
+    scale = g.op("Max", [g.op("Div", [absmax, g.const("half_range", np.array(127.5, dtype=np.float32))]),
+                         g.const("tiny_scale", np.array(np.finfo(np.float32).tiny, dtype=np.float32))])
+    q = g.op("Clip", [g.op("Round", [g.op("Div", [x, scale])]), g.const("int8_min", np.array(-128.0, dtype=np.float32)),
+                      g.const("int8_max", np.array(127.0, dtype=np.float32))])
+    return g.op("Mul", [q, scale])
+
+
 def _apply(g: Graph, x: str, name: str, lin: Linear, opts: Options) -> str:
+    if opts.act_int8 and lin.quantized:
+        x = per_token_int8(g, x)
     if lin.nbits is not None:
         return matmul_nbits(g, x, name, lin.nbits, opts.accuracy_level, lin.bias)
     return matmul_dense(g, x, name, lin.dense, lin.bias)

@@ -3,6 +3,7 @@ the PyTorch model loaded by our own transformers, on the exact weights the file 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -41,18 +42,35 @@ class Exported:
     path: Path
     task: str
     nbits_layers: int  # linears as MatMulNBits
-    float_layers: int  # linears as float MatMul (unquantized, ignored, or no exact MatMulNBits form)
+    float_layers: int  # linears as float MatMul (unquantized, ignored, or no exact MatMulNBits form); the output layer aside
     accuracy_level: int
     lm_head_bits: int | None
+    act_int8: bool
     check: Check
     notes: list[str]
 
 
-def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear]) -> None:
+def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
     """Put the stored grids' values, de-quantized in float32, into the loaded model: the
-    PyTorch side of every check then runs on exactly the weights the export carries."""
+    PyTorch side of every check then runs on exactly the weights the export carries (and,
+    for w8a8, on inputs rounded to int8 per token, as the checkpoint's scheme says)."""
     for name, w in stored.items():
-        loaded.model.get_submodule(name).weight.data = w.dequantized()
+        module = loaded.model.get_submodule(name)
+        module.weight.data = w.dequantized()
+        if act_int8:
+            module.register_forward_pre_hook(lambda _m, args: (per_token_int8(args[0]), *args[1:]))
+
+
+def per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    scale = (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
+    return (x / scale).round().clamp(-128, 127) * scale
+
+
+def activations_int8(ckpt: Path) -> bool:
+    """The checkpoint quantizes its quantized linears' inputs to int8 per token (w8a8)."""
+    qc = stored_mod.quantization_config(ckpt) or {}
+    acts = [g.get("input_activations") for g in qc.get("config_groups", {}).values()]
+    return any(a and a.get("type") == "int" and a.get("strategy") == "token" for a in acts)
 
 
 def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options) -> onnx.ModelProto:
@@ -69,14 +87,14 @@ def write(model: onnx.ModelProto, dest: Path) -> None:
 def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int) -> Exported:
     """Write DIR/model.onnx with the tokenizer and config beside it, then check it."""
     stored = stored_mod.read(loaded.checkpoint)
-    opts = onnx_decoder.resolved(opts, stored)
-    exact_reference(loaded, stored)
+    opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
+    exact_reference(loaded, stored, opts.act_int8)
     graph = build(loaded, stored, opts)
     if opts.lm_head_bits:  # the reference multiplies by the same rounded output layer (untied from the embedding)
         head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
         loaded.model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(head)), requires_grad=False)
     nbits = sum(1 for n in graph.graph.node if n.op_type == "MatMulNBits")
-    dense = sum(1 for n in graph.graph.node if n.op_type in ("MatMul", "Gemm"))
+    dense = sum(1 for n in graph.graph.node if n.op_type == "MatMul")  # a float output layer is a Gemm, not counted
     write(graph, dest)
     del graph
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -90,11 +108,12 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     other = [n for n, w in stored.items() if w.kind == "int" and nbits_from_stored(w) is None]
     if other:
         notes.append(f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their groups): float32")
+    if opts.act_int8:
+        notes.append("w8a8: each quantized linear's input is rounded to int8 per token in the graph, as the checkpoint's scheme does")
     if opts.accuracy_level == 4 and nbits:
         notes.append("accuracy_level 4: MatMulNBits quantizes activations to int8 per block inside the kernel (faster, not bit-exact to the checkpoint)")
     chk = check(loaded, dest / MODEL_FILE, threads)
-    exp = Exported(dest, loaded.task, nbits, dense - (1 if loaded.task == "causal-lm" and not opts.lm_head_bits else 0),
-                   opts.accuracy_level, opts.lm_head_bits, chk, notes)
+    exp = Exported(dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes)
     _verify(exp)
     (dest / "export.json").write_text(json.dumps(_jsonable(exp), indent=2) + "\n")
     return exp
@@ -103,7 +122,8 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
 def _verify(exp: Exported) -> None:
     """An export that runs but computes something else is an error, not a file."""
     c = exp.check
-    exact = exp.accuracy_level in (0, 1) or exp.nbits_layers == 0
+    # Rounding activations (w8a8) amplifies float noise at rounding boundaries: close, not exact.
+    exact = (exp.accuracy_level in (0, 1) or exp.nbits_layers == 0) and not exp.act_int8
     if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
         raise CompressError(f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})")
     if c.top1_agreement is not None and c.top1_agreement < (0.99 if exact else 0.8):

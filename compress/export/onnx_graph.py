@@ -22,6 +22,7 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
+        self._const_names: set[str] = set()
 
     def input(self, name: str, elem: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
@@ -33,7 +34,10 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """An initializer; a name given again refers to the first one (for shared constants)."""
+        if name not in self._const_names:
+            self._const_names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], outs: int | str = 1, out: str | None = None, domain: str = "", **attrs) -> str | list[str]:

@@ -58,12 +58,13 @@ def open_torch(spec: str, device: str) -> tuple[loop.Decoder, str, Path]:
         raise UsageError(f"compress bench measures decoders (prefill + decode); {spec} is an encoder")
     qc = json.loads((loaded.checkpoint / "config.json").read_text()).get("quantization_config")
     kernel = kernel_name(loaded.model, qc)
-    if loaded.quantized:
-        kernel = f"torch dense {next(loaded.model.parameters()).dtype} matmul (weights de-quantized at load)".replace("torch.", "")
-        if device == "cuda":
-            import warnings
+    if loaded.quantized and device == "cuda":  # real low-bit kernels; a fallback warns why
+        from compress.export.stored import read
+        from compress.runtime.torch_kernels import activation_kind, use_kernels
 
-            warnings.warn(f"{spec}: no low-bit CUDA kernel is wired into the torch runtime yet; measuring the de-quantized matmul", stacklevel=2)
+        kernel = use_kernels(loaded.model, read(loaded.checkpoint), activation_kind(qc))
+    elif loaded.quantized:
+        kernel = f"torch dense {next(loaded.model.parameters()).dtype} matmul (weights de-quantized at load)".replace("torch.", "")
     return TorchDecoder(loaded.model, kernel), str(next(loaded.model.parameters()).dtype).replace("torch.", ""), loaded.checkpoint
 
 

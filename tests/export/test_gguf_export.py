@@ -72,3 +72,11 @@ def test_llama_cpp_runs_the_export(quantized, tmp_path):
         logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
     want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
     assert np.abs(got - want).max() < 0.02
+
+
+def test_pre_tokenizer_names():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert gguf_export.pre_tokenizer(byte_level) == "gpt-2"
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert gguf_export.pre_tokenizer(digits) == "smollm"
+    assert gguf_export.pre_tokenizer({"type": "Metaspace"}) == "default" and gguf_export.pre_tokenizer(None) == "default"

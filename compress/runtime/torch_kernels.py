@@ -1,0 +1,129 @@
+"""Low-bit linear layers for the torch runtime on CUDA, built from a checkpoint's stored integers:
+
+    w4a16 -> torch's int4 weight-only kernel (_weight_int4pack_mm, groups of 32..256)
+    fp8   -> torch._scaled_mm, e4m3 activations and weights, per-token x per-channel scales
+    w8a8  -> torch._int_mm, int8 activations per token x int8 weights per channel
+Anything else stays a de-quantized matmul, with a one-line warning saying why. The same
+modules run on CPU where torch has the op (the tests compare each with the de-quantized
+matmul there); on this project's AVX2 CPU they are slower than float32, so the CPU runtime
+does not use them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from compress.export.stored import StoredLinear
+
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class Int4Linear(torch.nn.Module):
+    """y = x @ ((q + 8 - 8) * scale + 0)^T, with q packed by torch's int4 layout."""
+
+    def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        n, k = w.q.shape
+        self.n, self.k, self.group = n, k, w.group_size
+        codes = (w.q.to(torch.int32) + 8).to(device)  # [N, K] in 0..15
+        zero = -(w.zero_point.float()) * w.scale  # (q - zp) * s == (q + 8 - 8) * s + (-zp * s)
+        # [K/g, N, 2]: scale and zero per group, torch's layout
+        self.register_buffer("scales_zeros", torch.stack([w.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype))
+        if device.type == "cuda":
+            packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.to(device, dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.k)
+        if x.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.n)
+        return y if self.bias is None else y + self.bias
+
+
+class Fp8Linear(torch.nn.Module):
+    """torch._scaled_mm on e4m3: x rounded per token (absmax / 448), weight per channel."""
+
+    def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight_t", w.q.to(device).t())  # [K, N], column-major as _scaled_mm wants
+        self.register_buffer("scale_w", w.scale.reshape(1, -1).float().to(device))  # [1, N]
+        self.bias = None if bias is None else torch.nn.Parameter(bias.to(device, dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        scale_x = (flat.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        xq = (flat / scale_x).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_x, scale_b=self.scale_w, out_dtype=x.dtype,
+                             bias=None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+class Int8Linear(torch.nn.Module):
+    """torch._int_mm: x rounded to int8 per token (absmax / 127.5), weight int8 per channel."""
+
+    def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight_t", w.q.to(device).t())  # [K, N] int8, column-major
+        self.register_buffer("scale_w", w.scale.reshape(1, -1).float().to(device))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.to(device, dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        m = flat.shape[0]
+        scale_x = (flat.abs().amax(-1, keepdim=True) / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
+        xq = (flat / scale_x).round().clamp(-128, 127).to(torch.int8)
+        if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
+        y = torch._int_mm(xq, self.weight_t)[:m].float() * scale_x * self.scale_w
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def kernel_for(w: StoredLinear, act: str | None) -> tuple[type[torch.nn.Module] | None, str]:
+    """The kernel module for a stored grid, or None and the reason there is none."""
+    if w.kind == "float" and act == "fp8" and w.group_size is None:
+        return Fp8Linear, "torch._scaled_mm (fp8)"
+    if w.kind == "int" and w.bits == 8 and act == "int8" and w.group_size is None and w.symmetric:
+        return Int8Linear, "torch._int_mm (int8)"
+    if w.kind == "int" and w.bits == 4 and act is None and w.group_size in INT4_GROUPS:
+        if w.q.shape[0] % 16:
+            return None, f"torch's int4 kernel needs output widths divisible by 16 (got {w.q.shape[0]}); de-quantized matmul"
+        return Int4Linear, "torch int4 weight-only (_weight_int4pack_mm)"
+    if w.kind == "int" and w.bits == 8 and act is None:
+        return None, "w8a16 has no int8 weight-only kernel in torch; de-quantized matmul"
+    return None, f"no torch kernel for {w.bits}-bit {w.kind} weights with groups of {w.group_size}; de-quantized matmul"
+
+
+def use_kernels(model: torch.nn.Module, stored: dict[str, StoredLinear], act: str | None) -> str:
+    """Swap every stored linear for its kernel module (in place); returns the kernel name.
+    Layers without a kernel stay de-quantized, with one warning naming why."""
+    param = next(model.parameters())
+    kernels = {name: kernel_for(w, act) for name, w in stored.items()}
+    missing = next(((n, why) for n, (cls, why) in kernels.items() if cls is None), None)
+    if missing is not None:
+        warnings.warn(f"{missing[0]}: {missing[1]}", stacklevel=2)
+        return f"torch dense {str(param.dtype).replace('torch.', '')} matmul ({missing[1]})"
+    for name, (cls, _) in kernels.items():
+        parent, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, cls(stored[name], old.bias, param.device, param.dtype))
+    return ", ".join(sorted({why for _, why in kernels.values()}))
+
+
+def activation_kind(quantization_config: dict | None) -> str | None:
+    """'int8', 'fp8' or None: what the checkpoint does to its quantized linears' inputs."""
+    for group in (quantization_config or {}).get("config_groups", {}).values():
+        a = group.get("input_activations")
+        if a:
+            return "fp8" if a.get("type") == "float" else "int8"
+    return None

@@ -1,0 +1,76 @@
+"""Every torch kernel path against the de-quantized matmul on random shapes: on CPU where
+torch has the op, on CUDA when a GPU is present."""
+
+import pytest
+import torch
+
+from compress.export.stored import StoredLinear
+from compress.runtime import torch_kernels as tk
+
+CUDA_REASON = "no CUDA device: the CUDA kernels (tiled int4 packing, cuBLAS fp8/int8) are not exercised"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON))]
+
+
+def stored(n, k, bits, kind="int", group=None, symmetric=True, seed=0) -> StoredLinear:
+    g = torch.Generator().manual_seed(seed)
+    groups = 1 if group is None else k // group
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 0.001
+    if kind == "float":
+        q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    else:
+        q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), generator=g, dtype=torch.int8)
+    return StoredLinear(q, scale, torch.zeros(n, groups, dtype=torch.int8), bits, kind, symmetric, group)
+
+
+def fake_quant_tokens(x, qmax, to):
+    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    return to(x / s) * s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,group", [((64, 256), 32), ((96, 512), 64), ((128, 512), 128), ((64, 1024), 256)])
+def test_int4_weight_only(device, shape, group):
+    n, k = shape
+    w = stored(n, k, 4, group=group)
+    bias = torch.randn(n)
+    lin = tk.Int4Linear(w, bias, torch.device(device), torch.bfloat16)
+    x = torch.randn(3, 5, k, dtype=torch.bfloat16, device=device)
+    want = x.float() @ w.dequantized().to(device).t() + bias.to(device)
+    got = lin(x).float()
+    assert got.shape == (3, 5, n)
+    assert (got - want).norm() / want.norm() < 0.01  # bf16 activations and scales
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_int8_matmul(device, m):
+    w = stored(64, 256, 8)
+    lin = tk.Int8Linear(w, None, torch.device(device), torch.float32)
+    x = torch.randn(m, 256, device=device)
+    xq = fake_quant_tokens(x, 127.5, lambda v: v.round().clamp(-128, 127))
+    want = xq @ w.dequantized().to(device).t()
+    torch.testing.assert_close(lin(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_scaled_mm(device):
+    w = stored(64, 256, 8, kind="float")
+    lin = tk.Fp8Linear(w, None, torch.device(device), torch.float32)
+    x = torch.randn(9, 256, device=device)
+    xq = fake_quant_tokens(x, tk.FP8_MAX, lambda v: v.clamp(-tk.FP8_MAX, tk.FP8_MAX).to(torch.float8_e4m3fn).float())
+    want = xq @ w.dequantized().to(device).t()
+    torch.testing.assert_close(lin(x), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_kernel_choice_and_fallback_warning():
+    assert tk.kernel_for(stored(16, 64, 4, group=32), None)[0] is tk.Int4Linear
+    assert tk.kernel_for(stored(8, 64, 8), "int8")[0] is tk.Int8Linear
+    assert tk.kernel_for(stored(8, 64, 8, kind="float"), "fp8")[0] is tk.Fp8Linear
+    cls, why = tk.kernel_for(stored(8, 64, 8), None)
+    assert cls is None and "w8a16" in why
+    assert tk.kernel_for(stored(8, 64, 4, group=32), None)[0] is None  # torch's int4 layout wants N % 16 == 0
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    with pytest.warns(UserWarning, match="w8a16"):
+        name = tk.use_kernels(model, {"0": stored(16, 64, 8)}, None)
+    assert "dense" in name and isinstance(model[0], torch.nn.Linear)
+    assert "int4" in tk.use_kernels(model, {"0": stored(16, 64, 4, group=32)}, None) and isinstance(model[0], tk.Int4Linear)
