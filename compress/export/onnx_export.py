@@ -19,6 +19,7 @@ from compress.errors import CompressError
 from compress.export import onnx_decoder, onnx_encoder, stored as stored_mod
 from compress.export.onnx_graph import dequantize_nbits, nbits_from_stored
 from compress.models.load import Loaded
+from compress.primitives.qparams import fake_quantize_tokens
 
 MODEL_FILE = "model.onnx"
 INLINE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside it
@@ -58,12 +59,11 @@ def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], 
         module = loaded.model.get_submodule(name)
         module.weight.data = w.dequantized()
         if act_int8:
-            module.register_forward_pre_hook(lambda _m, args: (per_token_int8(args[0]), *args[1:]))
+            module.register_forward_pre_hook(lambda _m, args: (_tokens_int8(args[0]), *args[1:]))
 
 
-def per_token_int8(x: torch.Tensor) -> torch.Tensor:
-    scale = (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
-    return (x / scale).round().clamp(-128, 127) * scale
+def _tokens_int8(x: torch.Tensor) -> torch.Tensor:
+    return fake_quantize_tokens(x.reshape(-1, x.shape[-1]).float(), "int8").reshape(x.shape).to(x.dtype)
 
 
 def activations_int8(ckpt: Path) -> bool:
@@ -122,11 +122,14 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
 def _verify(exp: Exported) -> None:
     """An export that runs but computes something else is an error, not a file."""
     c = exp.check
-    # Rounding activations (w8a8) amplifies float noise at rounding boundaries: close, not exact.
     exact = (exp.accuracy_level in (0, 1) or exp.nbits_layers == 0) and not exp.act_int8
     if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
         raise CompressError(f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})")
-    if c.top1_agreement is not None and c.top1_agreement < (0.99 if exact else 0.8):
+    # Rounding activations to int8 per token (w8a8) turns float noise at rounding boundaries into
+    # whole steps; with outlier channels (SmolLM2) single predictions flip though perplexity
+    # matches (benchmarks/export.py), so the bar there only catches a broken graph.
+    floor = 0.99 if exact else 0.7 if exp.act_int8 else 0.8
+    if c.top1_agreement is not None and c.top1_agreement < floor:
         raise CompressError(f"export check failed: only {c.top1_agreement:.0%} of next-token predictions match PyTorch")
     if c.min_cosine is not None and c.min_cosine < (0.9999 if exact else 0.99):
         raise CompressError(f"export check failed: hidden states differ from PyTorch (lowest cosine {c.min_cosine:.5f})")

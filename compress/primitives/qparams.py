@@ -166,3 +166,17 @@ def _group_error(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: G
         q = x.to(scale.dtype)
     w_hat = q.mul_(scale.unsqueeze(-1)).float()
     return w_hat.sub_(wg).pow_(2).mul_(grouped(col_w[None], wg.shape[-1])).sum(-1)
+
+
+def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """w rounded onto its own min/max grid and back (float32)."""
+    scale, zp = compute_qparams(w, grid, torch.float32)
+    return dequantize(quantize(w, scale, zp, grid), scale, zp)
+
+
+def fake_quantize_tokens(x: torch.Tensor, act: str | None) -> torch.Tensor:
+    """Dynamic per-token activation quantization ("int8" or "fp8"), as compressed-tensors
+    applies it at run time: each row of x [T, K] on its own symmetric grid."""
+    if act is None:
+        return x
+    return fake_quantize(x, Grid(8, "float" if act == "fp8" else "int", True, None))

@@ -18,7 +18,7 @@ from compress import calibrate, heap
 from compress.models.arch import Smooth, smooth_maps
 from compress.primitives.gptq import gptq
 from compress.primitives.hessian import Hessian
-from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize, search_range
+from compress.primitives.qparams import Grid, compute_qparams, dequantize, fake_quantize, fake_quantize_tokens, quantize, search_range
 from compress.primitives.smoothing import awq_candidates, fold, normalized_weight_mean, smoothquant_scales
 from compress.quant.rtn import QuantizedWeight
 
@@ -90,11 +90,6 @@ class InputStats:
         self.samples = [x / s.cpu() for x in self.samples]
 
 
-def _fake(w: torch.Tensor, grid: Grid) -> torch.Tensor:
-    scale, zp = compute_qparams(w, grid, torch.float32)
-    return dequantize(quantize(w, scale, zp, grid), scale, zp)
-
-
 def _awq_scale(second_moment: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: int) -> torch.Tensor:
     """The candidate scale whose RTN-quantized linears best reproduce their float outputs.
 
@@ -109,23 +104,15 @@ def _awq_scale(second_moment: torch.Tensor, x_mean: torch.Tensor, weights: list[
         d = w - wq
         return float(((d @ m) * d).sum()) / w.shape[0]
 
-    best, best_loss = torch.ones(w.shape[1]), loss(_fake(w, grid))
+    best, best_loss = torch.ones(w.shape[1]), loss(fake_quantize(w, grid))
     for s in awq_candidates(x_mean, normalized_weight_mean(weights, grid.group_size), steps):
-        if (err := loss(_fake(w * s, grid) / s)) < best_loss:
+        if (err := loss(fake_quantize(w * s, grid) / s)) < best_loss:
             best, best_loss = s, err
     return best
 
 
 SQ_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SQ_ROWS = 256  # calibration rows per chunk of the alpha search
-
-
-def _fake_act(x: torch.Tensor, act: str | None) -> torch.Tensor:
-    """Dynamic per-token activation quantization, as compressed-tensors applies it at run time."""
-    if act is None:
-        return x
-    grid = Grid(8, "float" if act == "fp8" else "int", True, None)
-    return _fake(x, grid)
 
 
 def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None) -> torch.Tensor:
@@ -135,8 +122,8 @@ def _smoothquant_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid,
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
 
     def loss(s: torch.Tensor) -> float:  # over row chunks: no [tokens, O] products held at once
-        wq = _fake(w * s, grid).T
-        sse = sum(float((xc @ w.T - _fake_act(xc / s, act) @ wq).pow(2).sum()) for xc in x.split(SQ_ROWS))
+        wq = fake_quantize(w * s, grid).T
+        sse = sum(float((xc @ w.T - fake_quantize_tokens(xc / s, act) @ wq).pow(2).sum()) for xc in x.split(SQ_ROWS))
         return sse / (x.shape[0] * w.shape[0])
 
     best, best_loss = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1]))
@@ -175,7 +162,7 @@ def _rtn_error(layer: torch.nn.Module, targets: dict[str, torch.nn.Linear], grid
     """Output error of this layer with plain min/max RTN (the baseline the method improves on)."""
     saved = {n: m.weight.data.clone() for n, m in targets.items()}
     for m in targets.values():
-        m.weight.data = _fake(m.weight.float(), grid).to(m.weight.dtype)
+        m.weight.data = fake_quantize(m.weight.float(), grid).to(m.weight.dtype)
     err = calibrate.relative_error(ref, calibrate.run_layer(layer, _head(inputs, len(ref))))
     for n, m in targets.items():
         m.weight.data = saved[n]
