@@ -94,10 +94,13 @@ def describe_onnx(path: Path) -> str:
         if e["nbits_layers"]:
             import onnx
 
-            graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+            from compress.export.onnx_export import MODEL_FILE
+
+            graph = onnx.load(str(path / MODEL_FILE), load_external_data=False).graph
             node = next(n for n in graph.node if n.op_type == "MatMulNBits")
             a = {x.name: x.i for x in node.attribute}
-            return f"{kernel}, MatMulNBits {a['bits']}-bit blocks of {a['block_size']}, accuracy_level {a.get('accuracy_level', 0)}"
+            acts = ", inputs rounded to int8 per token" if e.get("act_int8") else ""
+            return f"{kernel}, MatMulNBits {a['bits']}-bit blocks of {a['block_size']}, accuracy_level {a.get('accuracy_level', 0)}{acts}"
     return f"{kernel}, float32 MatMul"
 
 
