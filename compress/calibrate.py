@@ -27,6 +27,36 @@ class StopLayer(Exception):
     """Raised by a hook when the rest of a layer's forward pass is not needed."""
 
 
+class SharedReaders:
+    """Which linears of a layer read the very same input tensor (q/k/v, gate/up): the first
+    to read it owns the statistics, the others share them. Call `next_batch` from the
+    layer's forward pre-hook; tensors are held until then, so identity cannot be confused
+    by memory reuse."""
+
+    def __init__(self) -> None:
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self.owner: dict[str, str] = {}  # linear -> the linear whose statistics it uses
+
+    def next_batch(self) -> None:
+        self._seen.clear()
+
+    def reader(self, name: str, x: torch.Tensor) -> str:
+        """The owner of x's statistics as `name` reads it."""
+        first = next((n for t, n in self._seen if t is x), None)
+        if first is None:
+            self._seen.append((x, name))
+            first = name
+        self.owner.setdefault(name, first)
+        return first
+
+    def groups(self, names) -> dict[str, list[str]]:
+        """owner -> the linears that share its input (in the order of `names`)."""
+        out: dict[str, list[str]] = {}
+        for n in names:
+            out.setdefault(self.owner.get(n, n), []).append(n)
+        return out
+
+
 @dataclass
 class LayerInputs:
     hidden: list[torch.Tensor]  # per batch: [B, T, H]

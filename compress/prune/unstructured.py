@@ -86,18 +86,12 @@ def apply(
     def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
         own = f"{prefix}.{i}."
         targets = {n[len(own):]: m for n, m in layers.items() if n.startswith(own)}
-        owner: dict[str, str] = {}  # linear -> the linear whose statistics it shares
-        seen: list[tuple[torch.Tensor, str]] = []
+        shared = calibrate.SharedReaders()
         hess = {n: Hessian(m.in_features, device) for n, m in targets.items()} if opts.method == "sparsegpt" else {}
         sq = {n: torch.zeros(m.in_features, device=device) for n, m in targets.items()}
 
         def observe(name: str, x: torch.Tensor) -> None:
-            first = next((n for t, n in seen if t is x), None)
-            if first is None:
-                seen.append((x, name))
-                first = name
-            owner.setdefault(name, first)
-            if owner[name] != name:
+            if shared.reader(name, x) != name:
                 return
             if hess:
                 hess[name].add(x)
@@ -105,17 +99,15 @@ def apply(
                 sq[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in targets.items()]
-        hooks.append(layer.register_forward_pre_hook(lambda mod, args: seen.clear()))
+        hooks.append(layer.register_forward_pre_hook(lambda mod, args: shared.next_batch()))
         try:
             refs[i] = calibrate.run_layer(layer, inputs)[:n_err]
         finally:
             for h in hooks:
                 h.remove()
-        groups: dict[str, list[str]] = {}
-        for n in targets:
-            groups.setdefault(owner.get(n, n), []).append(n)
         with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(lambda item: _prune_together([targets[n] for n in item[1]], hess.get(item[0]), sq[item[0]], opts), groups.items()))
+            list(pool.map(lambda item: _prune_together([targets[n] for n in item[1]], hess.get(item[0]), sq[item[0]], opts),
+                          shared.groups(targets).items()))
         done.update(own + n for n in targets)
 
     def layer_done(i: int, outputs: list[torch.Tensor]) -> None:

@@ -212,17 +212,12 @@ def apply(
                           *(torch.zeros(m.in_features, device=device) for _ in range(3)))
             for n, m in targets.items()
         }
-        # Linears fed the very same tensor (q/k/v, gate/up) share one set of statistics.
-        # The tensors are held until the next batch, so identity cannot be confused by reuse.
-        first_reader: list[tuple[torch.Tensor, str]] = []
+        shared = calibrate.SharedReaders()  # q/k/v, gate/up: one set of statistics each
         order: list[str] = []  # targets in the order the first batch reached them
         batch = [-1]
 
         def observe(name: str, x: torch.Tensor) -> None:
-            owner = next((n for t, n in first_reader if t is x), None)
-            if owner is None:
-                first_reader.append((x, name))
-                owner = name
+            owner = shared.reader(name, x)
             if owner == name:
                 stats[name].add(x, keep if name in heads else 0)
             else:
@@ -233,7 +228,7 @@ def apply(
                 raise calibrate.StopLayer  # the rest of the layer only matters for `ref`
 
         def next_batch(mod, args) -> None:
-            first_reader.clear()
+            shared.next_batch()
             batch[0] += 1
 
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in targets.items()]
@@ -257,13 +252,10 @@ def apply(
             fold(layer.get_submodule(m.prev), lins, s.to(device))
             for st in {id(stats[n]): stats[n] for n in m.linears}.values():
                 st.rescale(s)
-        readers: dict[int, list[str]] = {}
-        for n in targets:
-            readers.setdefault(id(stats[n]), []).append(n)
         # The groups are independent: for GPTQ two threads overlap one's Python-bound column
         # loop with the other's matrix work. The range search is vectorized already, and in
         # threads its temporaries pile up in the heap (measured: +400 MB on SmolLM2's first layer).
-        groups = sorted(readers.values(), key=lambda names: -sum(targets[n].weight.numel() for n in names))
+        groups = sorted(shared.groups(targets).values(), key=lambda names: -sum(targets[n].weight.numel() for n in names))
         with ThreadPoolExecutor(QUANT_THREADS if opts.uses_gptq else 1) as pool:
             quantized = pool.map(lambda names: _quantize_together([targets[n] for n in names], stats[names[0]], grid, opts), groups)
             pending[i] = {}
