@@ -12,6 +12,7 @@ def test_export_onnx_then_bench_side_by_side(quantized, tmp_path):
     info = json.loads(proc.stdout)
     assert info["nbits_layers"] == 8 and info["check"]["greedy_equal"] == 16
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "tokenizer.json").is_file()
+    assert "is an ONNX export" in assert_one_line_error(compress("quantize", tmp_path / "onnx", "-o", tmp_path / "q"), 2)
 
     proc = compress("bench", tmp_path / "onnx", "--runtime", "onnxruntime", "--baseline", ckpt, "--batch", "1,2",
                     "--prompt-len", "16", "--new-tokens", "4", "--rounds", "1", "--threads", "1", "--json")
@@ -38,6 +39,7 @@ def test_export_gguf_and_bench_on_llama_cpp(quantized, tmp_path):
     proc = compress("export", ckpt, "-f", "gguf", "-o", tmp_path / "gguf")
     assert proc.returncode == 0, proc.stderr
     assert "carried over exactly" in proc.stdout and (tmp_path / "gguf" / "model.gguf").is_file()
+    assert "pass the .gguf file itself" in assert_one_line_error(compress("eval", tmp_path / "gguf"), 2)
     if llama_cpp.available():
         proc = compress("bench", tmp_path / "gguf", "--runtime", "llama.cpp", "--prompt-len", "8", "--new-tokens", "2",
                         "--rounds", "1", "--json")
