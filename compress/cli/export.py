@@ -48,7 +48,7 @@ def export(
             from compress.export import onnx_decoder, onnx_export
 
             done = onnx_export.export(loaded, tmp, onnx_decoder.Options(accuracy_level, lm_head_bits), threads)
-            summary = onnx_export._jsonable(done)
+            summary = onnx_export.as_dict(done)
         else:
             from compress.export import gguf_export
 

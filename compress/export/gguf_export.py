@@ -12,7 +12,7 @@ Unquantized weights keep their dtype (bf16/f16/f32); norms are f32.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -111,33 +111,35 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
-    _tokenizer(w, loaded.checkpoint)
+    pre = _tokenizer(w, loaded.checkpoint)
 
     out = GgufExported(str(dest / FILE), 0, 0, 0, 0, {}, GgufCheck("", 0, 0.0, None))
     expected: dict[str, tuple[np.ndarray, bool]] = {}  # GGUF name -> (float32 weights, exact)
 
     def add(name: str, hf: str, permute_heads: int | None = None) -> None:
+        """hf: the module whose weight this is (stored quantized, or plain)."""
+        ref = stored[hf].dequantized().numpy() if hf in stored else _weight(model, hf)
+        if permute_heads:
+            ref = _permute_rows(ref, permute_heads)
         if hf in stored:
-            arr, kind, exact = _quantized(stored[hf], permute_heads, out)
+            arr, kind, exact = _quantized(stored[hf], ref, permute_heads, out)
         else:
-            t = model.get_submodule(hf).weight.detach() if not hf.endswith(".weight") else _param(model, hf)
-            arr, kind, exact = _plain(t, src_dtype, permute_heads)
+            arr, kind, exact = _plain(ref, src_dtype)
         if kind in ("F32", "F16"):
             w.add_tensor(name, arr)
         else:
             w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
         out.tensors += 1
         out.types[kind] = out.types.get(kind, 0) + 1
-        ref = stored[hf].dequantized().numpy() if hf in stored else _param_or_module(model, hf)
-        expected[name] = (_permute_rows(ref, permute_heads) if permute_heads else ref, exact)
+        expected[name] = (ref, exact)
 
-    add("token_embd.weight", "model.embed_tokens.weight")
+    add("token_embd.weight", "model.embed_tokens")
     for i in range(cfg.num_hidden_layers):
         for hf, name in LAYER_NAMES.items():
             full = f"model.layers.{i}.{hf}"
             perm = {"attn_q": heads, "attn_k": kv_heads}.get(name) if arch == "llama" else None
             if name.endswith("norm"):
-                w.add_tensor(f"blk.{i}.{name}.weight", _param(model, f"{full}.weight").float().numpy())
+                w.add_tensor(f"blk.{i}.{name}.weight", _weight(model, full))
                 out.tensors += 1
                 continue
             add(f"blk.{i}.{name}.weight", full, perm)
@@ -145,7 +147,7 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
             if bias is not None:
                 w.add_tensor(f"blk.{i}.{name}.bias", bias.detach().float().numpy())
                 out.tensors += 1
-    w.add_tensor("output_norm.weight", _param(model, "model.norm.weight").float().numpy())
+    w.add_tensor("output_norm.weight", _weight(model, "model.norm"))
     out.tensors += 1
     head = model.get_output_embeddings()
     if head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
@@ -160,17 +162,17 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
                          f"(relative weight error {out.check.requantized_rel_error:.2e})")
     if out.rounded_scales:
         out.notes.append(f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)")
-    pre = pre_tokenizer(json.loads((loaded.checkpoint / "tokenizer.json").read_text()).get("pre_tokenizer"))
     if pre == "default":
         out.notes.append("tokenizer.ggml.pre is 'default' (this tokenizer's pre-tokenizer is not one compress recognises): llama.cpp may split some raw text differently from the HF tokenizer")
-    (dest / "export.json").write_text(json.dumps(_asdict(out), indent=2) + "\n")
+    (dest / "export.json").write_text(json.dumps(asdict(out), indent=2) + "\n")
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (loaded.checkpoint / f).is_file():
             (dest / f).write_bytes((loaded.checkpoint / f).read_bytes())
     return out
 
 
-def _quantized(s: StoredLinear, permute_heads: int | None, out: GgufExported) -> tuple[np.ndarray, str, bool]:
+def _quantized(s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported) -> tuple[np.ndarray, str, bool]:
+    """dense: s de-quantized (rows permuted like q/scale), for the types that re-quantize."""
     kind = exact_type(s)
     if kind is not None:
         scale = np.repeat(s.scale.numpy(), (s.group_size or s.q.shape[1]) // 32, axis=1)
@@ -183,9 +185,6 @@ def _quantized(s: StoredLinear, permute_heads: int | None, out: GgufExported) ->
         return blocks, kind, rounded == 0
     import gguf
 
-    dense = s.dequantized().numpy()
-    if permute_heads:
-        dense = _permute_rows(dense, permute_heads)
     if dense.shape[1] % 32:
         out.requantized += 1
         return dense, "F32", False
@@ -193,10 +192,8 @@ def _quantized(s: StoredLinear, permute_heads: int | None, out: GgufExported) ->
     return gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0), "Q8_0", False
 
 
-def _plain(t: torch.Tensor, src_dtype: str, permute_heads: int | None) -> tuple[np.ndarray, str, bool]:
-    arr = t.float().numpy()
-    if permute_heads:
-        arr = _permute_rows(arr, permute_heads)
+def _plain(arr: np.ndarray, src_dtype: str) -> tuple[np.ndarray, str, bool]:
+    """A float32 weight in the checkpoint's own dtype (exact: the values came from it)."""
     if src_dtype == "bfloat16":  # the checkpoint's own values, exactly
         import gguf
 
@@ -229,7 +226,8 @@ def read_back(path: Path, expected: dict[str, tuple[np.ndarray, bool]]) -> GgufC
     return GgufCheck(verdict, n, worst, (num / den) ** 0.5 if den else None)
 
 
-def _tokenizer(w, ckpt: Path) -> None:
+def _tokenizer(w, ckpt: Path) -> str:
+    """Write the vocabulary, merges and special tokens; returns the pre-tokenizer name."""
     import gguf
 
     try:
@@ -240,11 +238,13 @@ def _tokenizer(w, ckpt: Path) -> None:
     for text, _score, ttype in vocab.all_tokens():
         tokens.append(text)
         types.append(ttype)
+    pre = pre_tokenizer(json.loads((ckpt / "tokenizer.json").read_text()).get("pre_tokenizer"))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer(json.loads((ckpt / "tokenizer.json").read_text()).get("pre_tokenizer")))
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(ckpt, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    return pre
 
 
 def pre_tokenizer(spec: dict | None) -> str:
@@ -261,17 +261,5 @@ def pre_tokenizer(spec: dict | None) -> str:
     return "default"
 
 
-def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
-    return dict(model.named_parameters(remove_duplicate=False))[name].detach()
-
-
-def _param_or_module(model: torch.nn.Module, name: str) -> np.ndarray:
-    if name.endswith(".weight"):
-        return _param(model, name).float().numpy()
-    return model.get_submodule(name).weight.detach().float().numpy()
-
-
-def _asdict(out: GgufExported) -> dict:
-    from dataclasses import asdict
-
-    return asdict(out)
+def _weight(model: torch.nn.Module, module: str) -> np.ndarray:
+    return model.get_submodule(module).weight.detach().float().numpy()

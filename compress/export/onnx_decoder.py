@@ -142,7 +142,8 @@ def rotary_caches(model: torch.nn.Module, max_positions: int) -> tuple[np.ndarra
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options) -> onnx.ModelProto:
+def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options, head: NBits | None = None) -> onnx.ModelProto:
+    """head: the rounded output layer when opts.lm_head_bits (default: `quantized_output_layer`)."""
     cfg = model.config
     check_supported(cfg)
     n_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
@@ -210,7 +211,7 @@ def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options
 
     norm = g.const("model.norm.weight", _vec(model, "model.norm"))
     h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm], outs=1, domain=MS, epsilon=eps)
-    g.output(_lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts), "logits", FLOAT, ["batch", "seq", vocab])
+    g.output(_lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts, head), "logits", FLOAT, ["batch", "seq", vocab])
     return g.model(f"{cfg.model_type}-decoder")
 
 
@@ -223,11 +224,11 @@ def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
     return rtn_nbits(w, bits, block)
 
 
-def _lm_head(g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options) -> str:
+def _lm_head(g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options, rounded: NBits | None) -> str:
+    if opts.lm_head_bits:
+        return matmul_nbits(g, h, "lm_head", rounded or quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level)
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
-    if opts.lm_head_bits:
-        return matmul_nbits(g, h, "lm_head", quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level)
     if name in stored:
         return _apply(g, h, "lm_head", _linear(model, stored, name), opts)
     tied = head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -17,7 +17,7 @@ from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError
 from compress.export import onnx_decoder, onnx_encoder, stored as stored_mod
-from compress.export.onnx_graph import dequantize_nbits, nbits_from_stored
+from compress.export.onnx_graph import dequantize_nbits, nbits_block_of
 from compress.models.load import Loaded
 from compress.primitives.qparams import fake_quantize_tokens
 
@@ -68,14 +68,12 @@ def _tokens_int8(x: torch.Tensor) -> torch.Tensor:
 
 def activations_int8(ckpt: Path) -> bool:
     """The checkpoint quantizes its quantized linears' inputs to int8 per token (w8a8)."""
-    qc = stored_mod.quantization_config(ckpt) or {}
-    acts = [g.get("input_activations") for g in qc.get("config_groups", {}).values()]
-    return any(a and a.get("type") == "int" and a.get("strategy") == "token" for a in acts)
+    return stored_mod.activation_kind(stored_mod.quantization_config(ckpt)) == "int8"
 
 
-def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options) -> onnx.ModelProto:
+def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options, head=None) -> onnx.ModelProto:
     if loaded.task == "causal-lm":
-        return onnx_decoder.build(loaded.model, stored, opts)
+        return onnx_decoder.build(loaded.model, stored, opts, head)
     return onnx_encoder.build(loaded.model, stored, opts)
 
 
@@ -89,9 +87,9 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     stored = stored_mod.read(loaded.checkpoint)
     opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
     exact_reference(loaded, stored, opts.act_int8)
-    graph = build(loaded, stored, opts)
-    if opts.lm_head_bits:  # the reference multiplies by the same rounded output layer (untied from the embedding)
-        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
+    head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits) if opts.lm_head_bits else None
+    graph = build(loaded, stored, opts, head)
+    if head is not None:  # the reference multiplies by the same rounded output layer (untied from the embedding)
         loaded.model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(head)), requires_grad=False)
     nbits = sum(1 for n in graph.graph.node if n.op_type == "MatMulNBits")
     dense = sum(1 for n in graph.graph.node if n.op_type == "MatMul")  # a float output layer is a Gemm, not counted
@@ -105,7 +103,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     fp8 = [n for n, w in stored.items() if w.kind == "float"]
     if fp8:
         notes.append(f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or speed gain)")
-    other = [n for n, w in stored.items() if w.kind == "int" and nbits_from_stored(w) is None]
+    other = [n for n, w in stored.items() if w.kind == "int" and nbits_block_of(w) is None]
     if other:
         notes.append(f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their groups): float32")
     if opts.act_int8:
@@ -115,7 +113,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     chk = check(loaded, dest / MODEL_FILE, threads)
     exp = Exported(dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes)
     _verify(exp)
-    (dest / "export.json").write_text(json.dumps(_jsonable(exp), indent=2) + "\n")
+    (dest / "export.json").write_text(json.dumps(as_dict(exp), indent=2) + "\n")
     return exp
 
 
@@ -163,7 +161,7 @@ def check(loaded: Loaded, path: Path, threads: int) -> Check:
     return Check(ids.shape[1], float(np.abs(got - ref).max()), float(np.abs(ref).max()), min_cosine=float(cos.min()))
 
 
-def _jsonable(exp: Exported) -> dict:
+def as_dict(exp: Exported) -> dict:
     d = asdict(exp)
     d["path"] = str(exp.path)
     return d

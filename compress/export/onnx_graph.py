@@ -100,11 +100,16 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     return NBits(np.ascontiguousarray(u), scales.reshape(-1), zp, bits, block, k, n)
 
 
-def nbits_from_stored(w: StoredLinear) -> NBits | None:
-    """None when the stored grid has no exact MatMulNBits form (fp8, or no fitting block)."""
+def nbits_block_of(w: StoredLinear) -> int | None:
+    """The MatMulNBits block a stored grid maps onto exactly; None for fp8 or no fitting block."""
     if w.kind != "int" or w.bits not in (4, 8):
         return None
-    block = nbits_block(w.q.shape[1], w.group_size)
+    return nbits_block(w.q.shape[1], w.group_size)
+
+
+def nbits_from_stored(w: StoredLinear) -> NBits | None:
+    """None when the stored grid has no exact MatMulNBits form (see `nbits_block_of`)."""
+    block = nbits_block_of(w)
     if block is None:
         return None
     return pack_nbits(w.q.numpy(), w.scale.numpy(), w.zero_point.numpy(), w.bits, block)

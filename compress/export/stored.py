@@ -39,6 +39,16 @@ def quantization_config(ckpt: Path) -> dict | None:
     return json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
 
 
+def activation_kind(quantization_config: dict | None) -> str | None:
+    """'int8', 'fp8' or None: what the checkpoint does to its quantized linears' inputs
+    (dynamic, per token)."""
+    for group in (quantization_config or {}).get("config_groups", {}).values():
+        a = group.get("input_activations")
+        if a and a.get("strategy") == "token":
+            return "fp8" if a.get("type") == "float" else "int8"
+    return None
+
+
 def read(ckpt: Path) -> dict[str, StoredLinear]:
     """Every quantized linear of a compressed-tensors checkpoint written by compress, by module
     name (e.g. "model.layers.0.self_attn.q_proj"). Empty for a plain checkpoint."""

@@ -50,17 +50,17 @@ def _rss() -> int:
 
 def open_torch(spec: str, device: str) -> tuple[loop.Decoder, str, Path]:
     from compress.eval.latency import kernel_name
+    from compress.export.stored import activation_kind, quantization_config, read
     from compress.models import load as loading, source as sources
     from compress.runtime.torch_decoder import TorchDecoder
 
     loaded = loading.load(sources.resolve(spec), dtype="float32" if device == "cpu" else "bfloat16", device=device, quantized=True)
     if loaded.task != "causal-lm":
         raise UsageError(f"compress bench measures decoders (prefill + decode); {spec} is an encoder")
-    qc = json.loads((loaded.checkpoint / "config.json").read_text()).get("quantization_config")
+    qc = quantization_config(loaded.checkpoint)
     kernel = kernel_name(loaded.model, qc)
     if loaded.quantized and device == "cuda":  # real low-bit kernels; a fallback warns why
-        from compress.export.stored import read
-        from compress.runtime.torch_kernels import activation_kind, use_kernels
+        from compress.runtime.torch_kernels import use_kernels
 
         kernel = use_kernels(loaded.model, read(loaded.checkpoint), activation_kind(qc))
     elif loaded.quantized:

@@ -49,9 +49,8 @@ class LlamaCppDecoder:
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
         """Log-probabilities [len(ids) - 1] of each next token (needs logits_all=True)."""
+        from compress.eval.perplexity import target_logprobs
+
         self.llm.reset()
         self.llm.eval(ids)
-        z = np.asarray(self.llm.scores[: len(ids) - 1], dtype=np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        return logp[np.arange(len(ids) - 1), ids[1:]]
+        return target_logprobs(np.asarray(self.llm.scores[: len(ids) - 1]), np.asarray(ids[1:]))

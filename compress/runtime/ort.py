@@ -65,12 +65,11 @@ class OrtDecoder:
 
 def perplexity(dec: OrtDecoder, windows: list[np.ndarray]) -> float:
     """exp(mean next-token negative log-likelihood) over windows of token ids, as eval does."""
+    from compress.eval.perplexity import target_logprobs
+
     nll, count = 0.0, 0
     for w in windows:
         logits, _ = dec.forward(w[None].astype(np.int64))
-        z = logits[0, :-1].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        nll -= logp[np.arange(len(w) - 1), w[1:]].sum()
+        nll -= target_logprobs(logits[0, :-1], w[1:]).sum()
         count += len(w) - 1
     return float(np.exp(nll / count))

@@ -119,11 +119,3 @@ def use_kernels(model: torch.nn.Module, stored: dict[str, StoredLinear], act: st
         setattr(model.get_submodule(parent), child, cls(stored[name], old.bias, param.device, param.dtype))
     return ", ".join(sorted({why for _, why in kernels.values()}))
 
-
-def activation_kind(quantization_config: dict | None) -> str | None:
-    """'int8', 'fp8' or None: what the checkpoint does to its quantized linears' inputs."""
-    for group in (quantization_config or {}).get("config_groups", {}).values():
-        a = group.get("input_activations")
-        if a:
-            return "fp8" if a.get("type") == "float" else "int8"
-    return None
