@@ -15,7 +15,7 @@ import torch
 
 from compress.data import text as textdata
 from compress.data.tokens import windows
-from compress.errors import CompressError
+from compress.errors import CompressError, UsageError
 from compress.export import onnx_decoder, onnx_encoder, stored as stored_mod
 from compress.export.onnx_graph import dequantize_nbits, nbits_block_of
 from compress.models.load import Loaded
@@ -84,6 +84,8 @@ def write(model: onnx.ModelProto, dest: Path) -> None:
 
 def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int) -> Exported:
     """Write DIR/model.onnx with the tokenizer and config beside it, then check it."""
+    if opts.lm_head_bits and loaded.task != "causal-lm":
+        raise UsageError("--lm-head-bits quantizes a decoder's output layer; this model is an encoder")
     stored = stored_mod.read(loaded.checkpoint)
     opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
     exact_reference(loaded, stored, opts.act_int8)

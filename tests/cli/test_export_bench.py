@@ -55,6 +55,7 @@ def test_export_bad_input(quantized, tmp_path):
     assert "already exists" in assert_one_line_error(compress("export", ckpt, "-o", tmp_path / "exists"), 2)
     assert "decoders of type" in assert_one_line_error(compress("export", quantized("phi3", None), "-o", tmp_path / "p"), 2)
     assert "not found" in assert_one_line_error(compress("export", tmp_path / "nope", "-o", tmp_path / "y"), 2)
+    assert "encoder" in assert_one_line_error(compress("export", quantized("bert", None), "--lm-head-bits", "4", "-o", tmp_path / "b"), 2)
     assert no_partials(tmp_path)
 
 
