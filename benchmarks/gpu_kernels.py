@@ -1,11 +1,12 @@
 """GPU latency of the torch runtime's low-bit kernels: a Llama model with Llama-3-8B shapes
 (random weights; speed does not depend on them), batch 1, against bf16.
 
-    .venv/bin/python benchmarks/gpu_kernels.py [--schemes w4a16,fp8,w8a8] [--prompt-len 2048] [--new-tokens 128] [--no-write]
+    .venv/bin/python benchmarks/gpu_kernels.py [--schemes w4a16,fp8,w8a8,2:4] [--prompt-len 2048] [--new-tokens 128] [--no-write]
     .venv/bin/python benchmarks/gpu_kernels.py --tiny --device cpu --no-write   # smoke run of the same code on CPU
 
 Each scheme's model is built from its own random bf16 weights rounded to nearest on the
-scheme's grid, its linears swapped for the kernels of compress/runtime/torch_kernels.py;
+scheme's grid (2:4: magnitude-pruned to 2 of every 4 inputs), its linears swapped for the
+kernels of compress/runtime/torch_kernels.py;
 rounds of bf16 and the scheme alternate in one process (runtime/loop.py protocol).
 Rewrites the `gpu` section of benchmarks/RESULTS.md. Without a CUDA device it says so and
 writes nothing.
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import write_section  # noqa: E402
 
 from compress.export.stored import StoredLinear  # noqa: E402
+from compress.primitives.masks import keep_n_of_m  # noqa: E402
 from compress.primitives.qparams import Grid, compute_qparams, quantize  # noqa: E402
 from compress.runtime import loop, torch_kernels  # noqa: E402
 from compress.runtime.torch_decoder import TorchDecoder  # noqa: E402
@@ -36,8 +38,9 @@ SCHEMES = {  # weight grid, activations
     "w4a16": (Grid(4, "int", True, 128), None),
     "fp8": (Grid(8, "float", True, None), "fp8"),
     "w8a8": (Grid(8, "int", True, None), "int8"),
+    "2:4": (None, None),  # bf16 weights, 2:4 sparse
 }
-TARGETS = {"w4a16": "decode >= 2.5x", "fp8": "decode >= 1.5x, prefill >= 1.3x", "w8a8": ""}
+TARGETS = {"w4a16": "decode >= 2.5x", "fp8": "decode >= 1.5x, prefill >= 1.3x", "w8a8": "", "2:4": ""}
 
 
 def build(config, device: str) -> torch.nn.Module:
@@ -49,7 +52,12 @@ def build(config, device: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def to_kernels(model: torch.nn.Module, grid: Grid, act: str | None) -> str:
+def to_kernels(model: torch.nn.Module, grid: Grid | None, act: str | None) -> str:
+    if grid is None:  # 2:4: keep the two largest of every four inputs
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.mul_(keep_n_of_m(mod.weight.abs(), 2, 4))
+        return torch_kernels.use_sparse24(model)
     stored = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
@@ -61,7 +69,7 @@ def to_kernels(model: torch.nn.Module, grid: Grid, act: str | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", default="w4a16,fp8,w8a8")
+    ap.add_argument("--schemes", default="w4a16,fp8,w8a8,2:4")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)

@@ -3,7 +3,8 @@
     w4a16 -> torch's int4 weight-only kernel (_weight_int4pack_mm, groups of 32..256)
     fp8   -> torch._scaled_mm, e4m3 activations and weights, per-token x per-channel scales
     w8a8  -> torch._int_mm, int8 activations per token x int8 weights per channel
-Anything else stays a de-quantized matmul, with a one-line warning saying why. The same
+    2:4 sparse (unquantized) -> torch's semi-structured sparse matmul (cuSPARSELt or CUTLASS)
+Anything else stays a de-quantized (or dense) matmul, with a one-line warning saying why. The same
 modules run on CPU where torch has the op (the tests compare each with the de-quantized
 matmul there); on this project's AVX2 CPU they are slower than float32, so the CPU runtime
 does not use them.
@@ -16,6 +17,7 @@ import warnings
 import torch
 
 from compress.export.stored import StoredLinear
+from compress.primitives.masks import n_of_m_holds
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 INT4_GROUPS = (32, 64, 128, 256)
@@ -119,3 +121,45 @@ def use_kernels(model: torch.nn.Module, stored: dict[str, StoredLinear], act: st
         setattr(model.get_submodule(parent), child, cls(stored[name], old.bias, param.device, param.dtype))
     return ", ".join(sorted({why for _, why in kernels.values()}))
 
+
+
+def _semi_structured_class() -> type:
+    """The subclass torch.sparse.to_sparse_semi_structured builds (cuSPARSELt unless forced)."""
+    sp = torch.sparse
+    return sp.SparseSemiStructuredTensorCUTLASS if sp.SparseSemiStructuredTensor._FORCE_CUTLASS else sp.SparseSemiStructuredTensorCUSPARSELT
+
+
+def sparse24_reason(weight: torch.Tensor) -> str | None:
+    """Why torch's 2:4 semi-structured kernel cannot take this weight [N, K]; None when it can."""
+    n, k = weight.shape
+    if k % 4 or not n_of_m_holds(weight, 2, 4):
+        return "weights are not 2:4 sparse"
+    cls = _semi_structured_class()
+    limits = cls._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
+    if limits is None:
+        return f"{cls.BACKEND} semi-structured kernels take no {str(weight.dtype).replace('torch.', '')} weights"
+    if n % limits.sparse_min_rows or k % limits.sparse_min_cols:
+        return f"{cls.BACKEND} semi-structured kernels need weights in multiples of {limits.sparse_min_rows}x{limits.sparse_min_cols}, got {n}x{k}"
+    if weight.device.type != "cuda":
+        return "semi-structured sparse kernels run on CUDA only"
+    return None
+
+
+def use_sparse24(model: torch.nn.Module) -> str:
+    """Give every 2:4 sparse linear (all but the output layer) torch's semi-structured sparse
+    weight, in place; returns the kernel name. Linears that cannot take it stay dense, with one
+    warning naming how many and why."""
+    head = model.get_output_embeddings()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    dense = {n: why for n, m in linears.items() if (why := sparse24_reason(m.weight)) is not None}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if dense:
+        name, why = next(iter(dense.items()))
+        warnings.warn(f"{len(dense)} of {len(linears)} linears stay dense ({name}: {why})", stacklevel=2)
+    if len(dense) == len(linears):
+        return f"torch dense {dtype} matmul ({next(iter(dense.values()), 'no linears')})"
+    for name, lin in linears.items():
+        if name not in dense:
+            lin.weight = torch.nn.Parameter(torch.sparse.to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
+    part = f" on {len(linears) - len(dense)} of {len(linears)} linears" if dense else ""
+    return f"torch 2:4 semi-structured sparse {dtype} matmul ({_semi_structured_class().BACKEND}){part}"

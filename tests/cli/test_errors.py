@@ -67,6 +67,13 @@ def test_unknown_scheme(tiny_model, tmp_path):
     assert "scheme" in msg and "w4a16" in msg
 
 
+@pytest.mark.parametrize("command", ["quantize", "eval", "bench"])
+def test_unknown_device(tiny_model, tmp_path, command):
+    args = ["-o", tmp_path / "out"] if command == "quantize" else []
+    msg = assert_one_line_error(compress(command, tiny_model("llama"), *args, "--device", "tpu"), 2)
+    assert "cpu" in msg and "cuda" in msg
+
+
 @pytest.mark.parametrize("value,needle", [("100", "power of two"), ("big", "--group-size"), ("128", "sizes that fit")])
 def test_invalid_group_size(tiny_model, tmp_path, value, needle):
     # the tiny llama's layers are 64 and 128 wide: 128 does not divide 64

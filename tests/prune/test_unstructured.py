@@ -96,6 +96,11 @@ def test_prune_command_2_4_sparse_storage_reads_back(tiny_model, tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
     assert n_of_m_holds(torch.from_numpy(inits["model.layers.0.mlp.down_proj.weight"].T.copy()), 2, 4)
 
+    # bench reads it too, and says the 2:4 pattern buys nothing on CPU
+    proc = compress("bench", out, "--prompt-len", "8", "--new-tokens", "2", "--rounds", "1", "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2:4 sparsity unused" in json.loads(proc.stdout)["rows"][0]["kernel"]
+
 
 def test_prune_then_quantize_recipe_keeps_sparsity(tiny_model, tmp_path):
     import yaml

@@ -1,10 +1,11 @@
-"""Every torch kernel path against the de-quantized matmul on random shapes: on CPU where
-torch has the op, on CUDA when a GPU is present."""
+"""Every torch kernel path against the de-quantized (or dense) matmul on random shapes: on CPU
+where torch has the op, on CUDA when a GPU is present."""
 
 import pytest
 import torch
 
 from compress.export.stored import StoredLinear
+from compress.primitives.masks import keep_n_of_m
 from compress.runtime import torch_kernels as tk
 
 CUDA_REASON = "no CUDA device: the CUDA kernels (tiled int4 packing, cuBLAS fp8/int8) are not exercised"
@@ -74,3 +75,50 @@ def test_kernel_choice_and_fallback_warning():
         name = tk.use_kernels(model, {"0": stored(16, 64, 8)}, None)
     assert "dense" in name and isinstance(model[0], torch.nn.Linear)
     assert "int4" in tk.use_kernels(model, {"0": stored(16, 64, 4, group=32)}, None) and isinstance(model[0], tk.Int4Linear)
+
+
+def two_four(n, k, dtype=torch.bfloat16, seed=0) -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return (w * keep_n_of_m(w.abs(), 2, 4)).to(dtype)
+
+
+def test_sparse24_reasons():
+    assert "not 2:4" in tk.sparse24_reason(torch.randn(64, 64, dtype=torch.bfloat16))
+    assert "not 2:4" in tk.sparse24_reason(torch.zeros(64, 66))
+    assert "float64" in tk.sparse24_reason(two_four(64, 64, torch.float64))
+    assert "40x64" in tk.sparse24_reason(two_four(40, 64))
+    assert "CUDA only" in tk.sparse24_reason(two_four(64, 64))  # a CPU tensor
+
+
+def tiny_llama_2_4(device: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.mul_(keep_n_of_m(mod.weight.abs(), 2, 4))
+    return model
+
+
+def test_sparse24_falls_back_on_cpu_with_one_warning():
+    model = tiny_llama_2_4("cpu")
+    with pytest.warns(UserWarning, match="14 of 14 linears stay dense .*CUDA only"):
+        name = tk.use_sparse24(model)
+    assert name.startswith("torch dense bfloat16") and type(model.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)
+def test_sparse24_semi_structured_cuda():
+    model = tiny_llama_2_4("cuda")
+    ids = torch.randint(0, 256, (2, 40), device="cuda")
+    with torch.no_grad():
+        want, want_one = model(ids).logits.float(), model(ids[:1, :1]).logits.float()
+        assert "semi-structured" in tk.use_sparse24(model)  # no warning: every linear qualifies
+        got, got_one = model(ids).logits.float(), model(ids[:1, :1]).logits.float()  # prefill- and decode-shaped
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, torch.sparse.SparseSemiStructuredTensor)
+    for g, w in ((got, want), (got_one, want_one)):
+        assert (g - w).norm() / w.norm() < 0.02  # bf16 accumulation order differs
