@@ -243,7 +243,7 @@ def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
         )
     for stage in recipe.stages:
         if isinstance(stage, PruneStage) and stage.method != "structured":
-            kernel = " (2:4 is faster only on semi-structured sparse GPU kernels: `compress bench OUT --device cuda` uses them)" if stage.pattern == "2:4" else ""
+            kernel = " (2:4 is faster only on semi-structured sparse GPU kernels, which the latency uses with --device cuda)" if stage.pattern == "2:4" else ""
             stored = ("bitmask + values: smaller on disk, read back by compress, not by plain transformers" if stage.storage == "sparse"
                       else "dense with zeros: loads in plain transformers, same size on disk")
             notes.append(f"{stage.pattern} sparsity leaves dense kernels the same work: expect no speed-up from it{kernel}; storage {stored}")

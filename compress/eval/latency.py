@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,20 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+
+
+def with_sparse24(model: torch.nn.Module, checkpoint: Path, kernel: str) -> str:
+    """An unquantized 2:4 pruned checkpoint: on CUDA, give its linears torch's semi-structured
+    sparse weights (in place) and name that kernel; on CPU, say the pattern buys nothing."""
+    from compress.formats import sparse
+
+    if (sparse.info(checkpoint) or {}).get("pattern") != "2:4":
+        return kernel
+    if next(model.parameters()).device.type == "cuda":
+        from compress.runtime.torch_kernels import use_sparse24
+
+        return use_sparse24(model)
+    return kernel + " (2:4 sparsity unused: torch's semi-structured sparse kernels run on CUDA only)"
 
 
 def kernel_name(model: torch.nn.Module, quant_config: dict | None) -> str:

@@ -53,9 +53,12 @@ def _measure(req: dict, load_from: Path) -> dict:
         out["perplexity"] = Perplexity(value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()).model_dump()
         if spec["latency"]:
             prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
+            kernel = latency.kernel_name(model, quant_config)
+            if not quant_config:  # after the perplexity, which stays on the dense weights
+                kernel = latency.with_sparse24(model, path, kernel)
             speed = latency.causal_lm(model, prompt, spec["new_tokens"])
             out["latency"] = Latency(
-                **speed, prompt_len=prompt.shape[1], new_tokens=spec["new_tokens"], kernel=latency.kernel_name(model, quant_config),
+                **speed, prompt_len=prompt.shape[1], new_tokens=spec["new_tokens"], kernel=kernel,
                 device=latency.device_name(device), dtype=dtype,
             ).model_dump()
     else:

@@ -49,9 +49,8 @@ def _rss() -> int:
 
 
 def open_torch(spec: str, device: str) -> tuple[loop.Decoder, str, Path]:
-    from compress.eval.latency import kernel_name
+    from compress.eval.latency import kernel_name, with_sparse24
     from compress.export.stored import activation_kind, quantization_config, read
-    from compress.formats import sparse
     from compress.models import load as loading, source as sources
     from compress.runtime.torch_decoder import TorchDecoder
 
@@ -66,13 +65,8 @@ def open_torch(spec: str, device: str) -> tuple[loop.Decoder, str, Path]:
         kernel = use_kernels(loaded.model, read(loaded.checkpoint), activation_kind(qc))
     elif loaded.quantized:
         kernel = f"torch dense {next(loaded.model.parameters()).dtype} matmul (weights de-quantized at load)".replace("torch.", "")
-    elif (sparse.info(loaded.checkpoint) or {}).get("pattern") == "2:4":
-        if device == "cuda":
-            from compress.runtime.torch_kernels import use_sparse24
-
-            kernel = use_sparse24(loaded.model)
-        else:
-            kernel += " (2:4 sparsity unused: torch's semi-structured sparse kernels run on CUDA only)"
+    else:
+        kernel = with_sparse24(loaded.model, loaded.checkpoint, kernel)
     return TorchDecoder(loaded.model, kernel), str(next(loaded.model.parameters()).dtype).replace("torch.", ""), loaded.checkpoint
 
 
