@@ -10,8 +10,9 @@ import torch
 import typer
 from rich.table import Table
 
-from compress.cli.common import Json, check_device, err, out
+from compress.cli.common import Json, err, out
 from compress.errors import UsageError
+from compress.models import load as loading
 from compress.runtime import bench as benching
 
 
@@ -36,7 +37,7 @@ def bench(
         raise UsageError(f"--batch takes comma-separated integers, got {batch!r}") from None
     if any(b < 1 for b in batches) or prompt_len < 1 or new_tokens < 1 or rounds < 1:
         raise UsageError("--batch, --prompt-len, --new-tokens and --rounds must be at least 1")
-    check_device(device)
+    loading.check_device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     n_ctx = prompt_len + new_tokens + 8

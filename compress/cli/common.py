@@ -35,16 +35,6 @@ SaveRecipe = Annotated[Optional[Path], typer.Option(help="Also write the equival
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")]
 
 
-def check_device(device: str) -> None:
-    """--device for commands that take it outside a recipe (recipes validate it themselves)."""
-    import torch
-
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to torch")
-
-
 def one_stage(stage: dict[str, Any], *, model: str, output: Path, overwrite: bool, dtype: str, device: str, trust_remote_code: bool,
               allow_pickle: bool, evaluate: bool, eval_dataset: str, text_column: str, eval_tokens: int, latency: bool,
               offload: bool = False) -> Recipe:

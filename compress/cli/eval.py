@@ -12,7 +12,7 @@ import typer
 
 import compress
 from compress import api
-from compress.cli.common import check_device, err, out
+from compress.cli.common import err, out
 from compress.data import text as textdata
 from compress.eval import size
 from compress.eval.measure import measure
@@ -44,7 +44,7 @@ def evaluate(
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Measure size, quality, speed and memory of a checkpoint, optionally against a baseline."""
-    check_device(device)
+    loading.check_device(device)
     spec = EvalSpec(dataset=dataset, max_tokens=eval_tokens, seq_len=seq_len, latency=latency)
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None

@@ -109,6 +109,14 @@ def checkpoint_dir(source: Source, dtype: str) -> Path:
     return source.path
 
 
+def check_device(device: str) -> None:
+    """A --device value torch can use here (one-line usage errors otherwise)."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch")
+
+
 def load(
     source: Source,
     dtype: str = "auto",
@@ -146,8 +154,7 @@ def load(
     check_weights(ckpt)
     task = task_of(getattr(config, "architectures", None))
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to torch")
+    check_device(device)
     if offload and not any(ckpt.glob("*.safetensors")):
         raise UsageError(f"--offload reads layers from safetensors files; {ckpt} has none")
     try:
