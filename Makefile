@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/compress quantize smollm2-135m -o demo-out --scheme w4a16 --group-size auto --overwrite
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

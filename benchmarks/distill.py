@@ -48,13 +48,31 @@ def distill(student: Path, out: Path, steps: int, extra: list[str]) -> dict:
             sys.exit(f"{out} was trained with other settings than {asked}; use another --work")
         print(f"reusing {out}")
     else:
-        rep = compress("distill", "--teacher", "smollm2-135m", "--student", str(student), "-o", str(out), "--steps", str(steps), *extra)
+        rep = compress(
+            "distill",
+            "--teacher",
+            "smollm2-135m",
+            "--student",
+            str(student),
+            "-o",
+            str(out),
+            "--steps",
+            str(steps),
+            *extra,
+        )
     t = next(s["training"] for s in rep["stages"] if s["stage"] == "distill")
     gap = t["student_perplexity_before"] - t["teacher_perplexity"]
     closed = (t["student_perplexity_before"] - t["student_perplexity_after"]) / gap
-    return {"teacher": t["teacher_perplexity"], "before": t["student_perplexity_before"], "after": t["student_perplexity_after"],
-            "closed": closed, "seconds": t["seconds"], "tokens": t["tokens"], "tps": t["tokens_per_s"],
-            "reloaded": rep["result"]["perplexity"]["value"]}
+    return {
+        "teacher": t["teacher_perplexity"],
+        "before": t["student_perplexity_before"],
+        "after": t["student_perplexity_after"],
+        "closed": closed,
+        "seconds": t["seconds"],
+        "tokens": t["tokens"],
+        "tps": t["tokens_per_s"],
+        "reloaded": rep["result"]["perplexity"]["value"],
+    }
 
 
 def main() -> None:
@@ -66,24 +84,41 @@ def main() -> None:
     args = ap.parse_args()
     tmp = args.work or Path(tempfile.mkdtemp(prefix="compress-bench-distill-"))
     print(f"working in {tmp}")
-    for name, opts in (("drop10", ["--method", "structured", "--drop-layers", "10"]), ("2of4", ["--method", "sparsegpt", "--pattern", "2:4"])):
+    for name, opts in (
+        ("drop10", ["--method", "structured", "--drop-layers", "10"]),
+        ("2of4", ["--method", "sparsegpt", "--pattern", "2:4"]),
+    ):
         if not (tmp / name / "config.json").is_file():
             compress("prune", "smollm2-135m", "-o", str(tmp / name), *opts, "--no-eval")
     rows = [
-        ("drop 10 of 30 layers: distilled, KL on logits + next-token (defaults)", args.steps,
-         distill(tmp / "drop10", tmp / "drop10-kdlm", args.steps, ["--kd-weight", "1", "--lm-weight", "1"])),
-        ("drop 10 of 30 layers: distilled, KL on logits only", args.steps,
-         distill(tmp / "drop10", tmp / "drop10-kd", args.steps, ["--kd-weight", "1", "--lm-weight", "0"])),
-        ("drop 10 of 30 layers: next-token loss only (no teacher)", args.steps,
-         distill(tmp / "drop10", tmp / "drop10-lm", args.steps, ["--kd-weight", "0", "--lm-weight", "1"])),
-        ("2:4 SparseGPT: distilled, KL on logits only", args.steps_2of4,
-         distill(tmp / "2of4", tmp / "2of4-kd", args.steps_2of4, ["--kd-weight", "1", "--lm-weight", "0"])),
+        (
+            "drop 10 of 30 layers: distilled, KL on logits + next-token (defaults)",
+            args.steps,
+            distill(tmp / "drop10", tmp / "drop10-kdlm", args.steps, ["--kd-weight", "1", "--lm-weight", "1"]),
+        ),
+        (
+            "drop 10 of 30 layers: distilled, KL on logits only",
+            args.steps,
+            distill(tmp / "drop10", tmp / "drop10-kd", args.steps, ["--kd-weight", "1", "--lm-weight", "0"]),
+        ),
+        (
+            "drop 10 of 30 layers: next-token loss only (no teacher)",
+            args.steps,
+            distill(tmp / "drop10", tmp / "drop10-lm", args.steps, ["--kd-weight", "0", "--lm-weight", "1"]),
+        ),
+        (
+            "2:4 SparseGPT: distilled, KL on logits only",
+            args.steps_2of4,
+            distill(tmp / "2of4", tmp / "2of4-kd", args.steps_2of4, ["--kd-weight", "1", "--lm-weight", "0"]),
+        ),
     ]
     lines = [
         "## Distillation (SmolLM2-135M teacher)",
         "",
-        f"`.venv/bin/python benchmarks/distill.py --steps {args.steps} --steps-2of4 {args.steps_2of4}`: each student trained for "
-        "the steps shown, 4 sequences x 256 tokens per step, of the built-in training text (pydoc even pages, 182 windows: "
+        f"`.venv/bin/python benchmarks/distill.py --steps {args.steps} --steps-2of4 {args.steps_2of4}`: each student "
+        f"trained for "
+        "the steps shown, 4 sequences x 256 tokens per step, of the built-in training text (pydoc even pages, 182 "
+        "windows: "
         "about 45 steps per epoch), AdamW lr 2e-4, "
         "5% warm-up + cosine, float32 on CPU (2 threads); the budget is 10 minutes of training per student. "
         "Held-out perplexity on 8192 tokens of the pydoc odd pages (windows of 512), measured in the training process; "
@@ -93,8 +128,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, steps, r in rows:
-        lines.append(f"| {name} | {steps} | {r['teacher']:.3f} | {r['before']:.3f} | {r['after']:.3f} | {r['closed']:.1%} | {r['reloaded']:.3f} | "
-                     f"{r['seconds']:.0f} s | {r['tps']:.0f} |")
+        lines.append(
+            f"| {name} | {steps} | {r['teacher']:.3f} | {r['before']:.3f} | {r['after']:.3f} | {r['closed']:.1%} | "
+            f"{r['reloaded']:.3f} | "
+            f"{r['seconds']:.0f} s | {r['tps']:.0f} |"
+        )
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -5,7 +5,7 @@ perplexity of the export against the compress checkpoint in PyTorch, greedy toke
 
 Quantizes with `compress quantize` (round to nearest), exports with `compress export`, then
 measures in this process: the PyTorch fp32 baseline and every export interleaved round by
-round (compress.runtime.bench, the code behind `compress bench`). Rewrites the `export`
+round (compress.eval.bench, the code behind `compress bench`). Rewrites the `export`
 section of benchmarks/RESULTS.md.
 """
 
@@ -50,7 +50,7 @@ def self_sensitivity(ckpt: Path) -> int:
     from compress.data.text import builtin
     from compress.data.tokens import windows
     from compress.export.onnx_export import activations_int8, exact_reference
-    from compress.export.stored import read
+    from compress.formats.stored import read
     from compress.models.load import load
     from compress.models.source import resolve
     from compress.runtime.loop import generate
@@ -102,10 +102,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from compress.data import text as textdata
+    from compress.eval import bench, llama_cpp, ort
     from compress.eval.perplexity import perplexity as torch_ppl, token_windows
     from compress.models.load import load
     from compress.models.source import resolve
-    from compress.runtime import bench, llama_cpp, ort
 
     texts = textdata.builtin("evaluation").texts
     ppl: dict[str, tuple[float, float]] = {}  # label -> (PyTorch on the checkpoint, runtime on the export)
@@ -137,7 +137,9 @@ def main() -> None:
     for label, (_, dest) in exports.items():
         subjects.append(bench.open_subject(label, str(dest), "onnxruntime", args.threads, "cpu", work, None, n_ctx))
     if llama_cpp.available():
-        subjects.append(bench.open_subject("w8a16 GGUF", str(gguf_dir), "llama.cpp", args.threads, "cpu", work, None, n_ctx))
+        subjects.append(
+            bench.open_subject("w8a16 GGUF", str(gguf_dir), "llama.cpp", args.threads, "cpu", work, None, n_ctx)
+        )
     t0 = time.perf_counter()
     rows = bench.measure(subjects, [1], args.prompt_len, args.new_tokens, args.rounds)
     for s in subjects:
@@ -149,32 +151,43 @@ def main() -> None:
         "## Export to ONNX Runtime and GGUF, CPU (`benchmarks/export.py`)",
         "",
         f"SmolLM2-135M, {env['device']}, {args.threads} threads, batch 1, prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens, greedy with KV cache, median of {args.rounds} rounds interleaved in one process "
+        f"{args.new_tokens} new tokens, greedy with KV cache, median of {args.rounds} rounds interleaved in one "
+        f"process "
         f"(`compress bench` protocol). Weights: `compress quantize --method rtn` (w4a16 groups of 64, w8 per channel). "
-        f"Baseline: PyTorch {torch.__version__} fp32 on the original checkpoint. Perplexity: {args.eval_tokens} held-out "
+        f"Baseline: PyTorch {torch.__version__} fp32 on the original checkpoint. Perplexity: {args.eval_tokens} "
+        f"held-out "
         "built-in tokens in windows of 512, the export's runtime against the compress checkpoint as transformers "
         "runs it (float32; w8a8 with its per-token int8 activations).",
         "",
-        "| model | runtime, kernel | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | perplexity: PyTorch -> export | greedy tokens equal (of 16) |",
+        "| model | runtime, kernel | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | perplexity: "
+        "PyTorch -> export | greedy tokens equal (of 16) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.role == "baseline":
             q = "| | |"
         elif r.role == "w8a16 GGUF":
-            q = f"| {gguf_ppl[0]:.3f} -> {gguf_ppl[1]:.3f} ({(gguf_ppl[1] / gguf_ppl[0] - 1) * 100:+.2f}%) | |" if gguf_ppl else "| |"
+            q = (
+                f"| {gguf_ppl[0]:.3f} -> {gguf_ppl[1]:.3f} ({(gguf_ppl[1] / gguf_ppl[0] - 1) * 100:+.2f}%) | |"
+                if gguf_ppl
+                else "| |"
+            )
         else:
             a, b = ppl[r.role]
             c = checks[r.role]["check"]
             q = f"| {a:.3f} -> {b:.3f} ({(b / a - 1) * 100:+.2f}%) | {c['greedy_equal']} |"
         sp = f"{r.prefill_speedup:.2f}x | {r.decode_speedup:.2f}x" if r.decode_speedup else " | "
-        lines.append(f"| {r.role} | {r.runtime}: {r.kernel} | {r.prefill_tokens_per_s:.0f} | {r.decode_tokens_per_s:.1f} | "
-                     f"{r.ttft_ms:.0f} | {sp} {q}")
+        lines.append(
+            f"| {r.role} | {r.runtime}: {r.kernel} | {r.prefill_tokens_per_s:.0f} | {r.decode_tokens_per_s:.1f} | "
+            f"{r.ttft_ms:.0f} | {sp} {q}"
+        )
     g = gguf_info
     lines += [
         "",
-        f"GGUF (`compress export w8a16 -f gguf`): {g['tensors']} tensors, {g['exact']} quantized linears carried over exactly "
-        f"as {', '.join(f'{k} x{v}' for k, v in g['types'].items())}; read back with gguf's reader: {g['check']['verdict']} "
+        f"GGUF (`compress export w8a16 -f gguf`): {g['tensors']} tensors, {g['exact']} quantized linears carried over "
+        f"exactly "
+        f"as {', '.join(f'{k} x{v}' for k, v in g['types'].items())}; read back with gguf's reader: "
+        f"{g['check']['verdict']} "
         f"({g['check']['tensors_compared']} weights compared).",
         "",
         f"Greedy tokens and w8a8: PyTorch itself keeps {sensitivity['w8a8']} of 16 greedy tokens (w8a16: "

@@ -1,7 +1,8 @@
 """GPU latency of the torch runtime's low-bit kernels: a Llama model with Llama-3-8B shapes
 (random weights; speed does not depend on them), batch 1, against bf16.
 
-    .venv/bin/python benchmarks/gpu_kernels.py [--schemes w4a16,fp8,w8a8,2:4] [--prompt-len 2048] [--new-tokens 128] [--no-write]
+    .venv/bin/python benchmarks/gpu_kernels.py [--schemes w4a16,fp8,w8a8,2:4] [--prompt-len 2048] \
+        [--new-tokens 128] [--no-write]
     .venv/bin/python benchmarks/gpu_kernels.py --tiny --device cpu --no-write   # smoke run of the same code on CPU
 
 Each scheme's model is built from its own random bf16 weights rounded to nearest on the
@@ -24,16 +25,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from results import write_section  # noqa: E402
 
-from compress.export.stored import StoredLinear  # noqa: E402
+from compress.formats.stored import StoredLinear  # noqa: E402
 from compress.primitives.masks import keep_n_of_m  # noqa: E402
 from compress.primitives.qparams import Grid, compute_qparams, quantize  # noqa: E402
 from compress.runtime import loop, torch_kernels  # noqa: E402
 from compress.runtime.torch_decoder import TorchDecoder  # noqa: E402
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=1024, max_position_embeddings=4096)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1024,
+    max_position_embeddings=4096,
+)
 SCHEMES = {  # weight grid, activations
     "w4a16": (Grid(4, "int", True, 128), None),
     "fp8": (Grid(8, "float", True, None), "fp8"),
@@ -63,7 +79,9 @@ def to_kernels(model: torch.nn.Module, grid: Grid | None, act: str | None) -> st
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
             w = mod.weight.float()
             scale, zp = compute_qparams(w, grid, torch.float32)
-            stored[name] = StoredLinear(quantize(w, scale, zp, grid).cpu(), scale.cpu(), zp.cpu(), grid.bits, grid.kind, True, grid.group_size)
+            stored[name] = StoredLinear(
+                quantize(w, scale, zp, grid).cpu(), scale.cpu(), zp.cpu(), grid.bits, grid.kind, True, grid.group_size
+            )
     return torch_kernels.use_kernels(model, stored, act)
 
 
@@ -100,25 +118,31 @@ def main() -> None:
             for k, d in decs.items():
                 times[k].append(loop.one_round(d, prompt, args.new_tokens))
         b, q = loop.median(times["bf16"]), loop.median(times[scheme])
-        rows.append(f"| {scheme} | {kernel} | {b.prefill_tokens_per_s:.0f} -> {q.prefill_tokens_per_s:.0f} "
-                    f"({q.prefill_tokens_per_s / b.prefill_tokens_per_s:.2f}x) | {b.decode_tokens_per_s:.1f} -> "
-                    f"{q.decode_tokens_per_s:.1f} ({q.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x) | {TARGETS[scheme]} |")
+        rows.append(
+            f"| {scheme} | {kernel} | {b.prefill_tokens_per_s:.0f} -> {q.prefill_tokens_per_s:.0f} "
+            f"({q.prefill_tokens_per_s / b.prefill_tokens_per_s:.2f}x) | {b.decode_tokens_per_s:.1f} -> "
+            f"{q.decode_tokens_per_s:.1f} ({q.decode_tokens_per_s / b.decode_tokens_per_s:.2f}x) | {TARGETS[scheme]} |"
+        )
         print(rows[-1], flush=True)
         del model, decs
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    body = "\n".join([
-        "## GPU kernels of the torch runtime (`benchmarks/gpu_kernels.py`)",
-        "",
-        f"{'Tiny random Llama' if args.tiny else 'Llama with Llama-3-8B shapes, random weights'}, {name}, torch {torch.__version__}, "
-        f"batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy with KV cache, median of {args.rounds} "
-        "rounds alternating with bf16 in one process.",
-        "",
-        "| scheme | kernel | prefill tok/s, bf16 -> scheme | decode tok/s, bf16 -> scheme | target |",
-        "|---|---|---|---|---|",
-        *rows,
-    ])
+    body = "\n".join(
+        [
+            "## GPU kernels of the torch runtime (`benchmarks/gpu_kernels.py`)",
+            "",
+            f"{'Tiny random Llama' if args.tiny else 'Llama with Llama-3-8B shapes, random weights'}, {name}, torch "
+            f"{torch.__version__}, "
+            f"batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy with KV cache, median of "
+            f"{args.rounds} "
+            "rounds alternating with bf16 in one process.",
+            "",
+            "| scheme | kernel | prefill tok/s, bf16 -> scheme | decode tok/s, bf16 -> scheme | target |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     print(body)
     if not args.no_write:
         write_section("gpu", body)

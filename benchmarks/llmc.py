@@ -8,13 +8,14 @@ pins its own transformers). Called by benchmarks/quantize_calibrated.py and benc
 
 CALIB.json and EVAL.json hold token windows made by the caller, so both toolkits see the same
 tokens. Prints one JSON line: perplexity (same windows, same protocol as compress's report:
-each window scored alone, mean token NLL), oneshot seconds, peak memory during oneshot above the process before the model was loaded.
+each window scored alone, mean token NLL), oneshot seconds, peak memory during oneshot above the process
+before the model was loaded.
 """
 
 import json
 import math
-import threading
 import sys
+import threading
 import time
 
 import psutil
@@ -58,14 +59,21 @@ def modifier(method: str, args: list[str]):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         group, sym = int(args[0]), args[1] == "sym"
-        scheme = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group}}
-        return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]), "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"
+        scheme = {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group},
+        }
+        return GPTQModifier(
+            config_groups={"group_0": scheme}, ignore=["lm_head"]
+        ), "GPTQModifier defaults (actorder static, dampening 0.01, block 128)"
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
     sparsity, pattern = float(args[0]), args[1]
     structure = "0:0" if pattern == "unstructured" else pattern
-    return (SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"]),
-            "SparseGPTModifier defaults (dampening 0.01, block 128)")
+    return (
+        SparseGPTModifier(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"]),
+        "SparseGPTModifier defaults (dampening 0.01, block 128)",
+    )
 
 
 def main() -> None:
@@ -79,10 +87,25 @@ def main() -> None:
     peak = PeakRSS()
     with peak:
         start = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=[recipe], max_seq_length=len(calib_ids[0]), num_calibration_samples=len(calib_ids))
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=[recipe],
+            max_seq_length=len(calib_ids[0]),
+            num_calibration_samples=len(calib_ids),
+        )
         seconds = time.perf_counter() - start
     peak = peak.bytes - before
-    print(json.dumps({"perplexity": perplexity(model.eval(), eval_ids), "seconds": seconds, "peak_rss_above_start": peak, "settings": settings}))
+    print(
+        json.dumps(
+            {
+                "perplexity": perplexity(model.eval(), eval_ids),
+                "seconds": seconds,
+                "peak_rss_above_start": peak,
+                "settings": settings,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

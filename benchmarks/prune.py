@@ -41,19 +41,47 @@ RUNS = [  # (name, compress prune options)
 def ours(name: str, opts: list[str], samples: int, seq_len: int, tmp: Path) -> dict:
     out = tmp / name.replace(" ", "_").replace("%", "").replace(":", "-").replace(",", "")
     latency = [] if "structured" in name else ["--no-latency"]
-    cmd = [sys.executable, "-m", "compress", "prune", "smollm2-135m", "-o", str(out), *opts, "--samples", str(samples),
-           "--seq-len", str(seq_len), *latency, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compress",
+        "prune",
+        "smollm2-135m",
+        "-o",
+        str(out),
+        *opts,
+        "--samples",
+        str(samples),
+        "--seq-len",
+        str(seq_len),
+        *latency,
+        "--json",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1]}")
     rep = json.loads(proc.stdout)
     st, base, res = rep["stages"][0], rep["base"], rep["result"]
-    row = {"tool": "compress", "name": name, "base": base["perplexity"]["value"], "ppl": res["perplexity"]["value"],
-           "seconds": st["seconds"], "bytes": res["bytes_on_disk"], "base_bytes": base["bytes_on_disk"],
-           "params": res["parameters"], "base_params": base["parameters"], "dir": out}
+    row = {
+        "tool": "compress",
+        "name": name,
+        "base": base["perplexity"]["value"],
+        "ppl": res["perplexity"]["value"],
+        "seconds": st["seconds"],
+        "bytes": res["bytes_on_disk"],
+        "base_bytes": base["bytes_on_disk"],
+        "params": res["parameters"],
+        "base_params": base["parameters"],
+        "dir": out,
+    }
     if res.get("latency") and base.get("latency"):
-        row["speedup"] = {k: res["latency"][k] / base["latency"][k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
-        row["latency_note"] = f"{res['latency']['kernel']}, {res['latency']['device']}, batch 1, prompt {res['latency']['prompt_len']}, {res['latency']['new_tokens']} new tokens"
+        row["speedup"] = {
+            k: res["latency"][k] / base["latency"][k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")
+        }
+        row["latency_note"] = (
+            f"{res['latency']['kernel']}, {res['latency']['device']}, batch 1, prompt {res['latency']['prompt_len']}, "
+            f"{res['latency']['new_tokens']} new tokens"
+        )
     return row
 
 
@@ -86,9 +114,17 @@ def combined(samples: int, seq_len: int, tmp: Path) -> dict:
     if not all(n_of_m_holds(m.weight, 2, 4) for m in linears):
         sys.exit("2:4 did not survive quantization")
     res, base = rep["result"], rep["base"]
-    return {"tool": "compress", "name": "recipe: sparsegpt 2:4 -> gptq w4a16 g64 (2:4 checked after reload)", "base": base["perplexity"]["value"],
-            "ppl": res["perplexity"]["value"], "seconds": sum(st["seconds"] for st in rep["stages"]), "bytes": res["bytes_on_disk"],
-            "base_bytes": base["bytes_on_disk"], "params": res["parameters"], "base_params": base["parameters"]}
+    return {
+        "tool": "compress",
+        "name": "recipe: sparsegpt 2:4 -> gptq w4a16 g64 (2:4 checked after reload)",
+        "base": base["perplexity"]["value"],
+        "ppl": res["perplexity"]["value"],
+        "seconds": sum(st["seconds"] for st in rep["stages"]),
+        "bytes": res["bytes_on_disk"],
+        "base_bytes": base["bytes_on_disk"],
+        "params": res["parameters"],
+        "base_params": base["parameters"],
+    }
 
 
 def dense_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -109,7 +145,14 @@ def llmc(sparsity: float, pattern: str, base: Path, calib: Path, ev: Path) -> di
         return None
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     name = f"sparsegpt {'50%' if pattern == 'unstructured' else pattern}"
-    return {"tool": "llm-compressor", "name": name, "base": None, "ppl": r["perplexity"], "seconds": r["seconds"], "settings": r["settings"]}
+    return {
+        "tool": "llm-compressor",
+        "name": name,
+        "base": None,
+        "ppl": r["perplexity"],
+        "seconds": r["seconds"],
+        "settings": r["settings"],
+    }
 
 
 def main() -> None:
@@ -128,7 +171,9 @@ def main() -> None:
             print({k: v for k, v in rows[-1].items() if k != "dir"}, flush=True)
         rows.append(combined(args.samples, args.seq_len, tmp))
         print(rows[-1], flush=True)
-        dense, packed = (next(r for r in rows if r["name"] == n) for n in ("sparsegpt 50%", "sparsegpt 50% --storage sparse"))
+        dense, packed = (
+            next(r for r in rows if r["name"] == n) for n in ("sparsegpt 50%", "sparsegpt 50% --storage sparse")
+        )
         a, b = dense_weights(dense["dir"]), dense_weights(packed["dir"])
         identical = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
         if not args.no_llmc:
@@ -137,30 +182,55 @@ def main() -> None:
                     rows.append(r)
                     print(r, flush=True)
     base = rows[0]["base"]
-    table = ["| tool | method | perplexity | vs base | time s | size on disk vs base | parameters vs base |", "|---|---|---|---|---|---|---|"]
+    table = [
+        "| tool | method | perplexity | vs base | time s | size on disk vs base | parameters vs base |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         size = f"{r['bytes'] / r['base_bytes']:.3f}x" if "bytes" in r else "-"
         params = f"{r['params'] / r['base_params']:.3f}x" if "params" in r else "-"
-        table.append(f"| {r['tool']} | {r['name']} | {r['ppl']:.3f} | {(r['ppl'] / base - 1) * 100:+.1f}% | {r['seconds']:.0f} | {size} | {params} |")
+        table.append(
+            f"| {r['tool']} | {r['name']} | {r['ppl']:.3f} | {(r['ppl'] / base - 1) * 100:+.1f}% | {r['seconds']:.0f} "
+            f"| {size} | {params} |"
+        )
     structured = next(r for r in rows if r["name"].startswith("structured"))
     speed = structured.get("speedup")
-    llmc_note = "" if LLMC_PY.exists() and not args.no_llmc else " llm-compressor was not run (`make bench-venv`), so its rows are missing."
-    section = "\n".join([
-        "## Pruning (`benchmarks/prune.py`)",
-        "",
-        f"SmolLM2-135M-Instruct (base perplexity {base:.3f}, bfloat16). Calibration: {args.samples} samples x {args.seq_len} tokens of the "
-        "built-in calibration split, the same tokens for both toolkits (llm-compressor's SparseGPTModifier with its defaults). "
-        "Perplexity: 8192 held-out tokens in windows of 512; compress's rows are measured on the checkpoint reloaded by plain "
-        "transformers (sparse storage: densified by compress first), llm-compressor's on its in-memory model after `oneshot`. "
-        f"Time: the prune stage or the `oneshot` call, same run, {os.cpu_count()} CPU cores. Unstructured and 2:4 sparsity stored dense "
-        f"keep the file size; `--storage sparse` (bitmask + values) takes {packed['bytes'] / packed['base_bytes']:.3f}x the bytes "
-        f"of the dense bf16 checkpoint and reads back {'bit-identical to' if identical else 'DIFFERENT from'} the dense run's weights.{llmc_note}",
-        "",
-        *table,
-        "",
-        (f"Structured speed on CPU ({structured['latency_note']}): prefill {speed['prefill_tokens_per_s']:.2f}x, "
-         f"decode {speed['decode_tokens_per_s']:.2f}x the base's tokens/s (each model measured in its own process)." if speed else ""),
-    ])
+    llmc_note = (
+        ""
+        if LLMC_PY.exists() and not args.no_llmc
+        else " llm-compressor was not run (`make bench-venv`), so its rows are missing."
+    )
+    section = "\n".join(
+        [
+            "## Pruning (`benchmarks/prune.py`)",
+            "",
+            f"SmolLM2-135M-Instruct (base perplexity {base:.3f}, bfloat16). Calibration: {args.samples} samples x "
+            f"{args.seq_len} tokens of the "
+            "built-in calibration split, the same tokens for both toolkits (llm-compressor's SparseGPTModifier with "
+            "its defaults). "
+            "Perplexity: 8192 held-out tokens in windows of 512; compress's rows are measured on the checkpoint "
+            "reloaded by plain "
+            "transformers (sparse storage: densified by compress first), llm-compressor's on its in-memory model after "
+            "`oneshot`. "
+            f"Time: the prune stage or the `oneshot` call, same run, {os.cpu_count()} CPU cores. Unstructured and 2:4 "
+            f"sparsity stored dense "
+            f"keep the file size; `--storage sparse` (bitmask + values) takes "
+            f"{packed['bytes'] / packed['base_bytes']:.3f}x the bytes "
+            f"of the dense bf16 checkpoint and reads back {'bit-identical to' if identical else 'DIFFERENT from'} the "
+            f"dense run's weights.{llmc_note}",
+            "",
+            *table,
+            "",
+            (
+                f"Structured speed on CPU ({structured['latency_note']}): prefill "
+                f"{speed['prefill_tokens_per_s']:.2f}x, "
+                f"decode {speed['decode_tokens_per_s']:.2f}x the base's tokens/s (each model measured in its own "
+                f"process)."
+                if speed
+                else ""
+            ),
+        ]
+    )
     print(section)
     if not identical:
         sys.exit("sparse storage did not read back bit-identical")

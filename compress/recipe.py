@@ -6,16 +6,35 @@ can be written down (OUT/recipe.yaml) and replayed with `compress run`.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from compress.distill import trainer
 from compress.errors import UsageError
+from compress.method import Method
+from compress.primitives.masks import parse_pattern
+from compress.prune import table as prune_table
+from compress.quant import table as quant_table
+from compress.quant.schemes import SCHEMES
 
-SCHEMES = ("w4a16", "w8a16", "w8a8", "fp8")
-Scheme = Literal["w4a16", "w8a16", "w8a8", "fp8"]
+SCHEME_NAMES = tuple(SCHEMES)
+TRAIN = {f.name: f.default for f in dataclasses.fields(trainer.Options) if f.default is not dataclasses.MISSING}
+DISTILL_STEPS = 100  # optimizer steps when neither steps nor tokens are given
+
 GroupSize = Union[int, Literal["auto", "channel"]]
 
 
@@ -23,29 +42,87 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class QuantizeStage(Strict):
+class MethodStage(Strict):
+    """A stage whose `method` names a row of a method table: the table's options sit flat in
+    the stage (`with_options`), each checked by its own model, and belong to their method."""
+
+    METHODS: ClassVar[dict[str, type[Method]]] = {}
+    stage: str
+    method: str  # a name in METHODS (`with_options` makes it a Literal of them)
+
+    @property
+    def method_class(self) -> type[Method]:
+        return self.METHODS[self.method]
+
+    @property
+    def reads_text(self) -> bool:
+        return self.method_class.calibrated
+
+    def method_options(self) -> BaseModel:
+        cls = self.method_class.Options
+        return cls(**{k: getattr(self, k) for k in cls.model_fields})
+
+    @classmethod
+    def _owners(cls, field: str) -> list[str]:
+        return [n for n, m in cls.METHODS.items() if field in m.Options.model_fields]
+
+    @model_validator(mode="after")
+    def _options_of_method(self) -> MethodStage:
+        foreign = [
+            f
+            for f in self.model_fields_set
+            if (owners := self._owners(f))
+            and self.method not in owners
+            and getattr(self, f) != type(self).model_fields[f].default
+        ]
+        if foreign:
+            owners = sorted({o for f in foreign for o in self._owners(f)})
+            raise ValueError(
+                f"{', '.join(sorted(foreign))}: options that belong to method {' or '.join(owners)}, not {self.method}"
+            )
+        self.method_class.check(self)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_own_options(self, handler):
+        """Written recipes hold the options of their own method only."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (owners := self._owners(k)) or self.method in owners}
+
+
+def with_options(base: type[MethodStage], methods: dict[str, type[Method]], default: str | None) -> type[MethodStage]:
+    """`base` with a `method` field naming a row of `methods` and every method's option fields."""
+    fields: dict[str, Any] = {}
+    for m in methods.values():
+        for name, info in m.Options.model_fields.items():
+            if name in fields and repr(fields[name][1]) != repr(info):
+                raise TypeError(f"option {name!r} is declared by two methods; share one options class")
+            fields[name] = (info.annotation, info)
+    choice = Literal[tuple(methods)]  # type: ignore[valid-type]
+    method = (choice, default) if default is not None else (choice, ...)
+    return create_model(
+        base.__name__.replace("Base", "Stage"),
+        __base__=base,
+        __module__=__name__,
+        METHODS=(ClassVar[dict[str, type[Method]]], methods),
+        method=method,
+        **fields,
+    )
+
+
+class QuantizeBase(MethodStage):
     stage: Literal["quantize"] = "quantize"
-    scheme: Scheme
-    method: Literal["rtn", "gptq", "awq", "smoothquant+gptq", "smoothquant+rtn"] = "rtn"
+    scheme: Literal[SCHEME_NAMES]  # type: ignore[valid-type]
     # None: the scheme's default (128 for w4a16, per channel otherwise).
     group_size: GroupSize | None = None
     symmetric: bool = True
     # Choose each group's range to minimize the weight's squared error (else min/max).
     range_search: bool = True
-    # Calibration (every method but rtn): text, and how many windows of how many tokens.
+    # Calibration (methods that read data): text, and how many windows of how many tokens.
     dataset: str = "builtin"
     text_column: str = "text"
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=16)
-    # GPTQ: Hessian dampening (fraction of its mean diagonal), columns per lazy update,
-    # columns in order of decreasing Hessian diagonal.
-    dampening: float = Field(0.01, gt=0, le=1)
-    block_size: int = Field(128, ge=1)
-    actorder: bool = False
-    # AWQ: scale candidates searched; SmoothQuant: migration strength (None: searched
-    # per smoothing group for the least quantized output error).
-    awq_grid: int = Field(20, ge=1)
-    alpha: float | None = Field(None, ge=0, le=1)
     # Module name patterns left unquantized, in addition to lm_head and embeddings.
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)
@@ -58,58 +135,39 @@ class QuantizeStage(Strict):
         return v
 
 
-class PruneStage(Strict):
+class PruneBase(MethodStage):
     stage: Literal["prune"] = "prune"
-    method: Literal["magnitude", "wanda", "sparsegpt", "structured"]
     # Unstructured methods: share of each linear's weights set to zero, and the pattern
     # ("unstructured", or "N:M": N weights kept of every M consecutive inputs; sets the share).
     sparsity: float = Field(0.5, gt=0, lt=1)
     pattern: str = "unstructured"
     # dense: plain transformers loads it; sparse: bitmask + values, smaller, read by compress.
     storage: Literal["dense", "sparse"] = "dense"
-    # Structured: layers to drop (how many, chosen by importance, or which), and the share
-    # of MLP channels and of query heads to keep.
-    drop_layers: int | list[int] | None = None
-    mlp_keep: float | None = Field(None, gt=0, le=1)
-    heads_keep: float | None = Field(None, gt=0, le=1)
-    # Calibration (wanda, sparsegpt, structured).
+    # Calibration (methods that read data).
     dataset: str = "builtin"
     text_column: str = "text"
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=16)
-    dampening: float = Field(0.01, gt=0, le=1)  # SparseGPT: as GPTQ's
-    block_size: int = Field(128, ge=8)  # SparseGPT: columns per lazy update (mask chosen per block)
     ignore: list[str] = Field(default_factory=list)  # linears left dense (lm_head always is)
 
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        from compress.primitives.masks import parse_pattern
-
-        try:
-            parse_pattern(v)
-        except UsageError as exc:
-            raise ValueError(str(exc)) from None
+        parse_pattern(v)  # a ValueError names what is wrong
         return v
 
-    @field_validator("drop_layers")
-    @classmethod
-    def _drop(cls, v: int | list[int] | None) -> int | list[int] | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("drop_layers must be at least 1 (or a list of layer indices)")
-        return v
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> PruneStage:
-        structured_opts = self.drop_layers is not None or self.mlp_keep is not None or self.heads_keep is not None
-        if self.method == "structured":
-            if not structured_opts:
-                raise ValueError("structured pruning needs drop_layers, mlp_keep or heads_keep")
-            if self.pattern != "unstructured" or self.storage != "dense":
-                raise ValueError("structured pruning takes no pattern or sparse storage: the tensors themselves shrink")
-        elif structured_opts:
-            raise ValueError(f"drop_layers, mlp_keep and heads_keep belong to method structured, not {self.method}")
-        return self
+    @property
+    def share(self) -> float:
+        """The share of weights pruned (N:M sets it)."""
+        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+
+QuantizeStage = with_options(QuantizeBase, quant_table.METHODS, default="rtn")
+PruneStage = with_options(PruneBase, prune_table.METHODS, default=None)
 
 
 class DistillStage(Strict):
@@ -123,25 +181,35 @@ class DistillStage(Strict):
     seq_len: int = Field(256, ge=16)
     batch_size: int = Field(4, ge=1)  # windows per micro-batch, per process
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0, le=1)
+    lr: float = Field(TRAIN["lr"], gt=0, le=1)
     warmup: float = Field(0.05, ge=0, lt=1)  # share of the steps spent warming up, then cosine decay
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    weight_decay: float = Field(TRAIN["weight_decay"], ge=0)
+    max_grad_norm: float = Field(TRAIN["max_grad_norm"], ge=0)  # 0: no clipping
     # Losses: logit divergence on temperature-softened logits, hidden-state matching
     # (student layer -> teacher layer, mapped automatically), next-token loss.
-    loss: Literal["kl", "reverse-kl", "jsd"] = "kl"
-    temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(1.0, ge=0)
-    hidden_weight: float = Field(0.0, ge=0)
-    hidden_loss: Literal["mse", "cosine"] = "mse"
-    lm_weight: float = Field(1.0, ge=0)
+    loss: Literal["kl", "reverse-kl", "jsd"] = TRAIN["loss"]
+    temperature: float = Field(TRAIN["temperature"], gt=0)
+    kd_weight: float = Field(TRAIN["kd_weight"], ge=0)
+    hidden_weight: float = Field(TRAIN["hidden_weight"], ge=0)
+    hidden_loss: Literal["mse", "cosine"] = TRAIN["hidden_loss"]
+    lm_weight: float = Field(TRAIN["lm_weight"], ge=0)
     train_embeddings: bool = False  # token embeddings (and a tied output layer) stay fixed unless set
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bfloat16 on GPUs that have it
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints
-    seed: int = 0
+    checkpoint_every: int = Field(TRAIN["checkpoint_every"], ge=1)  # steps between resumable checkpoints
+    seed: int = TRAIN["seed"]
     dataset: str = "builtin"  # training text; built-in: the calibration half, never the evaluation half
     text_column: str = "text"
+
+    reads_text: ClassVar[bool] = True  # its training text
+
+    def total_steps(self, windows_per_step: int) -> int:
+        """Optimizer steps: as given, from the training tokens, or DISTILL_STEPS."""
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, -(-self.tokens // (windows_per_step * self.seq_len)))
+        return DISTILL_STEPS
 
     @model_validator(mode="after")
     def _length(self) -> DistillStage:
@@ -177,8 +245,6 @@ def parse_bytes(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise ValueError(f"expected a size such as 2GiB or 500MB, got {v!r}")
     if isinstance(v, str):
-        import re
-
         m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", v)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"expected a size such as 2GiB or 500MB, got {v!r}")

@@ -12,8 +12,21 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compressed_tensors.compressors import ModelCompressor
+
 from compress.formats import sparse
 from compress.report.schema import StageRecord
+
+
+@dataclass
+class StageResult:
+    """What a stage did, besides changing the model in place."""
+
+    record: StageRecord
+    changed: list[str]  # the linears it compressed (quantized, pruned, or re-quantized after training)
+    compressor: ModelCompressor | None = None  # quantized: writes the checkpoint's quantization_config
+    sparsity: dict | None = None  # unstructured pruning: what config.json's compress_sparsity records
+    sparse_storage: list[str] = field(default_factory=list)  # linears to write as bitmask + values
 
 
 @dataclass
@@ -42,8 +55,12 @@ def save(root: Path, i: int, kind: str, loaded, done: Done) -> None:
     loaded.tokenizer.save_pretrained(dest)
     if done.sparsity is not None:
         sparse.record(dest, sparse.carried(done.sparsity) | {"storage": "dense"})
-    state = {"records": [r.model_dump(mode="json") for r in done.records], "layers": done.layers,
-             "sparsity": done.sparsity, "sparse_storage": done.sparse_storage}
+    state = {
+        "records": [r.model_dump(mode="json") for r in done.records],
+        "layers": done.layers,
+        "sparsity": done.sparsity,
+        "sparse_storage": done.sparse_storage,
+    }
     (dest / "stage.json").write_text(json.dumps(state))
     for older in (root / "stages").glob("*"):  # only the newest is needed to go on
         if older != dest:
@@ -51,9 +68,17 @@ def save(root: Path, i: int, kind: str, loaded, done: Done) -> None:
 
 
 def last(root: Path) -> tuple[Path, Done] | None:
-    found = sorted((p for p in (root / "stages").glob("*") if (p / "stage.json").is_file()), key=lambda p: int(p.name.split("-")[0]))
+    found = sorted(
+        (p for p in (root / "stages").glob("*") if (p / "stage.json").is_file()),
+        key=lambda p: int(p.name.split("-")[0]),
+    )
     if not found:
         return None
     state = json.loads((found[-1] / "stage.json").read_text())
-    done = Done([StageRecord.model_validate(r) for r in state["records"]], state["layers"], state["sparsity"], state["sparse_storage"])
+    done = Done(
+        [StageRecord.model_validate(r) for r in state["records"]],
+        state["layers"],
+        state["sparsity"],
+        state["sparse_storage"],
+    )
     return found[-1], done

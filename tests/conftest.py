@@ -29,13 +29,26 @@ def tiny_config(arch: str, vocab: int):
     if arch == "phi3":
         return tf.Phi3Config(vocab_size=vocab, **TINY, pad_token_id=0, architectures=["Phi3ForCausalLM"])
     if arch == "opt":
-        return tf.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                            word_embed_proj_dim=64, architectures=["OPTForCausalLM"])
+        return tf.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            architectures=["OPTForCausalLM"],
+        )
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
     if arch == "bert":
-        return tf.BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, architectures=["BertModel"])
+        return tf.BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            architectures=["BertModel"],
+        )
     raise ValueError(arch)
 
 
@@ -93,8 +106,14 @@ def quantized(tiny_model, tmp_path_factory):
         key = (arch, scheme, group_size)
         if key not in made:
             out = tmp_path_factory.mktemp("q") / f"{arch}-{scheme}-{group_size}"
-            recipe = validate({"model": str(tiny_model(arch)), "output": str(out), "evaluate": {"enabled": False},
-                               "stages": [{"stage": "quantize", "scheme": scheme, "group_size": group_size}]})
+            recipe = validate(
+                {
+                    "model": str(tiny_model(arch)),
+                    "output": str(out),
+                    "evaluate": {"enabled": False},
+                    "stages": [{"stage": "quantize", "scheme": scheme, "group_size": group_size}],
+                }
+            )
             api.run(recipe, quiet)
             made[key] = out
         return made[key]

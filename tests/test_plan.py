@@ -28,8 +28,14 @@ def _plan(smollm2_dir, stages, tmp_path: Path) -> plan.Plan:
 
 
 def test_sizes_after_stages(smollm2_dir, tmp_path):
-    p = _plan(smollm2_dir, [{"stage": "prune", "method": "structured", "drop_layers": 6, "mlp_keep": 0.75},
-                            {"stage": "quantize", "scheme": "w4a16", "group_size": 64}], tmp_path)
+    p = _plan(
+        smollm2_dir,
+        [
+            {"stage": "prune", "method": "structured", "drop_layers": 6, "mlp_keep": 0.75},
+            {"stage": "quantize", "scheme": "w4a16", "group_size": 64},
+        ],
+        tmp_path,
+    )
     pruned, quantized = p.stages[0].after, p.stages[1].after
     assert pruned.layers == 24 and pruned.intermediate == 1152
     assert pruned.params / p.base.params == pytest.approx(0.724, abs=0.01)  # measured: 0.724x (benchmarks/RESULTS.md)

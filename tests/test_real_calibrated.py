@@ -26,7 +26,21 @@ def calibrated_runs(tmp_path_factory):
     for scheme, method in CASES:
         out = root / f"{scheme}-{method}"
         extra = ["--group-size", "64"] if scheme == "w4a16" else []
-        proc = run_cli("quantize", "smollm2-135m", "-o", out, "--scheme", scheme, "--method", method, "--samples", "32", *extra, "--no-latency", "--json")
+        proc = run_cli(
+            "quantize",
+            "smollm2-135m",
+            "-o",
+            out,
+            "--scheme",
+            scheme,
+            "--method",
+            method,
+            "--samples",
+            "32",
+            *extra,
+            "--no-latency",
+            "--json",
+        )
         runs[(scheme, method)] = (out, json.loads(proc.stdout))
     return runs
 
@@ -48,7 +62,14 @@ def test_gptq_checkpoint_reloads_with_the_reported_perplexity(calibrated_runs, t
     out, report = calibrated_runs[("w4a16", "gptq")]
     (tmp_path / "texts.json").write_text(json.dumps(builtin("evaluation").texts))
     (tmp_path / "fresh.py").write_text(FRESH)
-    proc = subprocess.run([sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json")],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(report["result"]["perplexity"]["value"], rel=0.005)
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(
+        report["result"]["perplexity"]["value"], rel=0.005
+    )

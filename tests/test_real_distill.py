@@ -12,11 +12,39 @@ pytestmark = pytest.mark.real
 
 def test_distilling_a_layer_dropped_smollm2_lowers_its_perplexity(tmp_path):
     pruned, out = tmp_path / "drop", tmp_path / "healed"
-    proc = compress("prune", "smollm2-135m", "-o", pruned, "--method", "structured", "--drop-layers", "8", "--samples", "8",
-                    "--seq-len", "256", "--no-eval")
+    proc = compress(
+        "prune",
+        "smollm2-135m",
+        "-o",
+        pruned,
+        "--method",
+        "structured",
+        "--drop-layers",
+        "8",
+        "--samples",
+        "8",
+        "--seq-len",
+        "256",
+        "--no-eval",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = compress("distill", "--teacher", "smollm2-135m", "--student", pruned, "-o", out, "--steps", "8", "--seq-len", "128",
-                    "--eval-tokens", "2048", "--no-latency", "--json")
+    proc = compress(
+        "distill",
+        "--teacher",
+        "smollm2-135m",
+        "--student",
+        pruned,
+        "-o",
+        out,
+        "--steps",
+        "8",
+        "--seq-len",
+        "128",
+        "--eval-tokens",
+        "2048",
+        "--no-latency",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     t = rep["stages"][0]["training"]

@@ -17,7 +17,9 @@ SMOL = {"w8a16": (0.01, 0.62), "fp8": (0.03, 0.62), "w8a8": (0.03, 0.62), "w4a16
 
 def run_cli(*args):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
 
@@ -88,7 +90,9 @@ def test_fresh_process_without_compress_reproduces_the_report(smol_runs, tmp_pat
     texts.write_text(json.dumps(builtin("evaluation").texts))
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
-    proc = subprocess.run([sys.executable, str(script), str(out), str(texts)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), str(texts)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ppl = float(proc.stdout.strip().splitlines()[-1])
     assert ppl == pytest.approx(report["result"]["perplexity"]["value"], rel=0.005)
@@ -100,15 +104,22 @@ def test_recipe_replay_gives_the_same_checkpoint(smol_runs, tmp_path):
 
     out, _ = smol_runs["w4a16"]
     run_cli("run", out / "recipe.yaml", "-o", tmp_path / "again", "--set", "evaluate.enabled=false")
-    with safe_open(out / "model.safetensors", "pt") as a, safe_open(tmp_path / "again" / "model.safetensors", "pt") as b:
+    with (
+        safe_open(out / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "again" / "model.safetensors", "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
-@pytest.mark.parametrize("scheme,min_cos", [("w8a8", 0.99), ("fp8", 0.99), ("w4a16", 0.94)])  # measured 0.953 (benchmarks/RESULTS.md)
+@pytest.mark.parametrize(
+    "scheme,min_cos", [("w8a8", 0.99), ("fp8", 0.99), ("w4a16", 0.94)]
+)  # measured 0.953 (benchmarks/RESULTS.md)
 def test_minilm_embeddings_stay_close(tmp_path, scheme, min_cos):
     extra = ["--group-size", "auto"] if scheme == "w4a16" else []
-    proc = run_cli("quantize", "minilm-l6", "-o", tmp_path / "out", "--scheme", scheme, *extra, "--no-latency", "--json")
+    proc = run_cli(
+        "quantize", "minilm-l6", "-o", tmp_path / "out", "--scheme", scheme, *extra, "--no-latency", "--json"
+    )
     report = json.loads(proc.stdout)
     sim = report["result"]["similarity"]
     assert sim["mean"] >= min_cos and sim["texts"] >= 100
@@ -117,7 +128,7 @@ def test_minilm_embeddings_stay_close(tmp_path, scheme, min_cos):
 
 def _exact_torch(out):
     from compress.export.onnx_export import exact_reference
-    from compress.export.stored import read
+    from compress.formats.stored import read
     from compress.models.load import load
     from compress.models.source import resolve
 
@@ -172,7 +183,10 @@ def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
     try:
         got = np.exp(np.concatenate([-dec.logprobs(w.tolist()) for w in windows]).mean())
         text = "def f(x):\n    return x * 12345 + 0.5  # Ünïcode, spaces   and\ttabs"
-        assert dec.llm.tokenize(text.encode(), add_bos=False, special=False) == loaded.tokenizer(text, add_special_tokens=False).input_ids
+        assert (
+            dec.llm.tokenize(text.encode(), add_bos=False, special=False)
+            == loaded.tokenizer(text, add_special_tokens=False).input_ids
+        )
     finally:
         dec.close()
     from compress.eval.perplexity import perplexity
@@ -182,6 +196,8 @@ def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
 
 def test_minilm_onnx_export(tmp_path):
     run_cli("quantize", "minilm-l6", "-o", tmp_path / "q", "--scheme", "w8a16", "--no-eval")
-    info = json.loads(run_cli("export", tmp_path / "q", "-o", tmp_path / "onnx", "--accuracy-level", "0", "--json").stdout)
+    info = json.loads(
+        run_cli("export", tmp_path / "q", "-o", tmp_path / "onnx", "--accuracy-level", "0", "--json").stdout
+    )
     assert info["task"] == "encoder" and info["nbits_layers"] == 6 * 4
     assert info["check"]["min_cosine"] > 0.9999

@@ -84,12 +84,15 @@ def test_prune_stage_parses_and_round_trips(tmp_path):
     assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
 
 
-@pytest.mark.parametrize("change,needle", [
-    (("method: sparsegpt", "method: sparsegpt\n    sparsty: 0.5"), "r.yaml:5: stages.0.sparsty"),
-    (('pattern: "2:4"', 'pattern: "4:2"'), "0 < N < M"),
-    (('pattern: "2:4"', "sparsity: 1.5"), "stages.0.sparsity"),
-    (("method: sparsegpt", "method: sparsegpt\n    mlp_keep: 0.5"), "belong to method structured"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (("method: sparsegpt", "method: sparsegpt\n    sparsty: 0.5"), "r.yaml:5: stages.0.sparsty"),
+        (('pattern: "2:4"', 'pattern: "4:2"'), "0 < N < M"),
+        (('pattern: "2:4"', "sparsity: 1.5"), "stages.0.sparsity"),
+        (("method: sparsegpt", "method: sparsegpt\n    mlp_keep: 0.5"), "belong to method structured"),
+    ],
+)
 def test_prune_stage_errors_name_the_field(tmp_path, change, needle):
     with pytest.raises(UsageError) as exc:
         load(write(tmp_path, PRUNE.replace(*change)))
@@ -114,13 +117,16 @@ def test_distill_stage_parses_and_round_trips(tmp_path):
     assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
 
 
-@pytest.mark.parametrize("change,needle", [
-    (("steps: 10", "steps: 10\n    tokens: 100"), "steps or tokens"),
-    (("steps: 10", "steps: 0"), "r.yaml:7: stages.1.steps"),
-    (("steps: 10", "stepz: 10"), "stages.1.stepz"),
-    (("steps: 10", "loss: kl-div"), "stages.1.loss"),
-    (("steps: 10", "kd_weight: 0\n    lm_weight: 0"), "nothing to train"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (("steps: 10", "steps: 10\n    tokens: 100"), "steps or tokens"),
+        (("steps: 10", "steps: 0"), "r.yaml:7: stages.1.steps"),
+        (("steps: 10", "stepz: 10"), "stages.1.stepz"),
+        (("steps: 10", "loss: kl-div"), "stages.1.loss"),
+        (("steps: 10", "kd_weight: 0\n    lm_weight: 0"), "nothing to train"),
+    ],
+)
 def test_distill_stage_errors_name_the_field(tmp_path, change, needle):
     with pytest.raises(UsageError) as exc:
         load(write(tmp_path, DISTILL.replace(*change)))
@@ -130,6 +136,8 @@ def test_distill_stage_errors_name_the_field(tmp_path, change, needle):
 def test_distill_after_quantize_is_refused(tmp_path):
     from compress import api
 
-    r = load(write(tmp_path, "model: m\noutput: o\nstages:\n  - {stage: quantize, scheme: w8a16}\n  - {stage: distill}\n"))
+    r = load(
+        write(tmp_path, "model: m\noutput: o\nstages:\n  - {stage: quantize, scheme: w8a16}\n  - {stage: distill}\n")
+    )
     with pytest.raises(UsageError, match="distill its checkpoint"):
         api._check_stages(r)

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("COMPRESS_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: unexpected {type(exc).__name__}: {msg} (set COMPRESS_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(exc).__name__}: {msg} (set COMPRESS_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         code = 1
     if code == 130:
         print("error: interrupted; no output was written", file=sys.stderr)

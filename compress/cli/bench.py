@@ -12,13 +12,15 @@ from rich.table import Table
 
 from compress.cli.common import Json, err, out
 from compress.errors import UsageError
+from compress.eval import bench as benching
 from compress.models import load as loading
-from compress.runtime import bench as benching
 
 
 def bench(
     model: Annotated[str, typer.Argument(help="Checkpoint, ONNX export directory, or .gguf (for --runtime llama.cpp)")],
-    baseline: Annotated[Optional[str], typer.Option(help="Model to compare against (e.g. the original checkpoint)")] = None,
+    baseline: Annotated[
+        Optional[str], typer.Option(help="Model to compare against (e.g. the original checkpoint)")
+    ] = None,
     runtime: Annotated[str, typer.Option(help="Runtime for MODEL: torch | onnxruntime | llama.cpp")] = "torch",
     baseline_runtime: Annotated[str, typer.Option(help="Runtime for the baseline")] = "torch",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma separated")] = "1",
@@ -26,7 +28,13 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated after the prompt (decode)")] = 128,
     rounds: Annotated[int, typer.Option(help="Timed rounds per model (median reported)")] = 3,
     threads: Annotated[int, typer.Option(help="CPU threads (0: torch's default)")] = 0,
-    accuracy_level: Annotated[Optional[int], typer.Option(help="When MODEL is a checkpoint run on onnxruntime: MatMulNBits accuracy level of the export (default as `compress export`)")] = None,
+    accuracy_level: Annotated[
+        Optional[int],
+        typer.Option(
+            help="When MODEL is a checkpoint run on onnxruntime: MatMulNBits accuracy level of the export (default as "
+            "`compress export`)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda (torch runtime)")] = "cpu",
     json: Json = False,
 ) -> None:
@@ -45,9 +53,15 @@ def bench(
         subjects = []
         if baseline:
             err.print(f"loading baseline {baseline} ({baseline_runtime}) ...")
-            subjects.append(benching.open_subject("baseline", baseline, baseline_runtime, threads, device, Path(tmp), accuracy_level, n_ctx))
+            subjects.append(
+                benching.open_subject(
+                    "baseline", baseline, baseline_runtime, threads, device, Path(tmp), accuracy_level, n_ctx
+                )
+            )
         err.print(f"loading {model} ({runtime}) ...")
-        subjects.append(benching.open_subject("model", model, runtime, threads, device, Path(tmp), accuracy_level, n_ctx))
+        subjects.append(
+            benching.open_subject("model", model, runtime, threads, device, Path(tmp), accuracy_level, n_ctx)
+        )
         err.print(f"measuring: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, {rounds} rounds ...")
         try:
             rows = benching.measure(subjects, batches, prompt_len, new_tokens, rounds)
@@ -55,17 +69,33 @@ def bench(
             for s in subjects:
                 getattr(s.decoder, "close", lambda: None)()
     env = benching.environment(threads, device)
-    args = {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "protocol": "greedy, KV cache, rounds interleaved, median"}
+    args = {
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "protocol": "greedy, KV cache, rounds interleaved, median",
+    }
     if json:
         typer.echo(benching.as_json(env, args, rows))
         return
-    out.print(f"{env['device']}, {threads} threads; prompt {prompt_len} tokens, {new_tokens} new tokens; greedy with KV cache; "
-              f"median of {rounds} interleaved rounds")
+    out.print(
+        f"{env['device']}, {threads} threads; prompt {prompt_len} tokens, {new_tokens} new tokens; greedy with KV "
+        f"cache; "
+        f"median of {rounds} interleaved rounds"
+    )
     t = Table("", "runtime", "batch", "TTFT ms", "prefill tok/s", "decode tok/s", "MiB", "prefill x", "decode x")
     for r in rows:
-        t.add_row(r.role, r.runtime, str(r.batch), f"{r.ttft_ms:.1f}", f"{r.prefill_tokens_per_s:.1f}", f"{r.decode_tokens_per_s:.1f}",
-                  f"{r.memory_bytes / 2**20:.0f}", f"{r.prefill_speedup:.2f}x" if r.prefill_speedup else "",
-                  f"{r.decode_speedup:.2f}x" if r.decode_speedup else "")
+        t.add_row(
+            r.role,
+            r.runtime,
+            str(r.batch),
+            f"{r.ttft_ms:.1f}",
+            f"{r.prefill_tokens_per_s:.1f}",
+            f"{r.decode_tokens_per_s:.1f}",
+            f"{r.memory_bytes / 2**20:.0f}",
+            f"{r.prefill_speedup:.2f}x" if r.prefill_speedup else "",
+            f"{r.decode_speedup:.2f}x" if r.decode_speedup else "",
+        )
     out.print(t)
     for r in {r.role: r for r in rows}.values():
         out.print(f"{r.role}: {r.spec} - {r.kernel}, {r.dtype}")

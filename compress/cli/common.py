@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from pydantic.fields import FieldInfo
 from rich.console import Console
 
 from compress import api, plan
@@ -19,12 +24,16 @@ out = Console()
 # Options every model-changing command takes (Typer reads them from these annotations).
 Model = Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist unless --overwrite)")]
-Dataset = Annotated[str, typer.Option(help="Calibration text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")]
+Dataset = Annotated[
+    str, typer.Option(help="Calibration text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")
+]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text in .jsonl/.parquet/hub datasets")]
 Samples = Annotated[int, typer.Option(help="Calibration samples")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
-EvalDataset = Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")]
+EvalDataset = Annotated[
+    str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")
+]
 EvalTokens = Annotated[int, typer.Option(help="Tokens scored for perplexity")]
 Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")]
@@ -35,15 +44,94 @@ SaveRecipe = Annotated[Optional[Path], typer.Option(help="Also write the equival
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")]
 
 
-def one_stage(stage: dict[str, Any], *, model: str, output: Path, overwrite: bool, dtype: str, device: str, trust_remote_code: bool,
-              allow_pickle: bool, evaluate: bool, eval_dataset: str, text_column: str, eval_tokens: int, latency: bool,
-              offload: bool = False) -> Recipe:
+def _cli_type(info: FieldInfo) -> type:
+    """The type Typer parses an option field as: its scalar type, or text the field parses itself."""
+    if (info.json_schema_extra or {}).get("cli") == "text":
+        return str
+    union = get_origin(info.annotation) in (Union, types.UnionType)
+    kinds = [a for a in (get_args(info.annotation) if union else (info.annotation,)) if a is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 else str
+    return str if get_origin(kind) is Literal or kind not in (bool, int, float, str) else kind
+
+
+def method_options(*tables: dict) -> Callable:
+    """Give a command one option per field of its methods' options models (each method file
+    declares them; default None: the model's own default applies). The command receives them
+    in **options."""
+    fields: dict[str, FieldInfo] = {}
+    for table in tables:
+        for m in table.values():
+            for name, info in m.Options.model_fields.items():
+                fields.setdefault(name, info)
+
+    def decorate(command: Callable) -> Callable:
+        sig = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)  # the file's annotations are strings
+        params = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in sig.parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        for name, info in fields.items():
+            kind = _cli_type(info)
+            flag = f"--{name.replace('_', '-')}"
+            option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=info.description)
+            params.append(
+                inspect.Parameter(
+                    name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]
+                )
+            )
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The method options given on the command line (None: not given)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def method_help(table: dict) -> str:
+    return " | ".join(table)
+
+
+def one_stage(
+    stage: dict[str, Any],
+    *,
+    model: str,
+    output: Path,
+    overwrite: bool,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    evaluate: bool,
+    eval_dataset: str,
+    text_column: str,
+    eval_tokens: int,
+    latency: bool,
+    offload: bool = False,
+) -> Recipe:
     """The recipe a single command stands for."""
-    return validate({
-        "model": model, "output": str(output), "overwrite": overwrite, "dtype": dtype, "device": device, "offload": offload,
-        "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "stages": [stage],
-        "evaluate": EvalSpec(enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency).model_dump(),
-    }, "options")
+    return validate(
+        {
+            "model": model,
+            "output": str(output),
+            "overwrite": overwrite,
+            "dtype": dtype,
+            "device": device,
+            "offload": offload,
+            "trust_remote_code": trust_remote_code,
+            "allow_pickle": allow_pickle,
+            "stages": [stage],
+            "evaluate": EvalSpec(
+                enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency
+            ).model_dump(),
+        },
+        "options",
+    )
 
 
 def parse_group_size(value: str | None) -> GroupSize | None:
@@ -76,8 +164,11 @@ def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = 
         out.print(f"checkpoint, report.json and report.md written to {recipe.output}")
     if report.passed is False:
         failed = [g for g in report.gates if not g.passed]
-        raise GateFailed(f"{len(failed)} of {len(report.gates)} gates failed: " + "; ".join(f"{g.name} {g.shown}" for g in failed)
-                            + f" (the checkpoint is in {recipe.output}, marked failing in its report)")
+        raise GateFailed(
+            f"{len(failed)} of {len(report.gates)} gates failed: "
+            + "; ".join(f"{g.name} {g.shown}" for g in failed)
+            + f" (the checkpoint is in {recipe.output}, marked failing in its report)"
+        )
 
 
 def show_plan(p: plan.Plan, as_json: bool) -> None:
@@ -89,8 +180,10 @@ def show_plan(p: plan.Plan, as_json: bool) -> None:
         typer.echo(json.dumps({**dataclasses.asdict(p), "peak_bytes": p.peak_bytes}, indent=2))
         return
     out.print(plan.table(p))
-    out.print(f"output weights: {mib(p.output_bytes)}; disk needed: {mib(p.disk_bytes)} ({mib(p.disk_free)} free); "
-              f"peak memory: {mib(p.peak_bytes)} ({mib(p.memory_available)} available)")
+    out.print(
+        f"output weights: {mib(p.output_bytes)}; disk needed: {mib(p.disk_bytes)} ({mib(p.disk_free)} free); "
+        f"peak memory: {mib(p.peak_bytes)} ({mib(p.memory_available)} available)"
+    )
     for n in p.notes:
         out.print(f"note: {n}")
     plan.check(p)

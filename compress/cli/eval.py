@@ -35,7 +35,9 @@ def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
 def evaluate(
     model: Annotated[str, typer.Argument(help="Checkpoint to measure (directory, .gguf, hub id or built-in alias)")],
     baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to compare against")] = None,
-    dataset: Annotated[str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")] = "builtin",
+    dataset: Annotated[
+        str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")
+    ] = "builtin",
     eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = 512,
     latency: Annotated[bool, typer.Option("--latency/--no-latency")] = True,
@@ -49,7 +51,9 @@ def evaluate(
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
-    layers = sorted({k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))})
+    layers = sorted(
+        {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}
+    )
     base = None
     with tempfile.TemporaryDirectory(prefix="compress-emb-") as tmp:
         emb = Path(tmp) / "base.pt"
@@ -61,7 +65,13 @@ def evaluate(
     rep = Report(
         tool=f"compress {compress.__version__}",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        model=model, task=task, recipe={}, stages=[], base=base, result=result, environment=api.environment(),
+        model=model,
+        task=task,
+        recipe={},
+        stages=[],
+        base=base,
+        result=result,
+        environment=api.environment(),
     )
     if json:
         typer.echo(rep.model_dump_json(indent=2))

@@ -12,16 +12,31 @@ import typer
 
 from compress.cli.common import AllowPickle, Json, Overwrite, err, out
 from compress.errors import UsageError
+from compress.export import gguf_export, onnx_decoder, onnx_export
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import load as loading, source as sources
 
 
 def export(
-    model: Annotated[str, typer.Argument(help="Checkpoint written by compress (or any HF checkpoint / built-in alias)")],
+    model: Annotated[
+        str, typer.Argument(help="Checkpoint written by compress (or any HF checkpoint / built-in alias)")
+    ],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx | gguf")] = "onnx",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write (default: MODEL-onnx / MODEL-gguf)")] = None,
-    accuracy_level: Annotated[Optional[int], typer.Option(help="ONNX MatMulNBits: 0 = float32 math on our exact weights, 4 = int8 activations inside the kernel (faster, not exact). Default: 0 for 4-bit, 4 for 8-bit (ONNX Runtime's 8-bit float path is slower than float32)")] = None,
-    lm_head_bits: Annotated[Optional[int], typer.Option(help="ONNX: also quantize the output layer (round to nearest, blocks of 32) to 4 or 8 bits")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Directory to write (default: MODEL-onnx / MODEL-gguf)")
+    ] = None,
+    accuracy_level: Annotated[
+        Optional[int],
+        typer.Option(
+            help="ONNX MatMulNBits: 0 = float32 math on our exact weights, 4 = int8 activations inside the kernel "
+            "(faster, not exact). Default: 0 for 4-bit, 4 for 8-bit "
+            "(ONNX Runtime's 8-bit float path is slower than float32)"
+        ),
+    ] = None,
+    lm_head_bits: Annotated[
+        Optional[int],
+        typer.Option(help="ONNX: also quantize the output layer (round to nearest, blocks of 32) to 4 or 8 bits"),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -45,13 +60,9 @@ def export(
     with atomic_dir(dest, overwrite) as tmp:
         err.print(f"exporting to {format} ...")
         if format == "onnx":
-            from compress.export import onnx_decoder, onnx_export
-
             done = onnx_export.export(loaded, tmp, onnx_decoder.Options(accuracy_level, lm_head_bits), threads)
             summary = onnx_export.as_dict(done)
         else:
-            from compress.export import gguf_export
-
             summary = asdict(gguf_export.export(loaded, tmp))
     summary["path"] = str(dest)
     if json:
@@ -66,9 +77,17 @@ def export(
 def _summary_line(format: str, s: dict) -> str:
     c = s["check"]
     if format == "gguf":
-        return (f"GGUF: {s['tensors']} tensors ({s['exact']} carried over exactly, {s['requantized']} re-quantized); "
-                f"read back: {c['verdict']}")
-    agree = (f"next-token agreement {c['top1_agreement']:.1%}, greedy {c['greedy_equal']}/{c['greedy_of']} tokens equal"
-             if c["top1_agreement"] is not None else f"lowest hidden-state cosine {c['min_cosine']:.6f}")
-    return (f"ONNX: {s['nbits_layers']} MatMulNBits + {s['float_layers']} float matmuls (accuracy_level {s['accuracy_level']}); "
-            f"check vs PyTorch on {c['tokens']} tokens: max |logit diff| {c['max_abs_logit_diff']:.3g}, {agree}")
+        return (
+            f"GGUF: {s['tensors']} tensors ({s['exact']} carried over exactly, {s['requantized']} re-quantized); "
+            f"read back: {c['verdict']}"
+        )
+    agree = (
+        f"next-token agreement {c['top1_agreement']:.1%}, greedy {c['greedy_equal']}/{c['greedy_of']} tokens equal"
+        if c["top1_agreement"] is not None
+        else f"lowest hidden-state cosine {c['min_cosine']:.6f}"
+    )
+    return (
+        f"ONNX: {s['nbits_layers']} MatMulNBits + {s['float_layers']} float matmuls (accuracy_level "
+        f"{s['accuracy_level']}); "
+        f"check vs PyTorch on {c['tokens']} tokens: max |logit diff| {c['max_abs_logit_diff']:.3g}, {agree}"
+    )

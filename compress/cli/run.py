@@ -14,11 +14,19 @@ from compress.errors import UsageError
 
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory (overrides the recipe's)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: stages.0.scheme=w8a8; repeatable")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output directory (overrides the recipe's)")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a field: stages.0.scheme=w8a8; repeatable")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run after its last finished stage (and checkpoint)")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Validate, print the plan with estimates of time, memory and disk; load nothing")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run after its last finished stage (and checkpoint)")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate, print the plan with estimates of time, memory and disk; load nothing")
+    ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Run the stages of a recipe and write one report; exit 1 when a gate fails."""

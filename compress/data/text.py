@@ -31,7 +31,8 @@ def builtin(split: Split) -> Texts:
     pages = list(dict.fromkeys(topics[k].strip() for k in sorted(topics) if topics[k].strip()))
     texts = pages[0::2] if split == "calibration" else pages[1::2]
     parity = "even" if split == "calibration" else "odd"
-    desc = f"built-in: Python {platform.python_version()} pydoc_data.topics, {parity}-numbered distinct pages ({len(texts)})"
+    version = platform.python_version()
+    desc = f"built-in: Python {version} pydoc_data.topics, {parity}-numbered distinct pages ({len(texts)})"
     return Texts(texts, desc)
 
 
@@ -106,7 +107,9 @@ def _from_hub(name: str, column: str) -> list[str]:
     try:
         ds = load_dataset(repo, config, split=split or "train")
     except Exception as exc:
-        raise CompressError(f"cannot load dataset {name} from the hub (offline or not found): {str(exc)[:160]}") from None
+        raise CompressError(
+            f"cannot load dataset {name} from the hub (offline or not found): {str(exc)[:160]}"
+        ) from None
     if column not in ds.column_names:
         raise UsageError(f"dataset {name}: no column {column!r}; columns: {', '.join(ds.column_names)}")
     return [str(v) for v in ds[column]]

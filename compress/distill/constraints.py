@@ -43,7 +43,9 @@ class _RoundOnGrid(torch.nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            rounded = dequantize(quantize(w, self.scale, self.zero_point, self.grid), self.scale, self.zero_point).to(w.dtype)
+            rounded = dequantize(quantize(w, self.scale, self.zero_point, self.grid), self.scale, self.zero_point).to(
+                w.dtype
+            )
         return w + (rounded - w).detach()
 
 

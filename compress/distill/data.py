@@ -34,7 +34,9 @@ class Layout:
         return self.batch_size * self.grad_accum * self.world
 
 
-def load(tokenizer, dataset: str, text_column: str, seq_len: int, layout: Layout, max_windows: int | None = None) -> TrainData:
+def load(
+    tokenizer, dataset: str, text_column: str, seq_len: int, layout: Layout, max_windows: int | None = None
+) -> TrainData:
     """Training text (the built-in text's calibration half: never the evaluation half)."""
     texts = textdata.load(dataset, "calibration", text_column)
     wins = tokens.windows(tokenizer, texts.texts, seq_len, (max_windows or 10**9) * seq_len)

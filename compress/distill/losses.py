@@ -28,8 +28,13 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, kind: LogitLoss = "kl",
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def logit_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    kind: LogitLoss = "kl",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Divergence between temperature-softened distributions, times T^2 (Hinton et al.), so
     gradients keep their scale as T changes.
 
@@ -51,8 +56,9 @@ def logit_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float 
     return _mean(per_pos, mask) * temperature**2
 
 
-def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, kind: HiddenLoss = "mse",
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: HiddenLoss = "mse", mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """mse: mean squared difference per position (averaged over the hidden size), divided by
     the teacher's mean square so layers of any scale weigh alike; cosine: 1 - cosine similarity."""
     s, t = student.float(), teacher.float()

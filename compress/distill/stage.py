@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,17 +13,13 @@ from compress.distill import constraints, data as traindata, trainer
 from compress.distill.losses import layer_map
 from compress.errors import UsageError
 from compress.eval.perplexity import perplexity
+from compress.formats import compressed_tensors as ct_format
 from compress.models import arch, load as loading
 from compress.models.source import Source
+from compress.primitives.qparams import QuantizedWeight
 from compress.recipe import DistillStage
 from compress.report.schema import StageRecord, Training
-
-DEFAULT_STEPS = 100
-
-
-@dataclass
-class Outcome:
-    quantized: dict | None = None  # linear name -> (integers, GridParams), for a quantized student
+from compress.stages import StageResult
 
 
 def accelerator_for(stage: DistillStage, device: str):
@@ -42,7 +37,9 @@ def check_pair(teacher: loading.Loaded, student: loading.Loaded) -> None:
     if tv != sv:
         raise UsageError(f"teacher and student vocabularies differ ({tv} vs {sv} tokens); they must share a tokenizer")
     if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
-        raise UsageError("teacher and student tokenizers differ (same size, different tokens); they must share a tokenizer")
+        raise UsageError(
+            "teacher and student tokenizers differ (same size, different tokens); they must share a tokenizer"
+        )
 
 
 def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> list[int]:
@@ -58,8 +55,19 @@ def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> list[int]:
         raise UsageError(f"hidden-state matching: {exc}") from None
 
 
-def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recipe_dtype: str, device: str, heldout: torch.Tensor | None,
-        workdir: Path, resume: bool, masked: bool, console: Console, trust_remote_code: bool = False) -> tuple[StageRecord, Outcome]:
+def run(
+    stage: DistillStage,
+    student: loading.Loaded,
+    teacher_src: Source,
+    recipe_dtype: str,
+    device: str,
+    heldout: torch.Tensor | None,
+    workdir: Path,
+    resume: bool,
+    masked: bool,
+    console: Console,
+    trust_remote_code: bool = False,
+) -> StageResult:
     """masked: the student is sparse; its zeros stay zeros."""
     start = time.perf_counter()
     accelerator = accelerator_for(stage, device)
@@ -70,7 +78,7 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
     check_pair(teacher, student)
     model, layout = student.model, traindata.Layout(stage.batch_size, stage.grad_accum, accelerator.num_processes)
     train = traindata.load(student.tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout)
-    steps = stage.steps or (trainer.steps_for(stage.tokens, layout, stage.seq_len) if stage.tokens else DEFAULT_STEPS)
+    steps = stage.total_steps(layout.per_step)
     saved_dtype = next(model.parameters()).dtype
     model.float()  # float32 master weights; autocast (when on) computes in bfloat16
     if not stage.train_embeddings:
@@ -79,7 +87,8 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
         model.gradient_checkpointing_enable()
     linears, _ = arch.quant_targets(model, [])
     masks = constraints.SparsityMasks(linears) if masked else None
-    fake = constraints.FakeQuant({n: linears[n] for n in student.quantized[1] if n in linears}, student.quantized[1]) if student.quantized else None
+    grids = student.quantized.grids if student.quantized else {}
+    fake = constraints.FakeQuant({n: linears[n] for n in grids if n in linears}, grids) if grids else None
 
     def ppl(m: torch.nn.Module) -> float | None:
         return None if heldout is None else round(perplexity(m, heldout), 4)
@@ -87,24 +96,56 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
     say("distill: held-out perplexity of the teacher and the student before training ...")
     before_t, before_s = ppl(teacher.model), ppl(model)
     opts = trainer.Options(
-        steps=steps, layout=layout, lr=stage.lr, warmup_steps=round(stage.warmup * steps), weight_decay=stage.weight_decay,
-        max_grad_norm=stage.max_grad_norm, temperature=stage.temperature, loss=stage.loss, kd_weight=stage.kd_weight,
-        hidden_weight=stage.hidden_weight, hidden_loss=stage.hidden_loss, lm_weight=stage.lm_weight,
-        checkpoint_every=stage.checkpoint_every, seed=stage.seed,
+        steps=steps,
+        layout=layout,
+        lr=stage.lr,
+        warmup_steps=round(stage.warmup * steps),
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        temperature=stage.temperature,
+        loss=stage.loss,
+        kd_weight=stage.kd_weight,
+        hidden_weight=stage.hidden_weight,
+        hidden_loss=stage.hidden_loss,
+        lm_weight=stage.lm_weight,
+        checkpoint_every=stage.checkpoint_every,
+        seed=stage.seed,
     )
     hmap = hidden_map(model, teacher.model) if stage.hidden_weight > 0 else None
-    say(f"distill: {steps} steps x {layout.per_step} windows x {stage.seq_len} tokens, {accelerator.num_processes} process(es), "
-        f"{'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'float32'}")
-    with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True, disable=not main) as bar:
+    say(
+        f"distill: {steps} steps x {layout.per_step} windows x {stage.seq_len} tokens, {accelerator.num_processes} "
+        f"process(es), "
+        f"{'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'float32'}"
+    )
+    with Progress(
+        TextColumn("distill"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not main,
+    ) as bar:
         task = bar.add_task("train", total=steps, info="")
 
         def on_step(row: dict) -> None:
             tps = layout.per_step * stage.seq_len / max(row["seconds"], 1e-9)
             bar.update(task, completed=row["step"], info=f"loss {row['loss']:.4f}  {tps:,.0f} tok/s")
 
-        history = trainer.train(model, teacher.model, train, opts, accelerator, workdir / "checkpoints", resume, hmap,
-                                after_step=masks.apply if masks else (lambda: None), on_step=on_step)
+        history = trainer.train(
+            model,
+            teacher.model,
+            train,
+            opts,
+            accelerator,
+            workdir / "checkpoints",
+            resume,
+            hmap,
+            after_step=masks.apply if masks else (lambda: None),
+            on_step=on_step,
+        )
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.get_input_embeddings().requires_grad_(True)
@@ -113,14 +154,34 @@ def run(stage: DistillStage, student: loading.Loaded, teacher_src: Source, recip
     model.to(saved_dtype)
     del teacher
     training = Training(
-        steps=steps, resumed_from=history.resumed_from, tokens=history.tokens, seconds=round(history.seconds, 2),
+        steps=steps,
+        resumed_from=history.resumed_from,
+        tokens=history.tokens,
+        seconds=round(history.seconds, 2),
         tokens_per_s=round(history.tokens / history.seconds, 1) if history.seconds else None,
-        processes=accelerator.num_processes, text=train.description, curve=history.curve,
-        teacher_perplexity=before_t, student_perplexity_before=before_s, student_perplexity_after=after_s,
-        masked_zeros=masks.zeros() if masks else None, fake_quantized=len(fake.linears) if fake else 0,
+        processes=accelerator.num_processes,
+        text=train.description,
+        curve=history.curve,
+        teacher_perplexity=before_t,
+        student_perplexity_before=before_s,
+        student_perplexity_after=after_s,
+        masked_zeros=masks.zeros() if masks else None,
+        fake_quantized=len(fake.linears) if fake else 0,
     )
     settings = {k: v for k, v in stage.model_dump().items() if k not in ("stage", "dataset", "text_column")}
     settings |= {"teacher": teacher_src.spec, "steps": steps, "hidden_map": hmap}
-    record = StageRecord(stage="distill", settings=settings, layers=len(linears), ignored=[], seconds=time.perf_counter() - start,
-                         calibration=train.description, training=training)
-    return record, Outcome(quantized)
+    record = StageRecord(
+        stage="distill",
+        settings=settings,
+        layers=len(linears),
+        ignored=[],
+        seconds=time.perf_counter() - start,
+        calibration=train.description,
+        training=training,
+    )
+    if not quantized:
+        return StageResult(record, [])
+    # A quantized student is saved quantized again, on its own grids.
+    weights = {n: QuantizedWeight(q, p.scale, p.zero_point) for n, (q, p) in quantized.items()}
+    ct_format.compress_linears(model, student.quantized.config, weights)
+    return StageResult(record, sorted(quantized), compressor=ct_format.finish(model, set(quantized)))

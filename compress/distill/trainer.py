@@ -8,10 +8,9 @@ Every process reads its own windows (see `data.micro_batch`); only the main proc
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -43,7 +42,7 @@ class Options:
     kd_weight: float = 1.0
     hidden_weight: float = 0.0
     hidden_loss: losses.HiddenLoss = "mse"
-    lm_weight: float = 0.0
+    lm_weight: float = 1.0  # measured better with the logit loss than either alone (benchmarks/RESULTS.md)
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -56,7 +55,9 @@ class History:
     tokens: int = 0  # tokens trained on (all processes)
 
 
-def step_losses(student, teacher, ids: torch.Tensor, opts: Options, hidden_map: list[int] | None) -> dict[str, torch.Tensor]:
+def step_losses(
+    student, teacher, ids: torch.Tensor, opts: Options, hidden_map: list[int] | None
+) -> dict[str, torch.Tensor]:
     """The weighted losses for one micro-batch [B, L]; "loss" is their sum."""
     want_hidden = opts.hidden_weight > 0
     with torch.no_grad():
@@ -68,7 +69,9 @@ def step_losses(student, teacher, ids: torch.Tensor, opts: Options, hidden_map: 
     if want_hidden:
         # hidden_states[0] is the embedding output; [i + 1] is layer i's output.
         pairs = [(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]) for i, j in enumerate(hidden_map or [])]
-        parts["hidden"] = opts.hidden_weight * sum(losses.hidden_loss(s, t, opts.hidden_loss) for s, t in pairs) / len(pairs)
+        parts["hidden"] = (
+            opts.hidden_weight * sum(losses.hidden_loss(s, t, opts.hidden_loss) for s, t in pairs) / len(pairs)
+        )
     if opts.lm_weight > 0:
         parts["lm"] = opts.lm_weight * losses.lm_loss(s_out.logits, ids)
     parts["loss"] = sum(parts.values())
@@ -113,7 +116,7 @@ def train(
         for micro in range(layout.grad_accum):
             ids = micro_batch(data, layout, opts.seed, step, micro, rank).to(accelerator.device)  # [B, L]
             last = micro == layout.grad_accum - 1
-            with (accelerator.no_sync(model) if not last else nullcontext()), accelerator.autocast():
+            with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
                 parts = step_losses(model, teacher, ids, opts, hidden_map)
                 accelerator.backward(parts["loss"] / layout.grad_accum)
             for k, v in parts.items():
@@ -126,7 +129,12 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         after_step()
         totals = {k: _mean_over_processes(accelerator, v) for k, v in totals.items()}
-        row = {"step": step + 1, **{k: round(v, 6) for k, v in totals.items()}, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+        row = {
+            "step": step + 1,
+            **{k: round(v, 6) for k, v in totals.items()},
+            "lr": lr,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         history.curve.append(row)
         history.tokens += layout.per_step * data.windows.shape[1]
         on_step(row)
@@ -153,6 +161,7 @@ def _mean_over_processes(accelerator, value: float) -> float:
 
 # --- checkpoints: OUT's staging directory/checkpoints/step-N, the newest kept -------------
 
+
 def latest(ckpt_dir: Path) -> Path | None:
     done = sorted((p for p in ckpt_dir.glob("step-*") if (p / "state.json").is_file()), key=lambda p: int(p.name[5:]))
     return done[-1] if done else None
@@ -167,7 +176,13 @@ def _save(ckpt_dir: Path, step: int, accelerator, model, optimizer, scheduler, h
         save_model(accelerator.unwrap_model(model), str(tmp / "student.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()}, tmp / "scheduler.pt")
-        state = {"step": step, "per_step": opts.layout.per_step, "seed": opts.seed, "steps": opts.steps, "history": asdict(history)}
+        state = {
+            "step": step,
+            "per_step": opts.layout.per_step,
+            "seed": opts.seed,
+            "steps": opts.steps,
+            "history": asdict(history),
+        }
         (tmp / "state.json").write_text(json.dumps(state))  # written last: its presence marks a whole checkpoint
         tmp.rename(ckpt_dir / f"step-{step}")
         for old in ckpt_dir.glob("step-*"):
@@ -180,20 +195,19 @@ def _load(path: Path, model, optimizer, scheduler, opts: Options) -> tuple[Histo
     state = json.loads((path / "state.json").read_text())
     if (state["per_step"], state["seed"], state["steps"]) != (opts.layout.per_step, opts.seed, opts.steps):
         raise UsageError(
-            f"cannot resume from {path}: it was trained with {state['per_step']} windows per step, seed {state['seed']}, "
+            f"cannot resume from {path}: it was trained with {state['per_step']} windows per step, seed "
+            f"{state['seed']}, "
             f"{state['steps']} steps; this run asks {opts.layout.per_step}, {opts.seed}, {opts.steps}"
         )
     try:
         load_model(model, str(path / "student.safetensors"))
     except RuntimeError as exc:
-        raise UsageError(f"cannot resume from {path}: its weights do not fit this student ({str(exc).splitlines()[0][:200]})") from None
+        raise UsageError(
+            f"cannot resume from {path}: its weights do not fit this student ({str(exc).splitlines()[0][:200]})"
+        ) from None
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     extra = torch.load(path / "scheduler.pt", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"])
     h = state["history"]
     return History(curve=h["curve"], seconds=h["seconds"], tokens=h["tokens"]), state["step"]
-
-
-def steps_for(tokens: int, layout: Layout, seq_len: int) -> int:
-    return max(1, math.ceil(tokens / (layout.per_step * seq_len)))

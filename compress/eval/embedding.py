@@ -12,11 +12,15 @@ def sentences(texts: list[str], limit: int) -> list[str]:
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, tokenizer, texts: list[str], max_len: int = 128, batch_size: int = 32) -> torch.Tensor:
+def embed(
+    model: torch.nn.Module, tokenizer, texts: list[str], max_len: int = 128, batch_size: int = 32
+) -> torch.Tensor:
     device = next(model.parameters()).device
     chunks = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+        enc = tokenizer(
+            texts[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        ).to(device)
         hidden = model(**enc).last_hidden_state.float()  # [B, T, H]
         mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
         chunks.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))  # [B, H]

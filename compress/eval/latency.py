@@ -9,6 +9,11 @@ from pathlib import Path
 
 import torch
 
+from compress.formats import sparse
+from compress.runtime import loop
+from compress.runtime.torch_decoder import TorchDecoder
+from compress.runtime.torch_kernels import use_sparse24
+
 
 def cpu_name() -> str:
     try:
@@ -29,13 +34,9 @@ def device_name(device: torch.device) -> str:
 def with_sparse24(model: torch.nn.Module, checkpoint: Path, kernel: str) -> str:
     """An unquantized 2:4 pruned checkpoint: on CUDA, give its linears torch's semi-structured
     sparse weights (in place) and name that kernel; on CPU, say the pattern buys nothing."""
-    from compress.formats import sparse
-
     if (sparse.info(checkpoint) or {}).get("pattern") != "2:4":
         return kernel
     if next(model.parameters()).device.type == "cuda":
-        from compress.runtime.torch_kernels import use_sparse24
-
         return use_sparse24(model)
     return kernel + " (2:4 sparsity unused: torch's semi-structured sparse kernels run on CUDA only)"
 
@@ -61,9 +62,6 @@ def _timed(fn) -> float:
 def causal_lm(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict[str, float]:
     """prompt: [1, P]. Tokens/s for prefill (P tokens) and decode (new_tokens steps), with the
     greedy protocol `compress bench` uses on every runtime (runtime/loop.py)."""
-    from compress.runtime import loop
-    from compress.runtime.torch_decoder import TorchDecoder
-
     dec = TorchDecoder(model, kernel="")
     ids = prompt.cpu().numpy()
     loop.one_round(dec, ids, min(new_tokens, 8))  # warm-up

@@ -30,8 +30,13 @@ def measure(
 ) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
         req = {
-            "path": str(path), "task": task, "eval": spec.model_dump(), "texts": texts.texts,
-            "text_desc": texts.description, "layers": layers, "device": device,
+            "path": str(path),
+            "task": task,
+            "eval": spec.model_dump(),
+            "texts": texts.texts,
+            "text_desc": texts.description,
+            "layers": layers,
+            "device": device,
             "trust_remote_code": trust_remote_code,
             "embeddings_out": str(keep_embeddings or Path(tmp) / "emb.pt"),
         }
@@ -39,7 +44,8 @@ def measure(
         req_file.write_text(json.dumps(req))
         proc = subprocess.run(
             [sys.executable, "-m", "compress.eval.worker", str(req_file), str(out_file)],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from compress.data.tokens import windows
@@ -18,14 +17,6 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) ->
     if len(out) == 0:
         raise UsageError(f"evaluation text is shorter than one window of {seq_len} tokens")
     return out
-
-
-def target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(targets[t]) under logits[t] [T, V], in float64 (for runtimes that hand back numpy)."""
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    return logp[np.arange(len(targets)), targets]
 
 
 @torch.no_grad()

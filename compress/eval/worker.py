@@ -50,7 +50,9 @@ def _measure(req: dict, load_from: Path) -> dict:
     if req["task"] == "causal-lm":
         windows = perplexity.token_windows(tok, texts, spec["seq_len"], spec["max_tokens"])
         ppl = perplexity.perplexity(model, windows)
-        out["perplexity"] = Perplexity(value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()).model_dump()
+        out["perplexity"] = Perplexity(
+            value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()
+        ).model_dump()
         if spec["latency"]:
             prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
             kernel = latency.kernel_name(model, quant_config)
@@ -58,8 +60,12 @@ def _measure(req: dict, load_from: Path) -> dict:
                 kernel = latency.with_sparse24(model, path, kernel)
             speed = latency.causal_lm(model, prompt, spec["new_tokens"])
             out["latency"] = Latency(
-                **speed, prompt_len=prompt.shape[1], new_tokens=spec["new_tokens"], kernel=kernel,
-                device=latency.device_name(device), dtype=dtype,
+                **speed,
+                prompt_len=prompt.shape[1],
+                new_tokens=spec["new_tokens"],
+                kernel=kernel,
+                device=latency.device_name(device),
+                dtype=dtype,
             ).model_dump()
     else:
         sents = embedding.sentences(texts, spec["max_texts"])
@@ -68,8 +74,12 @@ def _measure(req: dict, load_from: Path) -> dict:
             ids = tok(" ".join(sents), return_tensors="pt", truncation=True, max_length=spec["prompt_len"]).input_ids
             speed = latency.encoder(model, ids)
             out["latency"] = Latency(
-                **speed, prompt_len=ids.shape[1], new_tokens=None, kernel=latency.kernel_name(model, quant_config),
-                device=latency.device_name(device), dtype=dtype,
+                **speed,
+                prompt_len=ids.shape[1],
+                new_tokens=None,
+                kernel=latency.kernel_name(model, quant_config),
+                device=latency.device_name(device),
+                dtype=dtype,
             ).model_dump()
     # After the forward passes: compressed-tensors decompresses on the first one.
     params = {id(p): p for p in model.parameters()}  # tied weights count once

@@ -19,15 +19,21 @@ import numpy as np
 import torch
 
 from compress.errors import UsageError
-from compress.export.stored import StoredLinear, read
+from compress.formats.stored import StoredLinear, read
 from compress.models.load import Loaded
 
 FILE = "model.gguf"
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.N
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
@@ -89,7 +95,10 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
     model, cfg = loaded.model, loaded.model.config
     arch = ARCHS.get(getattr(cfg, "model_type", ""))
     if loaded.task != "causal-lm" or arch is None:
-        raise UsageError(f"GGUF export supports decoders of type {', '.join(ARCHS)}; this model is {getattr(cfg, 'model_type', '?')!r}")
+        raise UsageError(
+            f"GGUF export supports decoders of type {', '.join(ARCHS)}; this model is "
+            f"{getattr(cfg, 'model_type', '?')!r}"
+        )
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if rope.get("rope_type", "default") not in ("default", None):
         raise UsageError(f"GGUF export: rope type {rope.get('rope_type')!r} is not mapped yet")
@@ -158,12 +167,19 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
     w.close()
     out.check = read_back(dest / FILE, expected)
     if out.requantized:
-        out.notes.append(f"{out.requantized} quantized linears have no exact GGUF type; re-quantized to Q8_0 "
-                         f"(relative weight error {out.check.requantized_rel_error:.2e})")
+        out.notes.append(
+            f"{out.requantized} quantized linears have no exact GGUF type; re-quantized to Q8_0 "
+            f"(relative weight error {out.check.requantized_rel_error:.2e})"
+        )
     if out.rounded_scales:
-        out.notes.append(f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)")
+        out.notes.append(
+            f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)"
+        )
     if pre == "default":
-        out.notes.append("tokenizer.ggml.pre is 'default' (this tokenizer's pre-tokenizer is not one compress recognises): llama.cpp may split some raw text differently from the HF tokenizer")
+        out.notes.append(
+            "tokenizer.ggml.pre is 'default' (this tokenizer's pre-tokenizer is not one compress recognises): "
+            "llama.cpp may split some raw text differently from the HF tokenizer"
+        )
     (dest / "export.json").write_text(json.dumps(asdict(out), indent=2) + "\n")
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (loaded.checkpoint / f).is_file():
@@ -171,7 +187,9 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
     return out
 
 
-def _quantized(s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported) -> tuple[np.ndarray, str, bool]:
+def _quantized(
+    s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported
+) -> tuple[np.ndarray, str, bool]:
     """dense: s de-quantized (rows permuted like q/scale), for the types that re-quantize."""
     kind = exact_type(s)
     if kind is not None:
@@ -233,7 +251,9 @@ def _tokenizer(w, ckpt: Path) -> str:
     try:
         vocab = gguf.vocab.BpeVocab(ckpt)
     except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"GGUF export needs a byte-level BPE tokenizer (tokenizer.json) beside the weights: {exc}") from None
+        raise UsageError(
+            f"GGUF export needs a byte-level BPE tokenizer (tokenizer.json) beside the weights: {exc}"
+        ) from None
     tokens, types = [], []
     for text, _score, ttype in vocab.all_tokens():
         tokens.append(text)
@@ -250,13 +270,19 @@ def _tokenizer(w, ckpt: Path) -> str:
 def pre_tokenizer(spec: dict | None) -> str:
     """llama.cpp's name for the tokenizer's way of splitting text before BPE, for the splits
     we can recognise from tokenizer.json; "default" otherwise (said in a note)."""
+
     def byte_level(p: dict) -> bool:
         return p.get("type") == "ByteLevel" and p.get("use_regex", True)
 
     if spec and byte_level(spec):
         return "gpt-2"
     parts = (spec or {}).get("pretokenizers", []) if (spec or {}).get("type") == "Sequence" else []
-    if len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits") and byte_level(parts[1]):
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Digits"
+        and parts[0].get("individual_digits")
+        and byte_level(parts[1])
+    ):
         return "smollm"
     return "default"
 

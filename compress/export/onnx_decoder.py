@@ -32,7 +32,7 @@ from compress.export.onnx_graph import (
     nbits_from_stored,
     rtn_nbits,
 )
-from compress.export.stored import StoredLinear
+from compress.formats.stored import StoredLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -107,10 +107,21 @@ def per_token_int8(g: Graph, x: str) -> str:
     """x rounded to int8 per token (last axis) and back, as compressed-tensors' dynamic
     symmetric per-token activations: s = absmax / 127.5, q = clamp(round(x / s), -128, 127)."""
     absmax = g.op("ReduceMax", [g.op("Abs", [x]), g.const("last_axis", np.array([-1], dtype=np.int64))], keepdims=1)
-    scale = g.op("Max", [g.op("Div", [absmax, g.const("half_range", np.array(127.5, dtype=np.float32))]),
-                         g.const("tiny_scale", np.array(np.finfo(np.float32).tiny, dtype=np.float32))])
-    q = g.op("Clip", [g.op("Round", [g.op("Div", [x, scale])]), g.const("int8_min", np.array(-128.0, dtype=np.float32)),
-                      g.const("int8_max", np.array(127.0, dtype=np.float32))])
+    scale = g.op(
+        "Max",
+        [
+            g.op("Div", [absmax, g.const("half_range", np.array(127.5, dtype=np.float32))]),
+            g.const("tiny_scale", np.array(np.finfo(np.float32).tiny, dtype=np.float32)),
+        ],
+    )
+    q = g.op(
+        "Clip",
+        [
+            g.op("Round", [g.op("Div", [x, scale])]),
+            g.const("int8_min", np.array(-128.0, dtype=np.float32)),
+            g.const("int8_max", np.array(127.0, dtype=np.float32)),
+        ],
+    )
     return g.op("Mul", [q, scale])
 
 
@@ -142,7 +153,9 @@ def rotary_caches(model: torch.nn.Module, max_positions: int) -> tuple[np.ndarra
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 
 
-def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options, head: NBits | None = None) -> onnx.ModelProto:
+def build(
+    model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options, head: NBits | None = None
+) -> onnx.ModelProto:
     """head: the rounded output layer when opts.lm_head_bits (default: `quantized_output_layer`)."""
     cfg = model.config
     check_supported(cfg)
@@ -182,7 +195,9 @@ def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options
         if pending is None:
             h = g.op("SimplifiedLayerNormalization", [residual, ln1], axis=-1, epsilon=eps, stash_type=1)
         else:
-            h, residual = g.op("SkipSimplifiedLayerNormalization", [pending, residual, ln1], outs="x--x", domain=MS, epsilon=eps)
+            h, residual = g.op(
+                "SkipSimplifiedLayerNormalization", [pending, residual, ln1], outs="x--x", domain=MS, epsilon=eps
+            )
 
         qkv = [_linear(model, stored, f"{p}.self_attn.{n}_proj") for n in "qkv"]
         q, k, v = _projections(g, h, f"{p}.self_attn.qkv_proj", qkv, opts)
@@ -203,7 +218,9 @@ def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options
         attn = _apply(g, attn, f"{p}.self_attn.o_proj", _linear(model, stored, f"{p}.self_attn.o_proj"), opts)
 
         ln2 = g.const(f"{p}.post_attention_layernorm.weight", _vec(model, f"{p}.post_attention_layernorm"))
-        h, residual = g.op("SkipSimplifiedLayerNormalization", [attn, residual, ln2], outs="x--x", domain=MS, epsilon=eps)
+        h, residual = g.op(
+            "SkipSimplifiedLayerNormalization", [attn, residual, ln2], outs="x--x", domain=MS, epsilon=eps
+        )
         gate_up = [_linear(model, stored, f"{p}.mlp.{n}_proj") for n in ("gate", "up")]
         gate, up = _projections(g, h, f"{p}.mlp.gate_up_proj", gate_up, opts)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
@@ -211,7 +228,9 @@ def build(model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options
 
     norm = g.const("model.norm.weight", _vec(model, "model.norm"))
     h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm], outs=1, domain=MS, epsilon=eps)
-    g.output(_lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts, head), "logits", FLOAT, ["batch", "seq", vocab])
+    g.output(
+        _lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts, head), "logits", FLOAT, ["batch", "seq", vocab]
+    )
     return g.model(f"{cfg.model_type}-decoder")
 
 
@@ -224,9 +243,13 @@ def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
     return rtn_nbits(w, bits, block)
 
 
-def _lm_head(g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options, rounded: NBits | None) -> str:
+def _lm_head(
+    g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options, rounded: NBits | None
+) -> str:
     if opts.lm_head_bits:
-        return matmul_nbits(g, h, "lm_head", rounded or quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level)
+        return matmul_nbits(
+            g, h, "lm_head", rounded or quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level
+        )
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
     if name in stored:
@@ -236,7 +259,14 @@ def _lm_head(g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, 
     # Gemm reads the [V, H] matrix transposed in place: a tied output layer shares the embedding.
     flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], dtype=np.int64))])
     logits = g.op("Gemm", [flat, weight], transB=1)
-    bs = g.op("Slice", [g.op("Shape", [ids]), g.const("zero1", np.array([0], dtype=np.int64)), g.const("two1", np.array([2], dtype=np.int64))])
+    bs = g.op(
+        "Slice",
+        [
+            g.op("Shape", [ids]),
+            g.const("zero1", np.array([0], dtype=np.int64)),
+            g.const("two1", np.array([2], dtype=np.int64)),
+        ],
+    )
     shape = g.op("Concat", [bs, g.const("vocab1", np.array([vocab], dtype=np.int64))], axis=0)
     return g.op("Reshape", [logits, shape])
 

@@ -16,10 +16,13 @@ import torch
 from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
-from compress.export import onnx_decoder, onnx_encoder, stored as stored_mod
+from compress.export import onnx_decoder, onnx_encoder
 from compress.export.onnx_graph import dequantize_nbits, nbits_block_of
+from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
 from compress.primitives.qparams import fake_quantize_tokens
+from compress.runtime import ort
+from compress.runtime.loop import generate
 
 MODEL_FILE = "model.onnx"
 INLINE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside it
@@ -43,7 +46,9 @@ class Exported:
     path: Path
     task: str
     nbits_layers: int  # linears as MatMulNBits
-    float_layers: int  # linears as float MatMul (unquantized, ignored, or no exact MatMulNBits form); the output layer aside
+    float_layers: (
+        int  # linears as float MatMul (unquantized, ignored, or no exact MatMulNBits form); the output layer aside
+    )
     accuracy_level: int
     lm_head_bits: int | None
     act_int8: bool
@@ -92,26 +97,47 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits) if opts.lm_head_bits else None
     graph = build(loaded, stored, opts, head)
     if head is not None:  # the reference multiplies by the same rounded output layer (untied from the embedding)
-        loaded.model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(head)), requires_grad=False)
+        loaded.model.get_output_embeddings().weight = torch.nn.Parameter(
+            torch.from_numpy(dequantize_nbits(head)), requires_grad=False
+        )
     nbits = sum(1 for n in graph.graph.node if n.op_type == "MatMulNBits")
     dense = sum(1 for n in graph.graph.node if n.op_type == "MatMul")  # a float output layer is a Gemm, not counted
     write(graph, dest)
     del graph
-    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "vocab.txt", "chat_template.jinja"):
+    for f in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "chat_template.jinja",
+    ):
         if (loaded.checkpoint / f).is_file():
             shutil.copy2(loaded.checkpoint / f, dest / f)
     notes = []
     fp8 = [n for n, w in stored.items() if w.kind == "float"]
     if fp8:
-        notes.append(f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or speed gain)")
+        notes.append(
+            f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or "
+            f"speed gain)"
+        )
     other = [n for n, w in stored.items() if w.kind == "int" and nbits_block_of(w) is None]
     if other:
-        notes.append(f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their groups): float32")
+        notes.append(
+            f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their "
+            f"groups): float32"
+        )
     if opts.act_int8:
-        notes.append("w8a8: each quantized linear's input is rounded to int8 per token in the graph, as the checkpoint's scheme does")
+        notes.append(
+            "w8a8: each quantized linear's input is rounded to int8 per token in the graph, as the checkpoint's scheme "
+            "does"
+        )
     if opts.accuracy_level == 4 and nbits:
-        notes.append("accuracy_level 4: MatMulNBits quantizes activations to int8 per block inside the kernel (faster, not bit-exact to the checkpoint)")
+        notes.append(
+            "accuracy_level 4: MatMulNBits quantizes activations to int8 per block inside the kernel (faster, not "
+            "bit-exact to the checkpoint)"
+        )
     chk = check(loaded, dest / MODEL_FILE, threads)
     exp = Exported(dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes)
     _verify(exp)
@@ -124,7 +150,9 @@ def _verify(exp: Exported) -> None:
     c = exp.check
     exact = (exp.accuracy_level in (0, 1) or exp.nbits_layers == 0) and not exp.act_int8
     if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
-        raise CompressError(f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})")
+        raise CompressError(
+            f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})"
+        )
     # Rounding activations to int8 per token (w8a8) turns float noise at rounding boundaries into
     # whole steps; with outlier channels (SmolLM2) single predictions flip though perplexity
     # matches (benchmarks/export.py), so the bar there only catches a broken graph.
@@ -132,13 +160,12 @@ def _verify(exp: Exported) -> None:
     if c.top1_agreement is not None and c.top1_agreement < floor:
         raise CompressError(f"export check failed: only {c.top1_agreement:.0%} of next-token predictions match PyTorch")
     if c.min_cosine is not None and c.min_cosine < (0.9999 if exact else 0.99):
-        raise CompressError(f"export check failed: hidden states differ from PyTorch (lowest cosine {c.min_cosine:.5f})")
+        raise CompressError(
+            f"export check failed: hidden states differ from PyTorch (lowest cosine {c.min_cosine:.5f})"
+        )
 
 
 def check(loaded: Loaded, path: Path, threads: int) -> Check:
-    from compress.runtime import ort
-    from compress.runtime.loop import generate
-
     ids = windows(loaded.tokenizer, textdata.builtin("evaluation").texts, CHECK_TOKENS, CHECK_TOKENS)
     if len(ids) == 0:
         raise CompressError("export check: the built-in text is shorter than one check window")
@@ -149,12 +176,20 @@ def check(loaded: Loaded, path: Path, threads: int) -> Check:
         got, _ = dec.forward(ids.numpy())
         with torch.no_grad():
             ref = loaded.model(ids).logits.float().numpy()
-            want = loaded.model.generate(ids, max_new_tokens=CHECK_NEW_TOKENS, min_new_tokens=CHECK_NEW_TOKENS, do_sample=False)
+            want = loaded.model.generate(
+                ids, max_new_tokens=CHECK_NEW_TOKENS, min_new_tokens=CHECK_NEW_TOKENS, do_sample=False
+            )
         greedy = generate(dec, ids.numpy(), CHECK_NEW_TOKENS)[0]
-        want = want[0, ids.shape[1]:].numpy()
+        want = want[0, ids.shape[1] :].numpy()
         equal = int(np.argmin(np.append(greedy == want, False)))
-        return Check(ids.shape[1], float(np.abs(got - ref).max()), float(np.abs(ref).max()),
-                     top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()), greedy_equal=equal, greedy_of=CHECK_NEW_TOKENS)
+        return Check(
+            ids.shape[1],
+            float(np.abs(got - ref).max()),
+            float(np.abs(ref).max()),
+            top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            greedy_equal=equal,
+            greedy_of=CHECK_NEW_TOKENS,
+        )
     feed = onnx_encoder.feed(sess, ids.numpy())
     got = sess.run(["last_hidden_state"], feed)[0]
     with torch.no_grad():

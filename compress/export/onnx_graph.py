@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.export.stored import StoredLinear
+from compress.formats.stored import StoredLinear
 
 MS = "com.microsoft"
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block lengths ONNX Runtime's CPU kernels take
@@ -40,7 +40,9 @@ class Graph:
             self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], outs: int | str = 1, out: str | None = None, domain: str = "", **attrs) -> str | list[str]:
+    def op(
+        self, op_type: str, inputs: list[str], outs: int | str = 1, out: str | None = None, domain: str = "", **attrs
+    ) -> str | list[str]:
         """outs: how many outputs, or a pattern like "x--x" (x: wanted, -: optional, left out)."""
         self._count += 1
         base = f"/{op_type}_{self._count}"
@@ -138,7 +140,10 @@ def dequantize_nbits(w: NBits) -> np.ndarray:
 def concat_nbits(parts: list[NBits]) -> NBits | None:
     """Stack linears that read the same input along N (q/k/v, gate/up); None if they differ."""
     first = parts[0]
-    if any((p.bits, p.block, p.k, p.zero_points is None) != (first.bits, first.block, first.k, first.zero_points is None) for p in parts):
+    if any(
+        (p.bits, p.block, p.k, p.zero_points is None) != (first.bits, first.block, first.k, first.zero_points is None)
+        for p in parts
+    ):
         return None
     zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
     return NBits(

@@ -54,7 +54,10 @@ def atomic_dir(dest: Path, overwrite: bool, stable: bool = False, resume: bool =
             tmp = staging_dir(dest)
             if tmp.exists() and not resume:
                 if resumable(tmp) and not overwrite:
-                    raise UsageError(f"{tmp} holds the finished stages or checkpoints of an interrupted run: pass --resume to continue it, or --overwrite to start over")
+                    raise UsageError(
+                        f"{tmp} holds the finished stages or checkpoints of an interrupted run: pass --resume to "
+                        f"continue it, or --overwrite to start over"
+                    )
                 shutil.rmtree(tmp)
             tmp.mkdir(exist_ok=True)
         else:

@@ -11,21 +11,43 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.base import compress_module
-from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    apply_quantization_config,
+)
+from safetensors import safe_open
 
 from compress.errors import UsageError
 from compress.models.arch import TARGETS
-from compress.primitives.qparams import Grid, GridParams, dequantize
-from compress.quant.rtn import QuantizedWeight
-from compress.quant.schemes import Scheme
+from compress.primitives.qparams import Grid, GridParams, QuantizedWeight, dequantize
 
 
-def config_for(scheme: Scheme, ignore: list[str]) -> QuantizationConfig:
+def ct_scheme(grid: Grid, act: str | None, targets: list[str]) -> QuantizationScheme:
+    """compressed-tensors' description of a weight grid and of dynamic per-token activations
+    (act: None, "int8" or "fp8")."""
+    weights = QuantizationArgs(
+        num_bits=grid.bits,
+        type=grid.kind,
+        symmetric=grid.symmetric,
+        strategy="channel" if grid.group_size is None else "group",
+        group_size=grid.group_size,
+    )
+    acts = None
+    if act:
+        acts = QuantizationArgs(
+            num_bits=8, type="float" if act == "fp8" else "int", strategy="token", symmetric=True, dynamic=True
+        )
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
+
+
+def config_for(grid: Grid, act: str | None, ignore: list[str]) -> QuantizationConfig:
     return QuantizationConfig(
-        config_groups={"group_0": scheme.ct_scheme(TARGETS)},
+        config_groups={"group_0": ct_scheme(grid, act, TARGETS)},
         ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
@@ -72,10 +94,14 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
     config = QuantizationConfig.model_validate(qc)
     config.quantization_status = QuantizationStatus.FROZEN  # as `config_for`: compressed again when saved
     if len(config.config_groups) != 1:
-        raise UsageError(f"{ckpt}: {len(config.config_groups)} quantization groups; compress reads checkpoints with one")
+        raise UsageError(
+            f"{ckpt}: {len(config.config_groups)} quantization groups; compress reads checkpoints with one"
+        )
     args = next(iter(config.config_groups.values())).weights
     if args is None or args.strategy not in ("group", "channel") or args.dynamic:
-        raise UsageError(f"{ckpt}: weight quantization {args and args.strategy!r} is not one compress can train through")
+        raise UsageError(
+            f"{ckpt}: weight quantization {args and args.strategy!r} is not one compress can train through"
+        )
     grid = Grid(args.num_bits, args.type, args.symmetric, args.group_size if args.strategy == "group" else None)
     grids: dict[str, GridParams] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -86,7 +112,11 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
                 name = key[: -len(".weight_scale")]
                 scale = st.get_tensor(key)
                 zp_key = f"{name}.weight_zero_point"
-                zp = st.get_tensor(zp_key).to(torch.int8) if zp_key in st.keys() else torch.zeros_like(scale, dtype=torch.int8)
+                zp = (
+                    st.get_tensor(zp_key).to(torch.int8)
+                    if zp_key in st.keys()
+                    else torch.zeros_like(scale, dtype=torch.int8)
+                )
                 grids[name] = GridParams(grid, scale, zp)
     if not grids:
         raise UsageError(f"{ckpt}: no quantized weights (weight_scale) found")

@@ -27,7 +27,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 KEY = "compress_sparsity"
-SUFFIXES = ("weight_bitmask", "weight_shape", "weight_values", "weight_signmant", "weight_expcodes", "weight_exptable", "weight_expescapes")
+SUFFIXES = (
+    "weight_bitmask",
+    "weight_shape",
+    "weight_values",
+    "weight_signmant",
+    "weight_expcodes",
+    "weight_exptable",
+    "weight_expescapes",
+)
 
 
 ESCAPE = 15
@@ -120,7 +128,9 @@ def _rewrite(path: Path, convert) -> None:
         save_file(tensors, tmp, metadata={**meta, "format": "pt"})
         tmp.replace(shard)
         if index:
-            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name} | {k: shard.name for k in tensors}
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name} | {
+                k: shard.name for k in tensors
+            }
     if index:
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

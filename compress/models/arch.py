@@ -92,3 +92,22 @@ def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
         if all(layer.get_submodule(n).in_features == width for n in m.linears):
             maps.append(m)
     return maps
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The repeated blocks of a transformers model (decoder layers, or encoder layers)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer", "bert.encoder.layer"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise UsageError(f"{type(model).__name__}: no decoder layers found for layer-by-layer calibration")
+
+
+def decoder_prefix(model: torch.nn.Module) -> str:
+    """The module name of the repeated blocks (`model.layers`), as linears' full names start."""
+    blocks = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is blocks)

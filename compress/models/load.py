@@ -11,18 +11,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from compressed_tensors.quantization import QuantizationConfig
 
 from compress import heap
 from compress.errors import CompressError, UsageError
 from compress.formats import sparse
-from compress.calibrate import InMemory
-from compress.models.offload import OnDisk, empty_model
+from compress.formats.compressed_tensors import read_grids
+from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
+from compress.primitives.qparams import GridParams
 
 log = logging.getLogger("compress")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files sentence-transformers needs beside the weights; save_pretrained does not write them.
 SIDECAR_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """How a compressed-tensors checkpoint that was loaded de-quantized is quantized."""
+
+    config: QuantizationConfig
+    grids: dict[str, GridParams]  # linear name -> its grid, scales and zero points
 
 
 @dataclass
@@ -33,7 +43,7 @@ class Loaded:
     checkpoint: Path  # the Hugging Face directory the weights came from
     layers: InMemory | OnDisk = field(default_factory=InMemory)  # where decoder layers live between uses
     # A compressed-tensors input loaded de-quantized (quantized=True): its config and grids.
-    quantized: tuple[object, dict] | None = None
+    quantized: Quantized | None = None
 
 
 def task_of(architectures: list[str] | None) -> str:
@@ -143,8 +153,6 @@ def load(
     if qc and quantized and not offload:
         from transformers import CompressedTensorsConfig
 
-        from compress.formats.compressed_tensors import read_grids
-
         grids = read_grids(ckpt)
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
@@ -179,7 +187,7 @@ def load(
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()
     heap.own_weights([*model.parameters(), *model.buffers()])
-    return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids)
+    return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids and Quantized(*grids))
 
 
 def copy_sidecars(src: Path, dest: Path) -> None:

@@ -6,22 +6,46 @@ quantized, its compressed tensors go to their own shard of the output and the la
 emptied again. Peak memory: the weights outside the layers (embeddings, head), one layer,
 and the calibration activations.
 
-It is the `calibrate.LayerStore` used with `--offload`; without it, `calibrate.InMemory`.
+It is the `LayerStore` used with `--offload`; without it, `InMemory`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compress.calibrate import decoder_layers
 from compress.errors import UsageError
+from compress.models.arch import decoder_layers
 
 INDEX = "model.safetensors.index.json"
+
+
+class LayerStore(Protocol):
+    """Where decoder layers live between uses (`models.offload.OnDisk` keeps them on disk)."""
+
+    def load(self, i: int, layer: torch.nn.Module) -> None: ...
+
+    def release(self, i: int, layer: torch.nn.Module) -> None: ...
+
+    def save(self, model: torch.nn.Module, dest: Path) -> None: ...
+
+
+class InMemory:
+    """Every layer stays loaded; a layer leaves the compute device when done."""
+
+    def load(self, i: int, layer: torch.nn.Module) -> None:
+        pass
+
+    def release(self, i: int, layer: torch.nn.Module) -> None:
+        layer.to("cpu")
+
+    def save(self, model: torch.nn.Module, dest: Path) -> None:
+        model.save_pretrained(dest)
 
 
 class Checkpoint:
@@ -36,7 +60,9 @@ class Checkpoint:
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self.files]
         if missing:
-            raise UsageError(f"--offload: the checkpoint has no tensor {missing[0]!r} the model needs; run without --offload")
+            raise UsageError(
+                f"--offload: the checkpoint has no tensor {missing[0]!r} the model needs; run without --offload"
+            )
         out = {}
         for f in dict.fromkeys(self.files[n] for n in names):
             with safe_open(str(f), "pt") as h:
@@ -64,12 +90,14 @@ class OnDisk:
         model.tie_weights()
         empty = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(self.prefix + ".")]
         if empty:
-            raise UsageError(f"--offload: the checkpoint has no tensor {empty[0]!r} the model needs; run without --offload")
+            raise UsageError(
+                f"--offload: the checkpoint has no tensor {empty[0]!r} the model needs; run without --offload"
+            )
 
     def load(self, i: int, layer: torch.nn.Module) -> None:
         own = f"{self.prefix}.{i}."
         tensors = self.ckpt.read([own + k for k in layer.state_dict()], self.dtype)
-        layer.load_state_dict({k[len(own):]: v for k, v in tensors.items()}, strict=True, assign=True)
+        layer.load_state_dict({k[len(own) :]: v for k, v in tensors.items()}, strict=True, assign=True)
 
     def release(self, i: int, layer: torch.nn.Module) -> None:
         if self.out_dir is None:
@@ -86,7 +114,9 @@ class OnDisk:
         """Everything outside the layers through save_pretrained (config, generation config,
         tied weights), then one index over all shards."""
         if len(set(self.written.values())) != len(self.layers):
-            raise RuntimeError(f"--offload: {len(set(self.written.values()))} of {len(self.layers)} layers were written")
+            raise RuntimeError(
+                f"--offload: {len(set(self.written.values()))} of {len(self.layers)} layers were written"
+            )
         rest = {k: v for k, v in model.state_dict().items() if not k.startswith(self.prefix + ".")}
         model.save_pretrained(dest, state_dict=rest)
         if not (dest / INDEX).is_file():  # one file: give it a shard's name

@@ -82,12 +82,16 @@ def check_checkpoint_dir(path: Path, allow_pickle: bool) -> None:
             "pass --allow-pickle if you trust this checkpoint"
         )
     if (path / "model.onnx").is_file():
-        raise UsageError(f"{path} is an ONNX export: time it with `compress bench {path} --runtime onnxruntime`; "
-                         "the other commands read the checkpoint it was exported from")
+        raise UsageError(
+            f"{path} is an ONNX export: time it with `compress bench {path} --runtime onnxruntime`; "
+            "the other commands read the checkpoint it was exported from"
+        )
     ggufs = sorted(path.glob("*.gguf"))
     if ggufs:
-        raise UsageError(f"{path} is a GGUF export: pass the .gguf file itself ({ggufs[0]}), or time it with "
-                         f"`compress bench {path} --runtime llama.cpp`")
+        raise UsageError(
+            f"{path} is a GGUF export: pass the .gguf file itself ({ggufs[0]}), or time it with "
+            f"`compress bench {path} --runtime llama.cpp`"
+        )
     if not pickled:
         raise UsageError(f"{path} has a config.json but no weights (*.safetensors)")
 

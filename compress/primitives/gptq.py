@@ -29,7 +29,9 @@ def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
-def _group_params(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_search: bool, importance: torch.Tensor | None):
+def _group_params(
+    w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_search: bool, importance: torch.Tensor | None
+):
     if range_search:
         return search_range(w, grid, scale_dtype, importance=importance)
     return compute_qparams(w, grid, scale_dtype)
@@ -38,7 +40,9 @@ def _group_params(w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, range_s
 INNER = 32  # columns per sub-block of immediate updates
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, scale_f: torch.Tensor, zp: torch.Tensor | None, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+def _round(
+    w: torch.Tensor, scale: torch.Tensor, scale_f: torch.Tensor, zp: torch.Tensor | None, grid: Grid
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One column: w [O] float32; scale [O] in its stored dtype and as float32; zp [O] float,
     or None when it is 0 (symmetric) -> (q, w_hat float32). The arithmetic of
     `qparams.quantize` / `dequantize`, without their reshapes."""
@@ -123,7 +127,13 @@ def gptq(
                 gi = group_of[col]
                 if not static and col % g == 0:  # first column of a group: choose its range now
                     block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                    s, z = _group_params(block, Grid(grid.bits, grid.kind, grid.symmetric, g), scale_dtype, range_search, diag[perm][col : col + g])
+                    s, z = _group_params(
+                        block,
+                        Grid(grid.bits, grid.kind, grid.symmetric, g),
+                        scale_dtype,
+                        range_search,
+                        diag[perm][col : col + g],
+                    )
                     scale[:, gi : gi + 1], zp[:, gi : gi + 1] = s, z
                 if gi != last:
                     s_col, last = scale[:, gi], gi

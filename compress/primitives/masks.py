@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from compress.errors import UsageError
-
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """'unstructured' -> None; 'N:M' -> (N kept, M) with 0 < N < M."""
@@ -18,9 +16,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     try:
         n, m = (int(v) for v in pattern.split(":"))
     except ValueError:
-        raise UsageError(f"pattern must be 'unstructured' or N:M such as 2:4, got {pattern!r}") from None
+        raise ValueError(f"pattern must be 'unstructured' or N:M such as 2:4, got {pattern!r}") from None
     if not 0 < n < m:
-        raise UsageError(f"pattern {pattern}: N:M keeps N of every M weights, so 0 < N < M is needed")
+        raise ValueError(f"pattern {pattern}: N:M keeps N of every M weights, so 0 < N < M is needed")
     return n, m
 
 
@@ -39,7 +37,7 @@ def keep_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """score [O, I] (I divisible by M) -> mask keeping the N highest of each M consecutive inputs."""
     out_f, in_f = score.shape
     if in_f % m:
-        raise UsageError(f"{n}:{m} sparsity needs input widths divisible by {m}; a layer has {in_f}")
+        raise ValueError(f"{n}:{m} sparsity needs input widths divisible by {m}; a layer has {in_f}")
     groups = score.reshape(out_f, in_f // m, m)
     idx = torch.topk(groups, m - n, dim=2, largest=False).indices
     mask = torch.ones_like(groups, dtype=torch.bool).scatter_(2, idx, False)

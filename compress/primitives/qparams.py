@@ -42,6 +42,15 @@ class GridParams:
     zero_point: torch.Tensor  # [O, G] int8 (zeros when symmetric)
 
 
+@dataclass
+class QuantizedWeight:
+    """One linear's weight on its grid, as stored."""
+
+    q: torch.Tensor  # [O, I] int8 integers or float8 values
+    scale: torch.Tensor  # [O, G]
+    zero_point: torch.Tensor  # [O, G] int8
+
+
 def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[O, I] -> [O, G, g] view (G = I/g groups; per channel: G = 1, g = I)."""
     out_f, in_f = w.shape
@@ -148,7 +157,9 @@ def _qparams_for_ratios(wg: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, 
     return scale, zp.to(torch.int8)
 
 
-def _group_error(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid, col_w: torch.Tensor) -> torch.Tensor:
+def _group_error(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid, col_w: torch.Tensor
+) -> torch.Tensor:
     """Weighted squared error per group of `quantize` then `dequantize`, for each ratio: [R, O, G].
     The same arithmetic, in place (these tensors are large: ratios x rows x columns)."""
     wg = grouped(w, w.shape[1] // scale.shape[-1])  # [O, G, g]

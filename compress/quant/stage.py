@@ -1,86 +1,165 @@
-"""The quantize stage: scheme resolved, RTN or a calibrated method run layer by layer, each
-layer compressed into the compressed-tensors format as soon as it is final."""
+"""The quantize stage: scheme resolved, the method run (layer by layer through the calibration
+engine, or weight by weight for methods without data), each layer compressed into the
+compressed-tensors format as soon as it is final."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
-from rich.progress import Progress, TimeElapsedColumn
 
-from compress import heap
-from compress.data import text as textdata, tokens
+from compress import calibrate, heap
+from compress.calibrate import LayerInputs
+from compress.data import calibration
 from compress.errors import UsageError
 from compress.formats import compressed_tensors as ct_format
-from compress.models import arch, load as loading
-from compress.models.offload import OnDisk
-from compress.quant import calibrated, rtn, schemes
-from compress.recipe import PruneStage, QuantizeStage
-from compress.report.schema import StageRecord
-
-CALIBRATION_BATCH = 4  # calibration windows per forward pass
-
-
-def calibration_batches(stage: QuantizeStage | PruneStage, tokenizer, console: Console) -> tuple[list[torch.Tensor], str, list[str]]:
-    texts = textdata.load(stage.dataset, "calibration", stage.text_column)
-    wins = tokens.windows(tokenizer, texts.texts, stage.seq_len, stage.samples * stage.seq_len)
-    warnings = []
-    if len(wins) == 0:
-        raise UsageError(f"calibration text ({texts.description}) is shorter than one sample of {stage.seq_len} tokens; lower --seq-len")
-    if len(wins) < stage.samples:
-        warnings.append(f"calibration text holds {len(wins)} samples of {stage.seq_len} tokens, fewer than the {stage.samples} asked; using {len(wins)}")
-        console.print(f"[yellow]warning:[/] {warnings[-1]}")
-    desc = f"{texts.description}; {len(wins)} samples x {stage.seq_len} tokens"
-    return list(wins.split(CALIBRATION_BATCH)), desc, warnings
+from compress.models import arch
+from compress.models.load import Loaded
+from compress.models.offload import InMemory, LayerStore, OnDisk
+from compress.primitives.qparams import QuantizedWeight, dequantize, fake_quantize
+from compress.quant import schemes
+from compress.quant.method import QuantMethod, Target
+from compress.recipe import QuantizeStage
+from compress.report.progress import progress_bar
+from compress.report.schema import LayerError, StageRecord
+from compress.stages import StageResult
 
 
-def run(stage: QuantizeStage, loaded: loading.Loaded, device: str, console: Console, keep_zeros: bool) -> tuple[StageRecord, object]:
+def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, keep_zeros: bool) -> StageResult:
     model = loaded.model
     start = time.perf_counter()
     layers, ignore = arch.quant_targets(model, stage.ignore)
-    scheme = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
+    try:
+        scheme = schemes.resolve(
+            stage.scheme, stage.group_size, stage.symmetric, {n: m.in_features for n, m in layers.items()}
+        )
+    except schemes.SchemeError as exc:
+        raise UsageError(str(exc)) from None
+    method = stage.method_class(
+        stage.method_options(), Target(scheme.weight, scheme.act, keep_zeros, stage.range_search)
+    )
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
     settings = {
-        "scheme": scheme.name, "method": stage.method, "group_size": scheme.weight.group_size or "channel",
-        "group_choice": scheme.group_note, "symmetric": scheme.weight.symmetric,
+        "scheme": scheme.name,
+        "method": stage.method,
+        "group_size": scheme.weight.group_size or "channel",
+        "group_choice": scheme.group_note,
+        "symmetric": scheme.weight.symmetric,
         "range": "searched for least weight MSE" if stage.range_search else "min/max",
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
-    calibration, layer_errors, warnings = None, [], []
-    config = ct_format.config_for(scheme, ignore)
-    if stage.method == "rtn":
-        _rtn(model, layers, scheme, stage.range_search, config, loaded.layers)
-    else:
-        batches, calibration, warnings = calibration_batches(stage, loaded.tokenizer, console)
-        opts = calibrated.Options(stage.method, stage.range_search, stage.dampening, stage.block_size, stage.actorder, stage.awq_grid,
-                                  alpha=stage.alpha, act=scheme.act, keep_zeros=keep_zeros)
-        settings.update({k: "searched" if v is None else v for k, v in stage.model_dump().items() if k in _METHOD_KEYS[stage.method]})
-        with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(f"{stage.method}: decoder layers", total=None)
-            _, layer_errors = calibrated.apply(
-                model, layers, scheme.weight, batches, opts, torch.device(device),
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-                sink=lambda weights: ct_format.compress_linears(model, config, weights),  # each layer compressed once final
-                store=loaded.layers,
-            )
-    compressor = ct_format.finish(model, set(layers))
+    text, errors, warnings = None, [], []
+    config = ct_format.config_for(scheme.weight, scheme.act, ignore)
+    batches = None
+    if method.calibrated:
+        batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console)
+        settings.update(method.settings())
+    with progress_bar(console, f"{stage.method}: decoder layers") as update:
+        errors = quantize_linears(
+            model,
+            layers,
+            method,
+            scheme,
+            batches,
+            torch.device(device),
+            sink=lambda weights: ct_format.compress_linears(model, config, weights),  # each layer once final
+            store=loaded.layers,
+            progress=update,
+        )
     record = StageRecord(
-        stage="quantize", settings=settings, layers=len(layers), ignored=ignore, seconds=time.perf_counter() - start,
-        calibration=calibration, layer_errors=layer_errors, warnings=warnings,
+        stage="quantize",
+        settings=settings,
+        layers=len(layers),
+        ignored=ignore,
+        seconds=time.perf_counter() - start,
+        calibration=text,
+        layer_errors=[LayerError(layer=e.layer, rtn=e.rtn, method=e.method) for e in errors],
+        warnings=warnings,
     )
-    return record, (compressor, sorted(layers))
+    return StageResult(record, sorted(layers), compressor=ct_format.finish(model, set(layers)))
 
 
-def _rtn(model, layers: dict[str, torch.nn.Linear], scheme: schemes.Scheme, range_search: bool, config, store) -> None:
-    """Round to nearest, one decoder layer at a time (loaded and released through `store`),
+def quantize_linears(
+    model: torch.nn.Module,
+    layers: dict[str, torch.nn.Linear],
+    method: QuantMethod,
+    scheme: schemes.Scheme,
+    batches: list[torch.Tensor] | None,
+    device: torch.device,
+    sink: Callable[[dict[str, QuantizedWeight]], None],
+    store: LayerStore | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[calibrate.LayerError]:
+    """Quantize `layers` (full names): weight by weight for a method without data, else layer by
+    layer on the calibration batches; each finished layer's weights go to `sink`. Per decoder
+    layer, the output error of plain RTN and of the method (calibrated methods)."""
+    if not method.calibrated:
+        _without_data(model, layers, method, sink, store or InMemory())
+        return []
+    return calibrate.calibrate_linears(
+        model,
+        layers,
+        batches,
+        device,
+        gather=lambda layer, targets: method.gather(model, layer, targets),
+        prepare=lambda layer: method.prepare(model, layer),
+        treat=lambda lins, stats: quantize_together(method, lins, stats),
+        threads=method.threads,
+        baseline=lambda layer, targets, inputs, ref: rtn_error(layer, targets, scheme, inputs, ref),
+        sink=sink,
+        progress=progress,
+        store=store,
+    )
+
+
+def quantize_together(
+    method: QuantMethod, lins: list[torch.nn.Linear], stats: calibrate.InputStats | None
+) -> list[QuantizedWeight]:
+    """Quantize linears that read the same input (q/k/v, gate/up) as one stacked weight: every
+    method treats rows independently, so this is exact, and GPTQ factors one Hessian for them
+    all. The layer keeps the de-quantized weights (its outputs feed the next layer); the
+    integers and scales are kept on the CPU."""
+    dtype = lins[0].weight.dtype
+    w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
+    q, scale, zp = method.quantize(w, stats)
+    out, row = [], 0
+    for lin in lins:
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        lin.weight.data = dequantize(q[rows], scale[rows], zp[rows]).to(dtype)
+        out.append(QuantizedWeight(q[rows].cpu(), scale[rows].cpu(), zp[rows].cpu()))
+    heap.trim()  # the temporaries' pages go back before the next group's are taken
+    return out
+
+
+def rtn_error(
+    layer: torch.nn.Module,
+    targets: dict[str, torch.nn.Linear],
+    scheme: schemes.Scheme,
+    inputs: LayerInputs,
+    ref: list[torch.Tensor],
+) -> float:
+    """Output error of this layer with plain min/max RTN (the baseline every method improves on)."""
+    saved = {n: m.weight.data.clone() for n, m in targets.items()}
+    for m in targets.values():
+        m.weight.data = fake_quantize(m.weight.float(), scheme.weight).to(m.weight.dtype)
+    err = calibrate.relative_error(ref, calibrate.run_layer(layer, inputs))
+    for n, m in targets.items():
+        m.weight.data = saved[n]
+    return err
+
+
+def _without_data(model, layers: dict[str, torch.nn.Linear], method: QuantMethod, sink, store: LayerStore) -> None:
+    """A method without data, one decoder layer at a time (loaded and released through `store`),
     then the quantized linears outside the decoder layers, if any."""
 
     def quantize(names: list[str]) -> None:
         for name in names:
             lin = model.get_submodule(name)
-            qw = rtn.quantize_weight(lin.weight, scheme.weight, lin.weight.dtype, range_search)
-            ct_format.compress_linears(model, config, {name: qw})
+            q, scale, zp = method.quantize(lin.weight, None)
+            sink({name: QuantizedWeight(q, scale, zp)})
             heap.trim()
 
     inside = set()
@@ -91,11 +170,3 @@ def _rtn(model, layers: dict[str, torch.nn.Linear], scheme: schemes.Scheme, rang
         store.release(i, block)
         inside.update(names)
     quantize([n for n in layers if n not in inside])
-
-
-_METHOD_KEYS = {
-    "gptq": ("dampening", "block_size", "actorder"),
-    "awq": ("awq_grid",),
-    "smoothquant+gptq": ("alpha", "dampening", "block_size", "actorder"),
-    "smoothquant+rtn": ("alpha",),
-}

@@ -24,7 +24,12 @@ def loss_curve(report: Report, dest: Path) -> str | None:
         steps = [r["step"] for r in t.curve]
         for part in ("loss", "kd", "hidden", "lm"):
             if part in t.curve[0] and (part == "loss" or len(t.curve[0]) > 5):
-                ax.plot(steps, [r[part] for r in t.curve], label=part + (f" (stage {n})" if len(runs) > 1 else ""), lw=1.2 if part == "loss" else 0.8)
+                ax.plot(
+                    steps,
+                    [r[part] for r in t.curve],
+                    label=part + (f" (stage {n})" if len(runs) > 1 else ""),
+                    lw=1.2 if part == "loss" else 0.8,
+                )
         if t.resumed_from:
             ax.axvline(t.resumed_from, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("optimizer step")

@@ -35,24 +35,43 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
         ("bits per weight (compressed layers)", lambda m: m.bits_per_weight, ".2f", "ratio"),
     ]
     if r.perplexity:
-        rows.append((f"perplexity ({r.perplexity.tokens} tokens)", lambda m: m.perplexity and m.perplexity.value, ".3f", "rel"))
+        rows.append(
+            (f"perplexity ({r.perplexity.tokens} tokens)", lambda m: m.perplexity and m.perplexity.value, ".3f", "rel")
+        )
     if r.similarity:
         rows.append(("embedding cosine vs base (mean)", lambda m: m.similarity and m.similarity.mean, ".4f", ""))
         rows.append(("embedding cosine vs base (min)", lambda m: m.similarity and m.similarity.min, ".4f", ""))
     if r.latency:
-        rows.append(("prefill tokens/s (batch 1)", lambda m: m.latency and m.latency.prefill_tokens_per_s, ".1f", "ratio"))
+        rows.append(
+            ("prefill tokens/s (batch 1)", lambda m: m.latency and m.latency.prefill_tokens_per_s, ".1f", "ratio")
+        )
         if r.latency.decode_tokens_per_s:
-            rows.append(("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "ratio"))
+            rows.append(
+                ("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "ratio")
+            )
     rows += [
-        ("weights in memory (MiB)", lambda m: m.weights_in_memory_bytes and m.weights_in_memory_bytes / MB, ".1f", "ratio"),
+        (
+            "weights in memory (MiB)",
+            lambda m: m.weights_in_memory_bytes and m.weights_in_memory_bytes / MB,
+            ".1f",
+            "ratio",
+        ),
         ("peak memory, load + eval (MiB)", lambda m: m.peak_rss_bytes and m.peak_rss_bytes / MB, ".0f", "ratio"),
     ]
-    return [(name, fmt(b, get, spec), fmt(r, get, spec), change(get, kind) if kind else "") for name, get, spec, kind in rows]
+    return [
+        (name, fmt(b, get, spec), fmt(r, get, spec), change(get, kind) if kind else "")
+        for name, get, spec, kind in rows
+    ]
 
 
 def _details(report: Report) -> list[str]:
     r = report.result
-    out = [f"- stage `{s.stage}`: " + ", ".join(f"{k}={v}" for k, v in s.settings.items()) + f"; {s.layers} layers, {s.seconds:.1f}s; kept in full precision: {', '.join(s.ignored) or 'none'}" for s in report.stages]
+    out = [
+        f"- stage `{s.stage}`: "
+        + ", ".join(f"{k}={v}" for k, v in s.settings.items())
+        + f"; {s.layers} layers, {s.seconds:.1f}s; kept in full precision: {', '.join(s.ignored) or 'none'}"
+        for s in report.stages
+    ]
     if r.perplexity:
         p = r.perplexity
         out.append(f"- perplexity: {p.text}; {p.tokens} tokens in windows of {p.seq_len}; {p.protocol}")
@@ -60,12 +79,20 @@ def _details(report: Report) -> list[str]:
         out.append(f"- similarity: {r.similarity.text}; {r.similarity.texts} texts; {r.similarity.protocol}")
     if r.latency:
         lt = r.latency
-        out.append(f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt {lt.prompt_len} tokens" + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "") + "; median of 3 rounds")
+        out.append(
+            f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt "
+            f"{lt.prompt_len} tokens"
+            + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "")
+            + "; median of 3 rounds"
+        )
     for s in report.stages:
         if s.calibration:
             out.append(f"- {'training text' if s.stage == 'distill' else 'calibration'}: {s.calibration}")
         if s.peak_memory_bytes:
-            out.append(f"- peak memory while `{s.stage}` ran: {s.peak_memory_bytes / MB:.0f} MiB above the process before the model was loaded (model included)")
+            out.append(
+                f"- peak memory while `{s.stage}` ran: {s.peak_memory_bytes / MB:.0f} MiB above the process before the "
+                f"model was loaded (model included)"
+            )
         out += [f"- warning: {w}" for w in s.warnings]
     out += [f"- {n}" for n in report.notes]
     return out
@@ -81,23 +108,25 @@ def layer_table(report: Report) -> list[str]:
             out += [
                 "## Per-layer output error (quantize)",
                 "",
-                "Relative error of each decoder layer's output against the float layer, on the first calibration batches "
+                "Relative error of each decoder layer's output against the float layer, on the first calibration "
+                "batches "
                 f"(inputs already quantized up to that layer): plain min/max RTN vs {method}.",
                 "",
                 f"| layer | rtn | {method} |",
                 "|---|---|---|",
-                *[f"| {e['layer']} | {e['rtn']:.4f} | {e['method']:.4f} |" for e in s.layer_errors],
+                *[f"| {e.layer} | {e.rtn:.4f} | {e.method:.4f} |" for e in s.layer_errors],
                 "",
             ]
         else:
             out += [
                 "## Per-layer output error (prune)",
                 "",
-                f"Relative error of each decoder layer's output against the dense layer, on the first calibration batches ({method}).",
+                f"Relative error of each decoder layer's output against the dense layer, on the first calibration "
+                f"batches ({method}).",
                 "",
                 "| layer | error |",
                 "|---|---|",
-                *[f"| {e['layer']} | {e['method']:.4f} |" for e in s.layer_errors],
+                *[f"| {e.layer} | {e.method:.4f} |" for e in s.layer_errors],
                 "",
             ]
     return out
@@ -134,8 +163,10 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
         out += [
             "## Distillation",
             "",
-            f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s or 0:,.0f} tokens/s, {t.processes} process(es))"
-            + (f", resumed at step {t.resumed_from}" if t.resumed_from else "") + f"; training text: {t.text}.",
+            f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s or 0:,.0f} tokens/s, "
+            f"{t.processes} process(es))"
+            + (f", resumed at step {t.resumed_from}" if t.resumed_from else "")
+            + f"; training text: {t.text}.",
             "",
             "| held-out perplexity | value |",
             "|---|---|",
@@ -144,10 +175,18 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
             f"| student after | {fmt(t.student_perplexity_after)} |",
             *([f"| gap to the teacher closed | {gap:.1%} |"] if gap is not None else []),
             "",
-            f"Training loss: {first.get('loss', float('nan')):.4f} at step 1, {last.get('loss', float('nan')):.4f} at step {last.get('step', 0)} "
+            f"Training loss: {first.get('loss', float('nan')):.4f} at step 1, {last.get('loss', float('nan')):.4f} at "
+            f"step {last.get('step', 0)} "
             "(per-step values in report.json).",
             *([f"Pruned zeros held fixed: {t.masked_zeros:,}."] if t.masked_zeros else []),
-            *([f"Quantized linears trained through their grid (straight-through) and saved quantized: {t.fake_quantized}."] if t.fake_quantized else []),
+            *(
+                [
+                    f"Quantized linears trained through their grid (straight-through) and saved quantized: "
+                    f"{t.fake_quantized}."
+                ]
+                if t.fake_quantized
+                else []
+            ),
             "",
             *([f"![training loss]({plot})", ""] if plot else []),
         ]

@@ -73,6 +73,15 @@ class Training(Frozen):
     fake_quantized: int = 0  # a quantized student: linears trained through their grid
 
 
+class LayerError(Frozen):
+    """Relative output error of one decoder layer on calibration text: with plain min/max RTN
+    (quantization's baseline; None for pruning) and with the method."""
+
+    layer: int
+    rtn: float | None = None
+    method: float
+
+
 class StageRecord(Frozen):
     stage: str
     settings: dict[str, Any]
@@ -80,7 +89,7 @@ class StageRecord(Frozen):
     ignored: list[str]
     seconds: float
     calibration: str | None = None  # calibration text and samples, for calibrated methods
-    layer_errors: list[dict[str, float]] = []  # per decoder layer: relative output error (quantize: rtn vs method)
+    layer_errors: list[LayerError] = []  # per decoder layer
     layer_sparsity: list[dict[str, Any]] = []  # prune: per linear, the share of zero weights
     training: Training | None = None  # distill
     warnings: list[str] = []
@@ -113,7 +122,9 @@ class Report(Frozen):
     passed: bool | None = None  # all gates passed; None: the recipe has no gates
     # Peak resident memory of the compress process over the whole run (stages and writing).
     run_peak_rss_bytes: int | None = None
-    estimate: dict[str, float] | None = None  # the plan's estimates (peak_rss_bytes, bytes_on_disk, seconds), to compare
+    estimate: dict[str, float] | None = (
+        None  # the plan's estimates (peak_rss_bytes, bytes_on_disk, seconds), to compare
+    )
 
     def ratio(self, field: str) -> float | None:
         if self.base is None:

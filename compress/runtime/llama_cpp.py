@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.errors import UsageError
+from compress.runtime import loop
 
 
 def available() -> bool:
@@ -26,8 +27,13 @@ class LlamaCppDecoder:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
-            logits_all=logits_all, verbose=False,
+            model_path=str(gguf),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=logits_all,
+            verbose=False,
         )
         self.kernel = f"llama.cpp {llama_cpp.__version__} CPU ({gguf.name})"
 
@@ -49,8 +55,6 @@ class LlamaCppDecoder:
 
     def logprobs(self, ids: list[int]) -> np.ndarray:
         """Log-probabilities [len(ids) - 1] of each next token (needs logits_all=True)."""
-        from compress.eval.perplexity import target_logprobs
-
         self.llm.reset()
         self.llm.eval(ids)
-        return target_logprobs(np.asarray(self.llm.scores[: len(ids) - 1]), np.asarray(ids[1:]))
+        return loop.target_logprobs(np.asarray(self.llm.scores[: len(ids) - 1]), np.asarray(ids[1:]))

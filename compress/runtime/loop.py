@@ -54,4 +54,17 @@ def one_round(dec: Decoder, prompt: np.ndarray, new_tokens: int) -> Timing:
 
 
 def median(timings: list[Timing]) -> Timing:
-    return Timing(*(statistics.median(getattr(t, f) for t in timings) for f in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")))
+    return Timing(
+        *(
+            statistics.median(getattr(t, f) for t in timings)
+            for f in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
+        )
+    )
+
+
+def target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(targets[t]) under logits[t] [T, V], in float64 (for runtimes that hand back numpy)."""
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return logp[np.arange(len(targets)), targets]

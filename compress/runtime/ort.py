@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.runtime import loop
+
 
 def session(path: Path, threads: int | None = None):
     import onnxruntime as ort
@@ -53,7 +55,6 @@ class OrtDecoder:
         logits, *present = self.sess.run(self.out_names, feed)
         return logits, present
 
-
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         logits, self._past = self.forward(ids.astype(np.int64))
         return logits[:, -1].argmax(-1)[:, None].astype(np.int64)
@@ -65,11 +66,9 @@ class OrtDecoder:
 
 def perplexity(dec: OrtDecoder, windows: list[np.ndarray]) -> float:
     """exp(mean next-token negative log-likelihood) over windows of token ids, as eval does."""
-    from compress.eval.perplexity import target_logprobs
-
     nll, count = 0.0, 0
     for w in windows:
         logits, _ = dec.forward(w[None].astype(np.int64))
-        nll -= target_logprobs(logits[0, :-1], w[1:]).sum()
+        nll -= loop.target_logprobs(logits[0, :-1], w[1:]).sum()
         count += len(w) - 1
     return float(np.exp(nll / count))

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from compress.export.stored import StoredLinear
+from compress.formats.stored import StoredLinear
 from compress.primitives.masks import n_of_m_holds
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -33,7 +33,9 @@ class Int4Linear(torch.nn.Module):
         codes = (w.q.to(torch.int32) + 8).to(device)  # [N, K] in 0..15
         zero = -(w.zero_point.float()) * w.scale  # (q - zp) * s == (q + 8 - 8) * s + (-zp * s)
         # [K/g, N, 2]: scale and zero per group, torch's layout
-        self.register_buffer("scales_zeros", torch.stack([w.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype))
+        self.register_buffer(
+            "scales_zeros", torch.stack([w.scale, zero], -1).transpose(0, 1).contiguous().to(device, dtype)
+        )
         if device.type == "cuda":
             packed = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(packed, 8))
@@ -64,8 +66,14 @@ class Fp8Linear(torch.nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         scale_x = (flat.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         xq = (flat / scale_x).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, self.weight_t, scale_a=scale_x, scale_b=self.scale_w, out_dtype=x.dtype,
-                             bias=None if self.bias is None else self.bias.to(x.dtype))
+        y = torch._scaled_mm(
+            xq,
+            self.weight_t,
+            scale_a=scale_x,
+            scale_b=self.scale_w,
+            out_dtype=x.dtype,
+            bias=None if self.bias is None else self.bias.to(x.dtype),
+        )
         return y.reshape(*x.shape[:-1], -1)
 
 
@@ -99,7 +107,10 @@ def kernel_for(w: StoredLinear, act: str | None) -> tuple[type[torch.nn.Module] 
         return Int8Linear, "torch._int_mm (int8)"
     if w.kind == "int" and w.bits == 4 and act is None and w.group_size in INT4_GROUPS:
         if w.q.shape[0] % 16:
-            return None, f"torch's int4 kernel needs output widths divisible by 16 (got {w.q.shape[0]}); de-quantized matmul"
+            return (
+                None,
+                f"torch's int4 kernel needs output widths divisible by 16 (got {w.q.shape[0]}); de-quantized matmul",
+            )
         return Int4Linear, "torch int4 weight-only (_weight_int4pack_mm)"
     if w.kind == "int" and w.bits == 8 and act is None:
         return None, "w8a16 has no int8 weight-only kernel in torch; de-quantized matmul"
@@ -122,11 +133,14 @@ def use_kernels(model: torch.nn.Module, stored: dict[str, StoredLinear], act: st
     return ", ".join(sorted({why for _, why in kernels.values()}))
 
 
-
 def _semi_structured_class() -> type:
     """The subclass torch.sparse.to_sparse_semi_structured builds (cuSPARSELt unless forced)."""
     sp = torch.sparse
-    return sp.SparseSemiStructuredTensorCUTLASS if sp.SparseSemiStructuredTensor._FORCE_CUTLASS else sp.SparseSemiStructuredTensorCUSPARSELT
+    return (
+        sp.SparseSemiStructuredTensorCUTLASS
+        if sp.SparseSemiStructuredTensor._FORCE_CUTLASS
+        else sp.SparseSemiStructuredTensorCUSPARSELT
+    )
 
 
 def sparse24_reason(weight: torch.Tensor) -> str | None:
@@ -139,7 +153,8 @@ def sparse24_reason(weight: torch.Tensor) -> str | None:
     if limits is None:
         return f"{cls.BACKEND} semi-structured kernels take no {str(weight.dtype).replace('torch.', '')} weights"
     if n % limits.sparse_min_rows or k % limits.sparse_min_cols:
-        return f"{cls.BACKEND} semi-structured kernels need weights in multiples of {limits.sparse_min_rows}x{limits.sparse_min_cols}, got {n}x{k}"
+        rows, cols = limits.sparse_min_rows, limits.sparse_min_cols
+        return f"{cls.BACKEND} semi-structured kernels need weights in multiples of {rows}x{cols}, got {n}x{k}"
     if weight.device.type != "cuda":
         return "semi-structured sparse kernels run on CUDA only"
     return None
@@ -160,6 +175,8 @@ def use_sparse24(model: torch.nn.Module) -> str:
         return f"torch dense {dtype} matmul ({next(iter(dense.values()), 'no linears')})"
     for name, lin in linears.items():
         if name not in dense:
-            lin.weight = torch.nn.Parameter(torch.sparse.to_sparse_semi_structured(lin.weight.detach()), requires_grad=False)
+            lin.weight = torch.nn.Parameter(
+                torch.sparse.to_sparse_semi_structured(lin.weight.detach()), requires_grad=False
+            )
     part = f" on {len(linears) - len(dense)} of {len(linears)} linears" if dense else ""
     return f"torch 2:4 semi-structured sparse {dtype} matmul ({_semi_structured_class().BACKEND}){part}"

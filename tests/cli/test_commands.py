@@ -14,7 +14,21 @@ def ok(proc):
 
 def test_quantize_report_run_eval(tiny_model, tmp_path):
     src, out = tiny_model("qwen2"), tmp_path / "out"
-    ok(compress("quantize", src, "-o", out, "--scheme", "w8a8", "--no-latency", "--eval-tokens", "1024", "--save-recipe", tmp_path / "r.yaml"))
+    ok(
+        compress(
+            "quantize",
+            src,
+            "-o",
+            out,
+            "--scheme",
+            "w8a8",
+            "--no-latency",
+            "--eval-tokens",
+            "1024",
+            "--save-recipe",
+            tmp_path / "r.yaml",
+        )
+    )
     saved = yaml.safe_load((tmp_path / "r.yaml").read_text())
     assert saved["stages"][0]["scheme"] == "w8a8" and saved["output"] == str(out)
 
@@ -27,7 +41,9 @@ def test_quantize_report_run_eval(tiny_model, tmp_path):
     assert (tmp_path / "again" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "again" / "report.json").read_text())["base"] is None
 
-    ev = json.loads(ok(compress("eval", out, "--baseline", src, "--no-latency", "--eval-tokens", "1024", "--json")).stdout)
+    ev = json.loads(
+        ok(compress("eval", out, "--baseline", src, "--no-latency", "--eval-tokens", "1024", "--json")).stdout
+    )
     assert ev["result"]["perplexity"]["value"] == rep["result"]["perplexity"]["value"]
     assert ev["base"]["bytes_on_disk"] > ev["result"]["bytes_on_disk"]
 

@@ -22,8 +22,15 @@ def mismatched(tmp_path_factory, minilm_dir):
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(minilm_dir)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        architectures=["LlamaForCausalLM"],
+    )
     dest = tmp_path_factory.mktemp("mismatched")
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(dest)
     tok.save_pretrained(dest)
@@ -31,36 +38,73 @@ def mismatched(tmp_path_factory, minilm_dir):
 
 
 def test_vocabulary_mismatch_is_refused_before_training(tiny_model, mismatched, tmp_path):
-    msg = assert_one_line_error(compress("distill", "--teacher", tiny_model("llama"), "--student", mismatched, "-o", tmp_path / "o"), 2)
+    msg = assert_one_line_error(
+        compress("distill", "--teacher", tiny_model("llama"), "--student", mismatched, "-o", tmp_path / "o"), 2
+    )
     assert "vocabular" in msg and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--steps", "0"], "steps"),
-    (["--loss", "mse"], "loss"),
-    (["--kd-weight", "0", "--lm-weight", "0"], "nothing to train"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "0"], "steps"),
+        (["--loss", "mse"], "loss"),
+        (["--kd-weight", "0", "--lm-weight", "0"], "nothing to train"),
+    ],
+)
 def test_bad_options(tiny_model, tmp_path, args, needle):
-    msg = assert_one_line_error(compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o", *args), 2)
+    msg = assert_one_line_error(
+        compress(
+            "distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o", *args
+        ),
+        2,
+    )
     assert needle in msg
 
 
 def test_text_smaller_than_one_batch(tiny_model, tmp_path):
     (tmp_path / "t.txt").write_text("too short")
-    msg = assert_one_line_error(compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o",
-                                         "--dataset", tmp_path / "t.txt", *FAST), 2)
+    msg = assert_one_line_error(
+        compress(
+            "distill",
+            "--teacher",
+            tiny_model("llama"),
+            "--student",
+            tiny_model("qwen2"),
+            "-o",
+            tmp_path / "o",
+            "--dataset",
+            tmp_path / "t.txt",
+            *FAST,
+        ),
+        2,
+    )
     assert "fewer than one optimizer step" in msg
 
 
 def test_unwritable_output(tiny_model, tmp_path):
     (tmp_path / "file").write_text("x")
-    proc = compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "file" / "o")
+    proc = compress(
+        "distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "file" / "o"
+    )
     assert_one_line_error(proc, proc.returncode if proc.returncode in (1, 2) else -1)
 
 
 def test_kill_then_resume_finishes_the_same_run(tiny_model, tmp_path):
     teacher, student = tiny_model("llama"), tiny_model("qwen2")
-    args = ["--teacher", teacher, "--student", student, "--steps", "6", "--checkpoint-every", "2", "--dtype", "float32", *FAST]
+    args = [
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "2",
+        "--dtype",
+        "float32",
+        *FAST,
+    ]
     ok(compress("distill", *args, "-o", tmp_path / "straight"))
 
     killed = compress("distill", *args, "-o", tmp_path / "out", env={"COMPRESS_FAULT_KILL_AT_STEP": "4"})
@@ -82,17 +126,37 @@ def test_kill_then_resume_finishes_the_same_run(tiny_model, tmp_path):
 def test_pruned_student_keeps_its_zeros(tiny_model, tmp_path):
     teacher = tiny_model("llama")
     ok(compress("prune", teacher, "-o", tmp_path / "sparse", "--method", "magnitude", "--sparsity", "0.5", "--no-eval"))
-    rep = json.loads(ok(compress("distill", "--teacher", teacher, "--student", tmp_path / "sparse", "-o", tmp_path / "out",
-                                 "--steps", "4", *FAST, "--json")).stdout)
+    rep = json.loads(
+        ok(
+            compress(
+                "distill",
+                "--teacher",
+                teacher,
+                "--student",
+                tmp_path / "sparse",
+                "-o",
+                tmp_path / "out",
+                "--steps",
+                "4",
+                *FAST,
+                "--json",
+            )
+        ).stdout
+    )
     assert rep["stages"][0]["training"]["masked_zeros"] > 0
-    before, after = load_file(tmp_path / "sparse" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    before, after = (
+        load_file(tmp_path / "sparse" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
     changed = 0
     for k, w in before.items():
         if k.endswith("proj.weight"):
             assert torch.equal(after[k][w == 0], torch.zeros_like(after[k][w == 0])), k
             changed += int((after[k] != w).sum())
     assert changed > 0
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["compress_sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["compress_sparsity"]["sparsity"] == pytest.approx(
+        0.5, abs=0.01
+    )
 
 
 def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_model, tmp_path):
@@ -100,8 +164,25 @@ def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_m
 
     teacher = tiny_model("llama")
     ok(compress("quantize", teacher, "-o", tmp_path / "q", "--scheme", "w4a16", "--group-size", "32", "--no-eval"))
-    rep = json.loads(ok(compress("distill", "--teacher", teacher, "--student", tmp_path / "q", "-o", tmp_path / "out",
-                                 "--steps", "4", *FAST, "--lr", "2e-2", "--json")).stdout)
+    rep = json.loads(
+        ok(
+            compress(
+                "distill",
+                "--teacher",
+                teacher,
+                "--student",
+                tmp_path / "q",
+                "-o",
+                tmp_path / "out",
+                "--steps",
+                "4",
+                *FAST,
+                "--lr",
+                "2e-2",
+                "--json",
+            )
+        ).stdout
+    )
     assert rep["stages"][0]["training"]["fake_quantized"] == 14
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 32
@@ -127,16 +208,42 @@ evaluate: {{latency: false, max_tokens: 256}}
 """)
     rep = json.loads(ok(compress("run", tmp_path / "r.yaml", "-o", tmp_path / "out", "--json")).stdout)
     distill = rep["stages"][1]
-    assert distill["settings"]["teacher"] == str(src) and distill["settings"]["hidden_map"] == [1]  # the layer it came from
+    assert distill["settings"]["teacher"] == str(src) and distill["settings"]["hidden_map"] == [
+        1
+    ]  # the layer it came from
     t = distill["training"]
     assert t["student_perplexity_before"] > 0 and len(t["curve"]) == 3
-    assert (tmp_path / "out" / "loss_curve.png").is_file() and "## Distillation" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "loss_curve.png").is_file() and "## Distillation" in (
+        tmp_path / "out" / "report.md"
+    ).read_text()
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tiny_model, tmp_path):
-    rep = json.loads(ok(compress("distill", "--teacher", tiny_model("llama"), "--student", tiny_model("qwen2"), "-o", tmp_path / "o",
-                                 "--steps", "2", "--gradient-checkpointing", "--autocast", "bf16", "--hidden-weight", "0.5",
-                                 "--loss", "jsd", *FAST, "--no-eval", "--json")).stdout)
+    rep = json.loads(
+        ok(
+            compress(
+                "distill",
+                "--teacher",
+                tiny_model("llama"),
+                "--student",
+                tiny_model("qwen2"),
+                "-o",
+                tmp_path / "o",
+                "--steps",
+                "2",
+                "--gradient-checkpointing",
+                "--autocast",
+                "bf16",
+                "--hidden-weight",
+                "0.5",
+                "--loss",
+                "jsd",
+                *FAST,
+                "--no-eval",
+                "--json",
+            )
+        ).stdout
+    )
     t = rep["stages"][0]["training"]
     assert len(t["curve"]) == 2 and {"kd", "hidden", "lm"} <= set(t["curve"][0])
     assert rep["stages"][0]["settings"]["gradient_checkpointing"] is True

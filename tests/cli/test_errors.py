@@ -11,7 +11,9 @@ import pytest
 
 def compress(*args, env=None, cwd=None):
     e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=300
+    )
 
 
 def assert_one_line_error(proc, code):
@@ -63,7 +65,9 @@ def test_pickled_weights_need_a_flag(tmp_path):
 
 
 def test_unknown_scheme(tiny_model, tmp_path):
-    msg = assert_one_line_error(compress("quantize", tiny_model("llama"), "-o", tmp_path / "out", "--scheme", "w3a5"), 2)
+    msg = assert_one_line_error(
+        compress("quantize", tiny_model("llama"), "-o", tmp_path / "out", "--scheme", "w3a5"), 2
+    )
     assert "scheme" in msg and "w4a16" in msg
 
 
@@ -77,12 +81,16 @@ def test_unknown_device(tiny_model, tmp_path, command):
 @pytest.mark.parametrize("value,needle", [("100", "power of two"), ("big", "--group-size"), ("128", "sizes that fit")])
 def test_invalid_group_size(tiny_model, tmp_path, value, needle):
     # the tiny llama's layers are 64 and 128 wide: 128 does not divide 64
-    msg = assert_one_line_error(compress("quantize", tiny_model("llama"), "-o", tmp_path / "out", "--group-size", value), 2)
+    msg = assert_one_line_error(
+        compress("quantize", tiny_model("llama"), "-o", tmp_path / "out", "--group-size", value), 2
+    )
     assert needle in msg
 
 
 def test_group_size_128_on_smollm2_names_the_layer(tmp_path):
-    msg = assert_one_line_error(compress("quantize", "smollm2-135m", "-o", tmp_path / "out", "--scheme", "w4a16", "--group-size", "128"), 2)
+    msg = assert_one_line_error(
+        compress("quantize", "smollm2-135m", "-o", tmp_path / "out", "--scheme", "w4a16", "--group-size", "128"), 2
+    )
     assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg and "64" in msg
 
 
@@ -90,7 +98,9 @@ def test_existing_output_is_refused_then_overwritten(tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    msg = assert_one_line_error(compress("quantize", tiny_model("llama"), "-o", out, "--scheme", "w8a16", "--no-eval"), 2)
+    msg = assert_one_line_error(
+        compress("quantize", tiny_model("llama"), "-o", out, "--scheme", "w8a16", "--no-eval"), 2
+    )
     assert "--overwrite" in msg and (out / "keep.txt").read_text() == "mine"
     ok = compress("quantize", tiny_model("llama"), "-o", out, "--scheme", "w8a16", "--no-eval", "--overwrite")
     assert ok.returncode == 0, ok.stderr
@@ -126,10 +136,24 @@ def test_interrupt_leaves_nothing(tiny_model, tmp_path):
     import time
 
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "compress", "quantize", "smollm2-135m", "-o", str(tmp_path / "out"), "--group-size", "auto"],
-                            stderr=subprocess.PIPE, text=True, env=env,
-                            # a shell's background jobs start with SIGINT ignored, and Python then keeps it so
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compress",
+            "quantize",
+            "smollm2-135m",
+            "-o",
+            str(tmp_path / "out"),
+            "--group-size",
+            "auto",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # a shell's background jobs start with SIGINT ignored, and Python then keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     # wait until it is writing or measuring, then interrupt
     while time.time() < deadline and not any(".partial-" in p.name for p in tmp_path.iterdir()):

@@ -12,10 +12,29 @@ def test_export_onnx_then_bench_side_by_side(quantized, tmp_path):
     info = json.loads(proc.stdout)
     assert info["nbits_layers"] == 8 and info["check"]["greedy_equal"] == 16
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "tokenizer.json").is_file()
-    assert "is an ONNX export" in assert_one_line_error(compress("quantize", tmp_path / "onnx", "-o", tmp_path / "q"), 2)
+    assert "is an ONNX export" in assert_one_line_error(
+        compress("quantize", tmp_path / "onnx", "-o", tmp_path / "q"), 2
+    )
 
-    proc = compress("bench", tmp_path / "onnx", "--runtime", "onnxruntime", "--baseline", ckpt, "--batch", "1,2",
-                    "--prompt-len", "16", "--new-tokens", "4", "--rounds", "1", "--threads", "1", "--json")
+    proc = compress(
+        "bench",
+        tmp_path / "onnx",
+        "--runtime",
+        "onnxruntime",
+        "--baseline",
+        ckpt,
+        "--batch",
+        "1,2",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "4",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["threads"] == 1 and res["prompt_len"] == 16 and res["device"].startswith("cpu")
@@ -28,7 +47,18 @@ def test_export_onnx_then_bench_side_by_side(quantized, tmp_path):
     assert rows[("model", 2)]["decode_speedup"] > 0 and rows[("baseline", 2)]["decode_speedup"] is None
 
     # the table form names runtime and kernel
-    proc = compress("bench", tmp_path / "onnx", "--runtime", "onnxruntime", "--prompt-len", "8", "--new-tokens", "2", "--rounds", "1")
+    proc = compress(
+        "bench",
+        tmp_path / "onnx",
+        "--runtime",
+        "onnxruntime",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--rounds",
+        "1",
+    )
     assert proc.returncode == 0 and "MatMulNBits" in proc.stdout
 
 
@@ -41,8 +71,19 @@ def test_export_gguf_and_bench_on_llama_cpp(quantized, tmp_path):
     assert "carried over exactly" in proc.stdout and (tmp_path / "gguf" / "model.gguf").is_file()
     assert "pass the .gguf file itself" in assert_one_line_error(compress("eval", tmp_path / "gguf"), 2)
     if llama_cpp.available():
-        proc = compress("bench", tmp_path / "gguf", "--runtime", "llama.cpp", "--prompt-len", "8", "--new-tokens", "2",
-                        "--rounds", "1", "--json")
+        proc = compress(
+            "bench",
+            tmp_path / "gguf",
+            "--runtime",
+            "llama.cpp",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "2",
+            "--rounds",
+            "1",
+            "--json",
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["rows"][0]["runtime"] == "llama.cpp"
 
@@ -50,12 +91,18 @@ def test_export_gguf_and_bench_on_llama_cpp(quantized, tmp_path):
 def test_export_bad_input(quantized, tmp_path):
     ckpt = quantized("llama", "w4a16")
     assert "--format" in assert_one_line_error(compress("export", ckpt, "-f", "tflite", "-o", tmp_path / "x"), 2)
-    assert "lm-head-bits" in assert_one_line_error(compress("export", ckpt, "-f", "gguf", "--lm-head-bits", "4", "-o", tmp_path / "x"), 2)
+    assert "lm-head-bits" in assert_one_line_error(
+        compress("export", ckpt, "-f", "gguf", "--lm-head-bits", "4", "-o", tmp_path / "x"), 2
+    )
     (tmp_path / "exists").mkdir()
     assert "already exists" in assert_one_line_error(compress("export", ckpt, "-o", tmp_path / "exists"), 2)
-    assert "decoders of type" in assert_one_line_error(compress("export", quantized("phi3", None), "-o", tmp_path / "p"), 2)
+    assert "decoders of type" in assert_one_line_error(
+        compress("export", quantized("phi3", None), "-o", tmp_path / "p"), 2
+    )
     assert "not found" in assert_one_line_error(compress("export", tmp_path / "nope", "-o", tmp_path / "y"), 2)
-    assert "encoder" in assert_one_line_error(compress("export", quantized("bert", None), "--lm-head-bits", "4", "-o", tmp_path / "b"), 2)
+    assert "encoder" in assert_one_line_error(
+        compress("export", quantized("bert", None), "--lm-head-bits", "4", "-o", tmp_path / "b"), 2
+    )
     assert no_partials(tmp_path)
 
 

@@ -18,7 +18,11 @@ def test_gates_pass_exit_0(tiny_model, tmp_path):
     proc = compress("run", r, "-o", tmp_path / "out", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
-    assert rep["passed"] is True and [g["name"] for g in rep["gates"]] == ["max_ppl_increase", "max_size_ratio", "max_peak_memory"]
+    assert rep["passed"] is True and [g["name"] for g in rep["gates"]] == [
+        "max_ppl_increase",
+        "max_size_ratio",
+        "max_peak_memory",
+    ]
     assert all(g["passed"] and g["value"] is not None for g in rep["gates"])
     shown = compress("report", tmp_path / "out")
     assert shown.returncode == 0 and "all passed" in shown.stdout
@@ -33,24 +37,36 @@ def test_a_missed_gate_exits_1_and_still_writes(tiny_model, tmp_path):
     assert "FAIL" in (tmp_path / "out" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("gates, needle", [
-    ("{min_embedding_similarity: 0.99}", "for encoders"),
-    ("{max_peak_memory: lots}", "gates.max_peak_memory"),
-    ("{max_size_ratoi: 0.5}", "gates.max_size_ratoi"),
-])
+@pytest.mark.parametrize(
+    "gates, needle",
+    [
+        ("{min_embedding_similarity: 0.99}", "for encoders"),
+        ("{max_peak_memory: lots}", "gates.max_peak_memory"),
+        ("{max_size_ratoi: 0.5}", "gates.max_size_ratoi"),
+    ],
+)
 def test_bad_gates_exit_2(tiny_model, tmp_path, gates, needle):
-    msg = assert_one_line_error(compress("run", recipe(tmp_path, tiny_model("llama"), gates), "-o", tmp_path / "out"), 2)
+    msg = assert_one_line_error(
+        compress("run", recipe(tmp_path, tiny_model("llama"), gates), "-o", tmp_path / "out"), 2
+    )
     assert needle in msg and not (tmp_path / "out").exists()
 
 
 def test_speed_gate_needs_latency(tiny_model, tmp_path):
-    msg = assert_one_line_error(compress("run", recipe(tmp_path, tiny_model("llama"), "{min_speedup: 1.2}"), "-o", tmp_path / "o"), 2)
+    msg = assert_one_line_error(
+        compress("run", recipe(tmp_path, tiny_model("llama"), "{min_speedup: 1.2}"), "-o", tmp_path / "o"), 2
+    )
     assert "latency" in msg
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tmp_path):
-    r = recipe(tmp_path, tiny_model("llama"), "{max_size_ratio: 0.8}",
-               "  - {stage: prune, method: magnitude}\n  - {stage: distill, steps: 2}\n  - {stage: quantize, scheme: w4a16, group_size: 32}")
+    r = recipe(
+        tmp_path,
+        tiny_model("llama"),
+        "{max_size_ratio: 0.8}",
+        "  - {stage: prune, method: magnitude}\n  - {stage: distill, steps: 2}\n  - {stage: quantize, scheme: w4a16, "
+        "group_size: 32}",
+    )
     proc = compress("run", r, "-o", tmp_path / "out", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "distill" in proc.stdout and "disk needed" in proc.stdout and "nothing was loaded" in proc.stdout
@@ -58,16 +74,25 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tmp_path):
 
 
 def test_dry_run_refuses_a_plan_that_does_not_fit(tiny_model, tmp_path):
-    r = recipe(tmp_path, tiny_model("llama"), "{max_size_ratio: 0.8}", "  - {stage: distill, steps: 2, batch_size: 100000, seq_len: 4096}")
+    r = recipe(
+        tmp_path,
+        tiny_model("llama"),
+        "{max_size_ratio: 0.8}",
+        "  - {stage: distill, steps: 2, batch_size: 100000, seq_len: 4096}",
+    )
     msg = assert_one_line_error(compress("run", r, "-o", tmp_path / "out", "--dry-run"), 2)
     assert "not enough memory" in msg
 
 
 def test_resume_after_a_kill_in_distill_skips_the_finished_prune(tiny_model, tmp_path):
-    r = recipe(tmp_path, tiny_model("llama"), "{max_size_ratio: 2.0}",
-               "  - {stage: prune, method: wanda, samples: 4, seq_len: 32}\n"
-               "  - {stage: distill, steps: 6, seq_len: 32, batch_size: 2, checkpoint_every: 2}\n"
-               "  - {stage: quantize, scheme: w4a16, group_size: 32}")
+    r = recipe(
+        tmp_path,
+        tiny_model("llama"),
+        "{max_size_ratio: 2.0}",
+        "  - {stage: prune, method: wanda, samples: 4, seq_len: 32}\n"
+        "  - {stage: distill, steps: 6, seq_len: 32, batch_size: 2, checkpoint_every: 2}\n"
+        "  - {stage: quantize, scheme: w4a16, group_size: 32}",
+    )
     killed = compress("run", r, "-o", tmp_path / "out", env={"COMPRESS_FAULT_KILL_AT_STEP": "4"})
     assert killed.returncode == -9 and not (tmp_path / "out").exists()
     partial = tmp_path / ".out.partial"

@@ -48,4 +48,6 @@ def test_fake_quant_starts_exact_passes_gradients_and_saves_on_the_grid():
         fake.latent("lin").add_(0.6 * params.scale.float().repeat_interleave(8, dim=1))  # push weights past a grid step
     q, p = fake.remove()["lin"]
     assert p is params and q.dtype == torch.int8 and not torch.equal(q, q0)
-    assert torch.equal(lin.weight.detach(), dequantize(q, params.scale.float(), params.zero_point))  # left rounded, on the grid
+    assert torch.equal(
+        lin.weight.detach(), dequantize(q, params.scale.float(), params.zero_point)
+    )  # left rounded, on the grid

@@ -21,7 +21,9 @@ def test_forward_kl():
 
 
 def test_reverse_kl():
-    assert logit_loss(STUDENT, TEACHER, kind="reverse-kl").item() == pytest.approx(kl([0.5, 0.5], [0.75, 0.25]), abs=1e-6)
+    assert logit_loss(STUDENT, TEACHER, kind="reverse-kl").item() == pytest.approx(
+        kl([0.5, 0.5], [0.75, 0.25]), abs=1e-6
+    )
 
 
 def test_jensen_shannon():

@@ -38,10 +38,26 @@ def _train(pair, ckpt_dir: Path | None, resume=False, stop_after=None, hidden=Fa
 
     teacher, student0 = pair
     student = copy.deepcopy(student0)
-    opts = trainer.Options(steps=STEPS, layout=Layout(2, 2), lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                           hidden_weight=0.5 if hidden else 0.0, lm_weight=0.1)
-    hist = trainer.train(student, teacher, _data(windows), opts, Accelerator(cpu=True), ckpt_dir, resume, hidden_map=[0, 1] if hidden else None,
-                         stop_after=stop_after)
+    opts = trainer.Options(
+        steps=STEPS,
+        layout=Layout(2, 2),
+        lr=1e-3,
+        warmup_steps=1,
+        checkpoint_every=2,
+        hidden_weight=0.5 if hidden else 0.0,
+        lm_weight=0.1,
+    )
+    hist = trainer.train(
+        student,
+        teacher,
+        _data(windows),
+        opts,
+        Accelerator(cpu=True),
+        ckpt_dir,
+        resume,
+        hidden_map=[0, 1] if hidden else None,
+        stop_after=stop_after,
+    )
     return student, hist
 
 
@@ -75,17 +91,52 @@ def test_resume_refuses_another_plan(pair, tmp_path):
 
 
 def _distill_cli(teacher: Path, student: Path, out: Path, extra: list[str], launcher: list[str]) -> None:
-    cmd = [*launcher, "distill", "--teacher", str(teacher), "--student", str(student), "-o", str(out), "--steps", "3",
-           "--seq-len", "32", "--batch-size", "2", "--dtype", "float32", "--no-eval", "--lr", "1e-3", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        *launcher,
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "-o",
+        str(out),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--no-eval",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_two_processes_train_the_same_model_as_one_with_twice_the_accumulation(tiny_model, tmp_path):
     """torchrun, 2 CPU processes (gloo): batch 2 each, vs 1 process with batch 2 x 2 accumulation."""
     teacher, student = tiny_model("llama"), tiny_model("qwen2")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "compress"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "compress",
+    ]
     _distill_cli(teacher, student, tmp_path / "two", [], torchrun)
     _distill_cli(teacher, student, tmp_path / "one", ["--grad-accum", "2"], [sys.executable, "-m", "compress"])
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")

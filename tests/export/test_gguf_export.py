@@ -7,7 +7,7 @@ import torch
 
 from compress.errors import UsageError
 from compress.export import gguf_export
-from compress.export.stored import read
+from compress.formats.stored import read
 from compress.models.load import load
 from compress.models.source import resolve
 from compress.runtime import llama_cpp
@@ -20,7 +20,9 @@ def export(ckpt, dest):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("scheme,group,kind", [("w8a16", "channel", "Q8_0"), ("w4a16", 32, "Q4_0"), ("w4a16", 64, "Q4_0")])
+@pytest.mark.parametrize(
+    "scheme,group,kind", [("w8a16", "channel", "Q8_0"), ("w4a16", 32, "Q4_0"), ("w4a16", 64, "Q4_0")]
+)
 def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, group, kind):
     ckpt = quantized(arch, scheme, group)
     _, out = export(ckpt, tmp_path / "gguf")
@@ -79,4 +81,6 @@ def test_pre_tokenizer_names():
     assert gguf_export.pre_tokenizer(byte_level) == "gpt-2"
     digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
     assert gguf_export.pre_tokenizer(digits) == "smollm"
-    assert gguf_export.pre_tokenizer({"type": "Metaspace"}) == "default" and gguf_export.pre_tokenizer(None) == "default"
+    assert (
+        gguf_export.pre_tokenizer({"type": "Metaspace"}) == "default" and gguf_export.pre_tokenizer(None) == "default"
+    )

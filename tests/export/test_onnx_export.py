@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from compress.errors import UsageError
 from compress.export import onnx_decoder, onnx_export
-from compress.export.stored import read
+from compress.formats.stored import read
 from compress.models.load import load
 from compress.models.source import resolve
 from compress.runtime import ort
@@ -122,7 +122,9 @@ def test_encoder_padding_mask(quantized, tmp_path):
     mask = (np.arange(6)[None] < np.array([[6], [4]])).astype(np.int64)
     got = sess.run(["last_hidden_state"], feed(sess, ids, mask))[0]
     with torch.no_grad():
-        want = loaded.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+        want = loaded.model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).last_hidden_state.numpy()
     keep = mask.astype(bool)
     np.testing.assert_allclose(got[keep], want[keep], atol=1e-4)
 

@@ -44,7 +44,9 @@ def run_nbits(x: np.ndarray, nb, accuracy_level: int = 0) -> np.ndarray:
     return sess.run(["y"], {"a": x})[0]
 
 
-@pytest.mark.parametrize("bits,block,asym", [(4, 32, False), (4, 64, False), (8, 64, False), (8, 128, True), (4, 16, True)])
+@pytest.mark.parametrize(
+    "bits,block,asym", [(4, 32, False), (4, 64, False), (8, 64, False), (8, 128, True), (4, 16, True)]
+)
 @pytest.mark.parametrize("shape", [(48, 256), (96, 512)])
 def test_kernel_matches_dequantized_matmul(bits, block, asym, shape):
     rng = np.random.default_rng(bits + block)
@@ -52,7 +54,11 @@ def test_kernel_matches_dequantized_matmul(bits, block, asym, shape):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
     q = rng.integers(lo, hi, size=(n, k)).astype(np.int8)
     scale = (rng.random((n, k // block)) * 0.02 + 0.001).astype(np.float32)
-    zp = rng.integers(lo // 2, hi // 2, size=(n, k // block)).astype(np.int8) if asym else np.zeros((n, k // block), np.int8)
+    zp = (
+        rng.integers(lo // 2, hi // 2, size=(n, k // block)).astype(np.int8)
+        if asym
+        else np.zeros((n, k // block), np.int8)
+    )
     w = (q.reshape(n, -1, block) - zp[..., None].astype(np.float32)) * scale[..., None]
     x = rng.standard_normal((5, k)).astype(np.float32)
     got = run_nbits(x, pack_nbits(q, scale, zp, bits, block))

@@ -9,8 +9,8 @@ from rich.console import Console
 
 from compress import api
 from compress.errors import UsageError
-from compress.models.source import resolve
 from compress.models.load import load
+from compress.models.source import resolve
 from compress.primitives.qparams import sqnr_db
 from compress.recipe import validate
 
@@ -20,8 +20,14 @@ QUIET = Console(file=open("/dev/null", "w"))
 
 
 def quantize(src, out, scheme, **stage):
-    recipe = validate({"model": str(src), "output": str(out), "evaluate": {"enabled": False},
-                       "stages": [{"stage": "quantize", "scheme": scheme, "group_size": stage.pop("group_size", "auto"), **stage}]})
+    recipe = validate(
+        {
+            "model": str(src),
+            "output": str(out),
+            "evaluate": {"enabled": False},
+            "stages": [{"stage": "quantize", "scheme": scheme, "group_size": stage.pop("group_size", "auto"), **stage}],
+        }
+    )
     return api.run(recipe, QUIET)
 
 

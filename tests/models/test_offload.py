@@ -19,8 +19,15 @@ QUIET = Console(file=open("/dev/null", "w"))
 
 
 def quantize(src: Path, out: Path, offload: bool, **stage) -> dict:
-    recipe = validate({"model": str(src), "output": str(out), "offload": offload, "evaluate": {"enabled": False},
-                       "stages": [{"stage": "quantize", **stage}]})
+    recipe = validate(
+        {
+            "model": str(src),
+            "output": str(out),
+            "offload": offload,
+            "evaluate": {"enabled": False},
+            "stages": [{"stage": "quantize", **stage}],
+        }
+    )
     return api.run(recipe, QUIET).model_dump()
 
 
@@ -40,11 +47,14 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
-@pytest.mark.parametrize("arch,stage", [
-    ("llama", {"scheme": "w4a16", "method": "gptq", "group_size": "auto", "samples": 8, "seq_len": 32}),
-    ("qwen2", {"scheme": "w8a8", "method": "smoothquant+rtn", "samples": 8, "seq_len": 32}),
-    ("bert", {"scheme": "w8a16", "method": "rtn"}),  # the pooler's linear lies outside the layers
-])
+@pytest.mark.parametrize(
+    "arch,stage",
+    [
+        ("llama", {"scheme": "w4a16", "method": "gptq", "group_size": "auto", "samples": 8, "seq_len": 32}),
+        ("qwen2", {"scheme": "w8a8", "method": "smoothquant+rtn", "samples": 8, "seq_len": 32}),
+        ("bert", {"scheme": "w8a16", "method": "rtn"}),  # the pooler's linear lies outside the layers
+    ],
+)
 def test_offload_writes_the_same_checkpoint(tiny_model, tmp_path, arch, stage):
     src = tiny_model(arch)
     quantize(src, tmp_path / "mem", False, **stage)

@@ -30,7 +30,9 @@ def test_hessian_matches_definition(problem):
     assert torch.allclose(H, 2 * X.T @ X / len(X), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("grid", [Grid(4, "int", True, 64), Grid(4, "int", True, None), Grid(8, "float", True, None)], ids=str)
+@pytest.mark.parametrize(
+    "grid", [Grid(4, "int", True, 64), Grid(4, "int", True, None), Grid(8, "float", True, None)], ids=str
+)
 @pytest.mark.parametrize("actorder", [False, True])
 def test_gptq_beats_rtn_on_output_error(problem, grid, actorder):
     W, X, H = problem
@@ -78,7 +80,9 @@ def test_bf16_inputs_give_the_float32_hessian():
     assert torch.equal(h16.H, h32.H)  # no bfloat16 rounding of the products
 
 
-@pytest.mark.parametrize("grid", [Grid(4, "int", True, 64), Grid(8, "int", True, None), Grid(8, "float", True, None)], ids=str)
+@pytest.mark.parametrize(
+    "grid", [Grid(4, "int", True, 64), Grid(8, "int", True, None), Grid(8, "float", True, None)], ids=str
+)
 def test_stacked_rows_quantize_as_if_alone(problem, grid):
     """q/k/v (or gate/up) share a Hessian and are quantized as one stacked weight: rows are
     independent, so each part must come out exactly as when quantized alone."""

@@ -14,8 +14,13 @@ GRIDS = {
 
 
 def ct_args(g: Grid) -> QuantizationArgs:
-    return QuantizationArgs(num_bits=g.bits, type=g.kind, symmetric=g.symmetric,
-                            strategy="group" if g.group_size else "channel", group_size=g.group_size)
+    return QuantizationArgs(
+        num_bits=g.bits,
+        type=g.kind,
+        symmetric=g.symmetric,
+        strategy="group" if g.group_size else "channel",
+        group_size=g.group_size,
+    )
 
 
 @pytest.fixture
@@ -35,7 +40,10 @@ def test_integers_match_compressed_tensors(weight, name):
     assert torch.equal(ours.view(torch.int8), theirs.view(torch.int8))
 
 
-@pytest.mark.parametrize("name,min_db", [("int4-g64-sym", 17.0), ("int8-channel-sym", 36.0), ("int8-channel-asym", 36.0), ("fp8-channel", 28.0)])
+@pytest.mark.parametrize(
+    "name,min_db",
+    [("int4-g64-sym", 17.0), ("int8-channel-sym", 36.0), ("int8-channel-asym", 36.0), ("fp8-channel", 28.0)],
+)
 def test_sqnr(weight, name, min_db):
     grid = GRIDS[name]
     scale, zp = compute_qparams(weight, grid, torch.float32)
@@ -102,7 +110,11 @@ def test_range_search_picks_the_best_ratio_per_group(weight, name):
         if best_err is None:
             best_err, best_s, best_z = err, s, z
         better = err < best_err
-        best_err, best_s, best_z = torch.where(better, err, best_err), torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err, best_s, best_z = (
+            torch.where(better, err, best_err),
+            torch.where(better, s, best_s),
+            torch.where(better, z, best_z),
+        )
     old = qp.SEARCH_ELEMENTS
     qp.SEARCH_ELEMENTS = len(ratios) * weight.shape[1] * 3  # three rows per chunk
     try:

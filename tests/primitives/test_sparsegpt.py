@@ -42,7 +42,11 @@ def test_stacked_rows_prune_as_if_alone():
     assert torch.equal(together, torch.cat([sparsegpt(w[:32], h, 0.5)[0], sparsegpt(w[32:], h, 0.5)[0]]))
 
 
-@pytest.mark.parametrize("grid", [Grid(4, "int", True, 32), Grid(4, "int", False, 32), Grid(8, "float", True, None)], ids=["sym", "asym", "fp8"])
+@pytest.mark.parametrize(
+    "grid",
+    [Grid(4, "int", True, 32), Grid(4, "int", False, 32), Grid(8, "float", True, None)],
+    ids=["sym", "asym", "fp8"],
+)
 def test_gptq_keeps_pruned_weights_zero(grid):
     _, w, h = _problem(3)
     keep = keep_n_of_m(w.abs(), 2, 4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compress.errors import UsageError
-from compress.prune import structured
+from compress.prune.methods import structured
 from tests.cli.test_errors import assert_one_line_error, compress
 
 FRESH = """
@@ -26,12 +26,38 @@ def test_structured_shrinks_and_reloads_identically(tiny_model, tmp_path):
 
     src = tiny_model("llama")  # 2 layers, 4 heads over 2 key/value heads, 128 MLP channels
     out = tmp_path / "out"
-    proc = compress("prune", src, "-o", out, "--method", "structured", "--drop-layers", "1", "--mlp-keep", "0.5",
-                    "--heads-keep", "0.5", "--samples", "8", "--seq-len", "32", "--no-latency", "--eval-tokens", "512", "--json")
+    proc = compress(
+        "prune",
+        src,
+        "-o",
+        out,
+        "--method",
+        "structured",
+        "--drop-layers",
+        "1",
+        "--mlp-keep",
+        "0.5",
+        "--heads-keep",
+        "0.5",
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--no-latency",
+        "--eval-tokens",
+        "512",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (1, 64, 2, 2, 16)
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["head_dim"],
+    ) == (1, 64, 2, 2, 16)
     st = rep["stages"][0]["settings"]
     assert st["parameters_after"] < st["parameters_before"] and rep["result"]["parameters"] == st["parameters_after"]
     assert rep["result"]["bytes_on_disk"] < rep["base"]["bytes_on_disk"]
@@ -41,7 +67,9 @@ def test_structured_shrinks_and_reloads_identically(tiny_model, tmp_path):
     layers = model.model.layers
     assert layers[0].mlp.down_proj.in_features == 128
     (tmp_path / "fresh.py").write_text(FRESH)
-    subprocess.run([sys.executable, tmp_path / "fresh.py", out, tmp_path / "logits.pt"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, tmp_path / "fresh.py", out, tmp_path / "logits.pt"], check=True, capture_output=True
+    )
     reloaded = torch.load(tmp_path / "logits.pt")
     mine = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -66,7 +94,9 @@ def test_in_memory_pruned_model_matches_its_checkpoint(tiny_model, tmp_path):
         cached = model.generate(ids, max_new_tokens=4, do_sample=False)  # the KV cache indexes layers by layer_idx
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "fresh.py").write_text(FRESH)
-    subprocess.run([sys.executable, tmp_path / "fresh.py", tmp_path / "m", tmp_path / "logits.pt"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, tmp_path / "fresh.py", tmp_path / "m", tmp_path / "logits.pt"], check=True, capture_output=True
+    )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), before)
     assert cached.shape == (1, 10)
 
@@ -83,12 +113,15 @@ def test_importance_drops_the_layer_that_changes_least(tiny_model):
     assert done["dropped_layers"] == [1]
 
 
-@pytest.mark.parametrize("plan,needle", [
-    (structured.Plan(heads_keep=0.75), "grouped-query attention"),
-    (structured.Plan(drop_layers=2), "at least one must stay"),
-    (structured.Plan(drop_layers=[0, 1]), "drop all"),
-    (structured.Plan(drop_layers=[5]), "layers 0..1"),
-])
+@pytest.mark.parametrize(
+    "plan,needle",
+    [
+        (structured.Plan(heads_keep=0.75), "grouped-query attention"),
+        (structured.Plan(drop_layers=2), "at least one must stay"),
+        (structured.Plan(drop_layers=[0, 1]), "drop all"),
+        (structured.Plan(drop_layers=[5]), "layers 0..1"),
+    ],
+)
 def test_plans_that_cannot_work(tiny_model, plan, needle):
     from transformers import AutoModelForCausalLM
 
@@ -98,12 +131,48 @@ def test_plans_that_cannot_work(tiny_model, plan, needle):
 
 
 def test_structured_errors_through_the_command(tiny_model, tmp_path):
-    line = assert_one_line_error(compress("prune", tiny_model("llama"), "-o", tmp_path / "o", "--method", "structured",
-                                          "--heads-keep", "0.75", "--no-eval"), 2)
+    line = assert_one_line_error(
+        compress(
+            "prune",
+            tiny_model("llama"),
+            "-o",
+            tmp_path / "o",
+            "--method",
+            "structured",
+            "--heads-keep",
+            "0.75",
+            "--no-eval",
+        ),
+        2,
+    )
     assert "grouped-query attention needs the same whole number kept per group: use 1/2, 2/2" in line
-    line = assert_one_line_error(compress("prune", tiny_model("opt"), "-o", tmp_path / "o", "--method", "structured",
-                                          "--drop-layers", "1", "--no-eval"), 2)
+    line = assert_one_line_error(
+        compress(
+            "prune",
+            tiny_model("opt"),
+            "-o",
+            tmp_path / "o",
+            "--method",
+            "structured",
+            "--drop-layers",
+            "1",
+            "--no-eval",
+        ),
+        2,
+    )
     assert "llama-style" in line
-    line = assert_one_line_error(compress("prune", tiny_model("llama"), "-o", tmp_path / "o", "--method", "structured",
-                                          "--drop-layers", "x,y", "--no-eval"), 2)
+    line = assert_one_line_error(
+        compress(
+            "prune",
+            tiny_model("llama"),
+            "-o",
+            tmp_path / "o",
+            "--method",
+            "structured",
+            "--drop-layers",
+            "x,y",
+            "--no-eval",
+        ),
+        2,
+    )
     assert "--drop-layers" in line and not (tmp_path / "o").exists()

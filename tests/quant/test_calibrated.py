@@ -15,7 +15,10 @@ from compress.models.load import load
 from compress.models.source import resolve
 from compress.primitives.qparams import dequantize
 from compress.primitives.smoothing import fold, smoothquant_scales
-from compress.quant import calibrated, schemes
+from compress.quant import schemes
+from compress.quant.method import Target
+from compress.quant.stage import quantize_linears
+from compress.quant.table import METHODS
 from compress.recipe import QuantizeStage, validate
 
 QUIET = Console(file=open("/dev/null", "w"))
@@ -28,10 +31,15 @@ def batches(vocab: int, n: int = 8, seq: int = 64) -> list[torch.Tensor]:
 def run_method(model_dir, method, scheme="w4a16", **opts):
     loaded = load(resolve(str(model_dir)), dtype="float32")
     layers, ignore = arch.quant_targets(loaded.model, [])
-    stage = QuantizeStage(scheme=scheme, method=method, group_size="auto" if scheme == "w4a16" else None)
-    sch = schemes.resolve(stage, {n: m.in_features for n, m in layers.items()})
-    weights, errors = calibrated.apply(loaded.model, layers, sch.weight, batches(loaded.model.config.vocab_size),
-                                       calibrated.Options(method, **opts), torch.device("cpu"))
+    stage = QuantizeStage(scheme=scheme, method=method, group_size="auto" if scheme == "w4a16" else None, **opts)
+    sch = schemes.resolve(
+        stage.scheme, stage.group_size, stage.symmetric, {n: m.in_features for n, m in layers.items()}
+    )
+    m = METHODS[method](stage.method_options(), Target(sch.weight, sch.act))
+    weights = {}
+    errors = quantize_linears(
+        loaded.model, layers, m, sch, batches(loaded.model.config.vocab_size), torch.device("cpu"), sink=weights.update
+    )
     return loaded, layers, ignore, sch, weights, errors
 
 
@@ -40,14 +48,14 @@ def run_method(model_dir, method, scheme="w4a16", **opts):
 def test_method_beats_rtn_layer_error(tiny_model, arch_name, method):
     _, layers, _, _, weights, errors = run_method(tiny_model(arch_name), method)
     assert set(weights) == set(layers) and len(errors) == 2
-    rtn = sum(e["rtn"] for e in errors)
-    assert sum(e["method"] for e in errors) < 0.9 * rtn
+    rtn = sum(e.rtn for e in errors)
+    assert sum(e.method for e in errors) < 0.9 * rtn
 
 
 @pytest.mark.parametrize("method", ["smoothquant+gptq", "smoothquant+rtn"])
 def test_smoothquant_methods_run_w8a8(tiny_model, method):
     _, _, _, _, _, errors = run_method(tiny_model("qwen2"), method, scheme="w8a8")
-    assert all(e["method"] < 0.05 for e in errors)
+    assert all(e.method < 0.05 for e in errors)
 
 
 @torch.no_grad()
@@ -62,14 +70,18 @@ def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model):
     for i, layer in enumerate(model.model.layers):
         for m in arch.smooth_maps(model, layer):
             lin = layer.get_submodule(m.linears[0])
-            hooks.append(lin.register_forward_hook(lambda mod, a, o, key=(i, m): absmax.__setitem__(key, a[0].abs().flatten(0, 1).amax(0))))
+            hooks.append(
+                lin.register_forward_hook(
+                    lambda mod, a, o, key=(i, m): absmax.__setitem__(key, a[0].abs().flatten(0, 1).amax(0))
+                )
+            )
     model(ids)
     for h in hooks:
         h.remove()
     for (i, m), xmax in absmax.items():
         layer = model.model.layers[i]
         lins = [layer.get_submodule(n) for n in m.linears]
-        fold(layer.get_submodule(m.prev), lins, smoothquant_scales(xmax, [l.weight for l in lins], 0.5))
+        fold(layer.get_submodule(m.prev), lins, smoothquant_scales(xmax, [lin.weight for lin in lins], 0.5))
     assert len(absmax) == 2 * 3  # input norm -> qkv, post norm -> gate/up, up -> down (GQA: no v -> o)
     assert torch.allclose(model(ids).logits, before, atol=1e-4, rtol=1e-4)
 
@@ -78,7 +90,7 @@ def test_actorder_groups_round_trip_through_saved_checkpoint(tiny_model, tmp_pat
     from transformers import AutoModelForCausalLM
 
     loaded, layers, ignore, sch, weights, _ = run_method(tiny_model("llama"), "gptq", actorder=True)
-    ct_format.compress_linears(loaded.model, ct_format.config_for(sch, ignore), weights)
+    ct_format.compress_linears(loaded.model, ct_format.config_for(sch.weight, sch.act, ignore), weights)
     compressor = ct_format.finish(loaded.model, set(weights))
     loaded.model.save_pretrained(tmp_path)
     compressor.update_config(str(tmp_path))
@@ -94,8 +106,14 @@ def test_no_adapter_is_a_clear_error(tiny_model):
 
 
 def quantize(src, tmp_path, **stage):
-    recipe = validate({"model": str(src), "output": str(tmp_path / "out"), "evaluate": {"enabled": False},
-                       "stages": [{"stage": "quantize", "scheme": "w4a16", "group_size": "auto", "method": "gptq", **stage}]})
+    recipe = validate(
+        {
+            "model": str(src),
+            "output": str(tmp_path / "out"),
+            "evaluate": {"enabled": False},
+            "stages": [{"stage": "quantize", "scheme": "w4a16", "group_size": "auto", "method": "gptq", **stage}],
+        }
+    )
     return api.run(recipe, QUIET)
 
 

@@ -1,49 +1,62 @@
 import pytest
 
-from compress.errors import UsageError
-from compress.quant.schemes import fitting_groups, resolve
+from compress.formats.compressed_tensors import ct_scheme
+from compress.quant.schemes import SchemeError, bits_per_weight, fitting_groups, resolve
 from compress.recipe import QuantizeStage
+
+
+def res(scheme, group_size=None, symmetric=True):
+    return resolve(scheme, group_size, symmetric, SMOL)
+
 
 SMOL = {"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536}
 
 
 def test_default_group_128_does_not_fit_smollm2_and_says_what_does():
-    with pytest.raises(UsageError) as exc:
-        resolve(QuantizeStage(scheme="w4a16"), SMOL)
+    with pytest.raises(SchemeError) as exc:
+        res(scheme="w4a16")
     msg = str(exc.value)
     assert "model.layers.0.self_attn.q_proj" in msg and "576" in msg and "64, 32" in msg and "auto" in msg
 
 
 def test_auto_picks_largest_fitting_group():
-    scheme = resolve(QuantizeStage(scheme="w4a16", group_size="auto"), SMOL)
+    scheme = res(scheme="w4a16", group_size="auto")
     assert scheme.weight.group_size == 64 and "auto" in scheme.group_note
     assert fitting_groups({"a": 384, "b": 1536}) == [128, 64, 32, 16]
 
 
 def test_channel_and_explicit_group():
-    assert resolve(QuantizeStage(scheme="w4a16", group_size="channel"), SMOL).weight.group_size is None
-    assert resolve(QuantizeStage(scheme="w4a16", group_size=32), SMOL).weight.group_size == 32
-    assert resolve(QuantizeStage(scheme="w8a16"), SMOL).weight.group_size is None
+    assert res(scheme="w4a16", group_size="channel").weight.group_size is None
+    assert res(scheme="w4a16", group_size=32).weight.group_size == 32
+    assert res(scheme="w8a16").weight.group_size is None
 
 
 @pytest.mark.parametrize("scheme,act,kind", [("w8a8", "int8", "int"), ("fp8", "fp8", "float")])
 def test_activation_schemes(scheme, act, kind):
-    s = resolve(QuantizeStage(scheme=scheme), SMOL)
+    s = res(scheme=scheme)
     assert s.act == act and s.weight.kind == kind and s.weight.group_size is None
-    ct = s.ct_scheme(["Linear"])
+    ct = ct_scheme(s.weight, s.act, ["Linear"])
     assert ct.input_activations.dynamic is True and ct.input_activations.strategy == "token"
 
 
 def test_rejected_combinations():
-    with pytest.raises(UsageError, match="per output channel"):
-        resolve(QuantizeStage(scheme="w8a8", group_size=64), SMOL)
-    with pytest.raises(UsageError, match="symmetric"):
-        resolve(QuantizeStage(scheme="fp8", symmetric=False), SMOL)
-    with pytest.raises(UsageError, match="1618"):
-        resolve(QuantizeStage(scheme="w4a16", group_size=64, symmetric=False), SMOL)
+    with pytest.raises(SchemeError, match="per output channel"):
+        res(scheme="w8a8", group_size=64)
+    with pytest.raises(SchemeError, match="symmetric"):
+        res(scheme="fp8", symmetric=False)
+    with pytest.raises(SchemeError, match="1618"):
+        res(scheme="w4a16", group_size=64, symmetric=False)
     with pytest.raises(ValueError, match="power of two"):
         QuantizeStage(scheme="w4a16", group_size=100)
 
 
 def test_asymmetric_int8_is_allowed():
-    assert resolve(QuantizeStage(scheme="w8a16", symmetric=False), SMOL).weight.symmetric is False
+    assert res(scheme="w8a16", symmetric=False).weight.symmetric is False
+
+
+def test_plan_bits_follow_the_scheme_resolution():
+    # the plan and the run choose the same group: auto on SmolLM2's widths is 64 (not 128)
+    assert bits_per_weight("w4a16", "auto", True, [576, 1536]) == 4 + 16 / 64
+    assert bits_per_weight("w4a16", None, True, [384, 1536]) == 4 + 16 / 128  # the default, 128
+    assert bits_per_weight("w8a8", None, True, [576]) == 8
+    assert bits_per_weight("w8a16", 32, False, [576]) == 8 + 24 / 32

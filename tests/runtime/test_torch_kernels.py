@@ -4,7 +4,7 @@ where torch has the op, on CUDA when a GPU is present."""
 import pytest
 import torch
 
-from compress.export.stored import StoredLinear
+from compress.formats.stored import StoredLinear
 from compress.primitives.masks import keep_n_of_m
 from compress.runtime import torch_kernels as tk
 
@@ -74,7 +74,9 @@ def test_kernel_choice_and_fallback_warning():
     with pytest.warns(UserWarning, match="w8a16"):
         name = tk.use_kernels(model, {"0": stored(16, 64, 8)}, None)
     assert "dense" in name and isinstance(model[0], torch.nn.Linear)
-    assert "int4" in tk.use_kernels(model, {"0": stored(16, 64, 4, group=32)}, None) and isinstance(model[0], tk.Int4Linear)
+    assert "int4" in tk.use_kernels(model, {"0": stored(16, 64, 4, group=32)}, None) and isinstance(
+        model[0], tk.Int4Linear
+    )
 
 
 def two_four(n, k, dtype=torch.bfloat16, seed=0) -> torch.Tensor:
@@ -94,8 +96,15 @@ def tiny_llama_2_4(device: str) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
     with torch.no_grad():
         for name, mod in model.named_modules():
@@ -108,7 +117,9 @@ def test_sparse24_falls_back_on_cpu_with_one_warning():
     model = tiny_llama_2_4("cpu")
     with pytest.warns(UserWarning, match="14 of 14 linears stay dense .*CUDA only"):
         name = tk.use_sparse24(model)
-    assert name.startswith("torch dense bfloat16") and type(model.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    assert (
+        name.startswith("torch dense bfloat16") and type(model.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)

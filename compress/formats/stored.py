@@ -56,7 +56,9 @@ def read(ckpt: Path) -> dict[str, StoredLinear]:
     if not qc:
         return {}
     if qc.get("quant_method") != "compressed-tensors" or len(qc.get("config_groups", {})) != 1:
-        raise UsageError(f"{ckpt}: only compressed-tensors checkpoints with one scheme (as compress writes) can be exported")
+        raise UsageError(
+            f"{ckpt}: only compressed-tensors checkpoints with one scheme (as compress writes) can be exported"
+        )
     args = next(iter(qc["config_groups"].values()))["weights"]
     bits, kind, sym = args["num_bits"], args["type"], args["symmetric"]
     group = args["group_size"] if args["strategy"] == "group" else None
@@ -75,6 +77,10 @@ def read(ckpt: Path) -> dict[str, StoredLinear]:
                 else:
                     q = st.get_tensor(f"{name}.weight")
                 zp_key = f"{name}.weight_zero_point"
-                zp = st.get_tensor(zp_key).to(torch.int8) if zp_key in keys else torch.zeros(scale.shape, dtype=torch.int8)
+                zp = (
+                    st.get_tensor(zp_key).to(torch.int8)
+                    if zp_key in keys
+                    else torch.zeros(scale.shape, dtype=torch.int8)
+                )
                 out[name] = StoredLinear(q, scale, zp.reshape(scale.shape), bits, kind, sym, group)
     return out

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from compress import calibrate
 from compress.errors import UsageError
+from compress.method import CLI_TEXT
+from compress.models.arch import decoder_layers
+from compress.prune.method import PruneMethod
 
 ARCHS = ("llama", "mistral", "qwen2")
 
@@ -42,7 +47,9 @@ def check(model: torch.nn.Module, plan: Plan) -> None:
     cfg = model.config
     kind = getattr(cfg, "model_type", type(model).__name__)
     if kind not in ARCHS:
-        raise UsageError(f"{kind}: structured pruning knows llama-style blocks ({', '.join(ARCHS)}); use an unstructured method")
+        raise UsageError(
+            f"{kind}: structured pruning knows llama-style blocks ({', '.join(ARCHS)}); use an unstructured method"
+        )
     n_layers = cfg.num_hidden_layers
     drop = plan.drop_layers
     if isinstance(drop, list):
@@ -76,8 +83,12 @@ def _attn(layer):
     return layer.self_attn
 
 
-def measure_importance(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-                       progress: Callable[[int, int], None] | None = None) -> Importance:
+def measure_importance(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> Importance:
     imp = Importance()
     head_dim = _head_dim(model.config)
     state: dict = {}
@@ -104,10 +115,13 @@ def measure_importance(model: torch.nn.Module, batches: list[torch.Tensor], devi
         for h in state.pop("hooks"):
             h.remove()
         heads, chans = state.pop("acc")
-        layer = calibrate.decoder_layers(model)[i]
+        layer = decoder_layers(model)[i]
         imp.heads.append(heads.cpu())
         imp.channels.append((chans * layer.mlp.down_proj.weight.float().pow(2).sum(0)).cpu())
-        cos = [torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean() for a, b in zip(state.pop("inputs"), outputs)]
+        cos = [
+            torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+            for a, b in zip(state.pop("inputs"), outputs)
+        ]
         imp.layers.append(1 - float(torch.stack(cos).mean()))
 
     calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress, on_outputs=on_outputs)
@@ -118,7 +132,9 @@ def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def _linear(old: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.nn.Linear:
+def _linear(
+    old: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> torch.nn.Linear:
     w = old.weight.data
     w = w[rows] if rows is not None else w
     w = w[:, cols] if cols is not None else w
@@ -134,7 +150,7 @@ def _linear(old: torch.nn.Linear, rows: torch.Tensor | None = None, cols: torch.
 def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
     """Shrink the model in place and rewrite its config. Returns what was removed."""
     cfg = model.config
-    blocks = calibrate.decoder_layers(model)
+    blocks = decoder_layers(model)
     n_layers = len(blocks)
     done: dict = {}
     if plan.mlp_keep is not None:
@@ -167,7 +183,7 @@ def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
             drop = sorted(torch.tensor(imp.layers).argsort()[:drop].tolist())
         kept = [i for i in range(n_layers) if i not in set(drop)]
         _set_layers(model, blocks, torch.nn.ModuleList([blocks[i] for i in kept]))
-        for new_idx, layer in enumerate(calibrate.decoder_layers(model)):
+        for new_idx, layer in enumerate(decoder_layers(model)):
             _attn(layer).layer_idx = new_idx
         cfg.num_hidden_layers = len(kept)
         # Which original layer each kept one was: distillation matches hidden states by it.
@@ -185,3 +201,95 @@ def _set_layers(model: torch.nn.Module, old: torch.nn.ModuleList, new: torch.nn.
                 setattr(module, child_name, new)
                 return
     raise RuntimeError("decoder layer list not found")
+
+
+def _layers(value):
+    """'6' -> 6 layers chosen by importance; '3,5,7' -> those layers."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return [int(v) for v in value.split(",")] if "," in value else int(value)
+    except ValueError:
+        raise ValueError(f"--drop-layers takes a count (6) or a list of layer indices (3,5,7), got {value!r}") from None
+
+
+def _fraction(value):
+    """'0.5' or '2/3' -> float."""
+    if not isinstance(value, str):
+        return value
+    try:
+        num, _, den = value.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--heads-keep takes a share such as 0.5 or 2/3, got {value!r}") from None
+
+
+def _at_least_one(value):
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ValueError("drop_layers must be at least 1 (or a list of layer indices)")
+    return value
+
+
+class StructuredOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    drop_layers: Annotated[int | list[int] | None, BeforeValidator(_layers)] = Field(
+        None,
+        description="structured: how many decoder layers to drop (by importance), or which: 3,5,7",
+        json_schema_extra=CLI_TEXT,
+    )
+    mlp_keep: float | None = Field(None, gt=0, le=1, description="structured: share of MLP channels to keep")
+    heads_keep: Annotated[float | None, BeforeValidator(_fraction)] = Field(
+        None,
+        gt=0,
+        le=1,
+        description="structured: share of query heads to keep, e.g. 0.5 or 2/3 (whole heads per key/value group)",
+        json_schema_extra=CLI_TEXT,
+    )
+
+
+class Structured(PruneMethod):
+    name = "structured"
+    Options = StructuredOptions
+    structured = True
+
+    @classmethod
+    def check(cls, stage) -> None:
+        _at_least_one(stage.drop_layers)
+        if stage.drop_layers is None and stage.mlp_keep is None and stage.heads_keep is None:
+            raise ValueError("structured pruning needs drop_layers, mlp_keep or heads_keep")
+        if stage.pattern != "unstructured" or stage.storage != "dense":
+            raise ValueError("structured pruning takes no pattern or sparse storage: the tensors themselves shrink")
+
+    def settings(self) -> dict:
+        return {k: v for k, v in self.options.model_dump().items() if v is not None}
+
+    def plan(self) -> Plan:
+        return Plan(self.options.drop_layers, self.options.mlp_keep, self.options.heads_keep)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        check(model, self.plan())
+
+    def needs_data(self) -> bool:
+        """Importance is measured unless the layers to drop are named and nothing else is asked."""
+        o = self.options
+        return not isinstance(o.drop_layers, list) or bool(o.mlp_keep or o.heads_keep)
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        batches: list[torch.Tensor] | None,
+        device: torch.device,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict:
+        """Prune the model in place; the settings to report."""
+        plan = self.plan()
+        settings = {"method": self.name, **self.settings()}
+        imp = Importance()
+        if batches is not None:
+            imp = measure_importance(model, batches, device, progress)
+            settings["layer_importance"] = "block influence 1 - cos(in, out): " + ", ".join(
+                f"{v:.3f}" for v in imp.layers
+            )
+        settings.update(apply(model, plan, imp))
+        return settings

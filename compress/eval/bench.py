@@ -12,8 +12,17 @@ import numpy as np
 import psutil
 import torch
 
+from compress.data import text as textdata
 from compress.errors import UsageError
-from compress.runtime import loop
+from compress.eval.latency import cpu_name, kernel_name, with_sparse24
+from compress.export import onnx_decoder, onnx_export
+from compress.export.onnx_export import MODEL_FILE
+from compress.formats.stored import activation_kind, quantization_config, read
+from compress.models import load as loading, source as sources
+from compress.runtime import loop, ort
+from compress.runtime.llama_cpp import LlamaCppDecoder
+from compress.runtime.torch_decoder import TorchDecoder
+from compress.runtime.torch_kernels import use_kernels
 
 RUNTIMES = ("torch", "onnxruntime", "llama.cpp")
 
@@ -49,32 +58,29 @@ def _rss() -> int:
 
 
 def open_torch(spec: str, device: str) -> tuple[loop.Decoder, str, Path]:
-    from compress.eval.latency import kernel_name, with_sparse24
-    from compress.export.stored import activation_kind, quantization_config, read
-    from compress.models import load as loading, source as sources
-    from compress.runtime.torch_decoder import TorchDecoder
-
-    loaded = loading.load(sources.resolve(spec), dtype="float32" if device == "cpu" else "bfloat16", device=device, quantized=True)
+    loaded = loading.load(
+        sources.resolve(spec), dtype="float32" if device == "cpu" else "bfloat16", device=device, quantized=True
+    )
     if loaded.task != "causal-lm":
         raise UsageError(f"compress bench measures decoders (prefill + decode); {spec} is an encoder")
     qc = quantization_config(loaded.checkpoint)
     kernel = kernel_name(loaded.model, qc)
     if loaded.quantized and device == "cuda":  # real low-bit kernels; a fallback warns why
-        from compress.runtime.torch_kernels import use_kernels
-
         kernel = use_kernels(loaded.model, read(loaded.checkpoint), activation_kind(qc))
     elif loaded.quantized:
-        kernel = f"torch dense {next(loaded.model.parameters()).dtype} matmul (weights de-quantized at load)".replace("torch.", "")
+        kernel = f"torch dense {next(loaded.model.parameters()).dtype} matmul (weights de-quantized at load)".replace(
+            "torch.", ""
+        )
     else:
         kernel = with_sparse24(loaded.model, loaded.checkpoint, kernel)
-    return TorchDecoder(loaded.model, kernel), str(next(loaded.model.parameters()).dtype).replace("torch.", ""), loaded.checkpoint
+    return (
+        TorchDecoder(loaded.model, kernel),
+        str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        loaded.checkpoint,
+    )
 
 
 def open_onnx(spec: str, threads: int, workdir: Path, accuracy_level: int | None) -> tuple[loop.Decoder, str, Path]:
-    from compress.export import onnx_decoder, onnx_export
-    from compress.models import load as loading, source as sources
-    from compress.runtime import ort
-
     path = Path(spec)
     if not (path / onnx_export.MODEL_FILE).is_file():  # a checkpoint: export it first
         loaded = loading.load(sources.resolve(spec), dtype="float32", quantized=True)
@@ -96,28 +102,29 @@ def describe_onnx(path: Path) -> str:
         if e["nbits_layers"]:
             import onnx
 
-            from compress.export.onnx_export import MODEL_FILE
-
             graph = onnx.load(str(path / MODEL_FILE), load_external_data=False).graph
             node = next(n for n in graph.node if n.op_type == "MatMulNBits")
             a = {x.name: x.i for x in node.attribute}
             acts = ", inputs rounded to int8 per token" if e.get("act_int8") else ""
-            return f"{kernel}, MatMulNBits {a['bits']}-bit blocks of {a['block_size']}, accuracy_level {a.get('accuracy_level', 0)}{acts}"
+            level = a.get("accuracy_level", 0)
+            return f"{kernel}, MatMulNBits {a['bits']}-bit blocks of {a['block_size']}, accuracy_level {level}{acts}"
     return f"{kernel}, float32 MatMul"
 
 
 def open_llama_cpp(spec: str, threads: int, n_ctx: int) -> tuple[loop.Decoder, str, Path | None]:
-    from compress.runtime.llama_cpp import LlamaCppDecoder
-
     path = Path(spec)
     gguf = path if path.suffix == ".gguf" else next(iter(sorted(path.glob("*.gguf"))), None)
     if gguf is None or not gguf.is_file():
-        raise UsageError(f"--runtime llama.cpp needs a .gguf file (or a directory from `compress export --format gguf`): {spec}")
+        raise UsageError(
+            f"--runtime llama.cpp needs a .gguf file (or a directory from `compress export --format gguf`): {spec}"
+        )
     tok = gguf.parent if (gguf.parent / "tokenizer.json").is_file() else None
     return LlamaCppDecoder(gguf, threads, n_ctx), "gguf", tok
 
 
-def open_subject(role: str, spec: str, runtime: str, threads: int, device: str, workdir: Path, accuracy_level: int | None, n_ctx: int) -> Subject:
+def open_subject(
+    role: str, spec: str, runtime: str, threads: int, device: str, workdir: Path, accuracy_level: int | None, n_ctx: int
+) -> Subject:
     if runtime not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime != "torch" and device != "cpu":
@@ -136,8 +143,6 @@ def prompt_ids(tokenizer_dir: Path, length: int) -> np.ndarray:
     """[length] token ids of the built-in evaluation text (repeated if it is shorter)."""
     from transformers import AutoTokenizer
 
-    from compress.data import text as textdata
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tok("\n\n".join(textdata.builtin("evaluation").texts), add_special_tokens=False).input_ids
     reps = -(-length // len(ids))
@@ -147,7 +152,9 @@ def prompt_ids(tokenizer_dir: Path, length: int) -> np.ndarray:
 def measure(subjects: list[Subject], batches: list[int], prompt_len: int, new_tokens: int, rounds: int) -> list[Row]:
     tok_dir = next((s.tokenizer_dir for s in subjects if s.tokenizer_dir is not None), None)
     if tok_dir is None:
-        raise UsageError("no tokenizer found beside any of the models (a GGUF alone has none here): pass a baseline checkpoint")
+        raise UsageError(
+            "no tokenizer found beside any of the models (a GGUF alone has none here): pass a baseline checkpoint"
+        )
     ids = prompt_ids(tok_dir, prompt_len)
     rows: list[Row] = []
     for batch in batches:
@@ -164,18 +171,26 @@ def measure(subjects: list[Subject], batches: list[int], prompt_len: int, new_to
         base = med.get("baseline")
         for s in subjects:
             m = med[s.role]
-            rows.append(Row(
-                s.role, s.spec, s.decoder.runtime, s.decoder.kernel, s.dtype, batch, m.ttft_s * 1e3,
-                m.prefill_tokens_per_s, m.decode_tokens_per_s, s.memory_bytes,
-                m.prefill_tokens_per_s / base.prefill_tokens_per_s if base and s.role != "baseline" else None,
-                m.decode_tokens_per_s / base.decode_tokens_per_s if base and s.role != "baseline" else None,
-            ))
+            rows.append(
+                Row(
+                    s.role,
+                    s.spec,
+                    s.decoder.runtime,
+                    s.decoder.kernel,
+                    s.dtype,
+                    batch,
+                    m.ttft_s * 1e3,
+                    m.prefill_tokens_per_s,
+                    m.decode_tokens_per_s,
+                    s.memory_bytes,
+                    m.prefill_tokens_per_s / base.prefill_tokens_per_s if base and s.role != "baseline" else None,
+                    m.decode_tokens_per_s / base.decode_tokens_per_s if base and s.role != "baseline" else None,
+                )
+            )
     return rows
 
 
 def environment(threads: int, device: str) -> dict:
-    from compress.eval.latency import cpu_name
-
     name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     return {"device": f"{device} ({name})", "threads": threads, "torch": torch.__version__}
 

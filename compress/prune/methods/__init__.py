@@ -1,0 +1,1 @@
+"""Pruning methods, one file each; `compress/prune/table.py` lists them."""

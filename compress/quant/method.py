@@ -1,0 +1,73 @@
+"""The interface a quantization method implements, and the rounding every non-GPTQ method ends with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compress.calibrate import Gather, InputStats, Layer
+from compress.method import Method
+from compress.models.arch import Smooth, smooth_maps
+from compress.primitives.qparams import Grid, compute_qparams, quantize, search_range
+from compress.primitives.smoothing import fold
+
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # integers [O, I], scale [O, G], zero point [O, G]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the stage asks of every method: the weight grid, how activations are quantized
+    (None, "int8", "fp8"), whether zeros must stay zeros (a pruned model), and whether each
+    group's range is searched for least error (else min/max)."""
+
+    grid: Grid
+    act: str | None = None
+    keep_zeros: bool = False
+    range_search: bool = True
+
+
+class QuantMethod(Method):
+    def __init__(self, options, target: Target):
+        super().__init__(options)
+        self.target = target
+
+    def gather(self, model: torch.nn.Module, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> Gather:
+        """The input statistics `prepare` and `quantize` read (calibrated methods)."""
+        return Gather()
+
+    def prepare(self, model: torch.nn.Module, layer: Layer) -> None:
+        """Change the decoder layer as a whole before its linears are quantized (smoothing)."""
+
+    def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
+        """w [O, I] in the layer's dtype: the rows of every linear that reads one input, stacked
+        (rows are independent). stats: None for a method that reads no data."""
+        raise NotImplementedError
+
+
+def round_weights(w: torch.Tensor, target: Target, importance: torch.Tensor | None = None) -> Quantized:
+    """Round to nearest on each group's range: min/max, or searched for the least squared error,
+    weighted per input column by `importance` (E[x^2]) when given."""
+    dtype, w = w.dtype, w.float()
+    grid = target.grid
+    scale, zp = (
+        search_range(w, grid, dtype, importance=importance) if target.range_search else compute_qparams(w, grid, dtype)
+    )
+    return quantize(w, scale, zp, grid), scale, zp
+
+
+def smooth(
+    model: torch.nn.Module, layer: Layer, scale_for: Callable[[Smooth, list[torch.nn.Linear]], torch.Tensor]
+) -> None:
+    """Fold a per-channel scale into the op before each smoothable group of linears (the
+    architecture's norm -> projections maps) and rescale their statistics to match."""
+    device = next(layer.module.parameters()).device
+    for m in smooth_maps(model, layer.module):
+        if not all(n in layer.targets for n in m.linears):
+            continue  # a linear the user kept dense: leave this pair alone
+        lins = [layer.targets[n] for n in m.linears]
+        s = scale_for(m, lins)
+        fold(layer.module.get_submodule(m.prev), lins, s.to(device))
+        for st in {id(layer.stats[n]): layer.stats[n] for n in m.linears}.values():
+            st.rescale(s)

@@ -1,0 +1,1 @@
+"""Quantization methods, one file each; `compress/quant/table.py` lists them."""

@@ -1,0 +1,11 @@
+"""The quantization methods, by the name recipes and the CLI use. Adding one: a file in
+methods/, one line here, its test."""
+
+from __future__ import annotations
+
+from compress.quant.method import QuantMethod
+from compress.quant.methods import awq, gptq, rtn, smoothquant
+
+METHODS: dict[str, type[QuantMethod]] = {
+    m.name: m for m in (rtn.RTN, gptq.GPTQ, awq.AWQ, smoothquant.SmoothQuantGPTQ, smoothquant.SmoothQuantRTN)
+}
