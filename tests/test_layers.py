@@ -79,7 +79,10 @@ def test_imports_point_down_and_sit_at_the_top():
 
 
 def test_no_import_cycle():
-    graph = {m: {t for t, _ in imports(p) if t in MODULES and t != m and not m.startswith(t + ".")} for m, p in MODULES.items()}
+    graph = {
+        m: {t for t, _ in imports(p) if t in MODULES and t != m and not m.startswith(t + ".")}
+        for m, p in MODULES.items()
+    }
     state: dict[str, int] = {}
 
     def visit(m: str, trail: list[str]) -> None:

@@ -72,9 +72,9 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
     console.print(f"prune: {stage.method}, {stage.pattern} at {share:.0%}, {len(targets)} layers")
     text, warnings, errors = None, [], []
     batches = None
+    settings.update(method.settings())
     if method.calibrated:
         batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console)
-        settings.update(method.settings())
     with progress_bar(console, f"{stage.method}: decoder layers") as update:
         errors = prune_linears(model, targets, method, batches, device, update)
     if nm and not all(n_of_m_holds(m.weight, *nm) for m in targets.values()):

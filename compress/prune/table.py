@@ -7,5 +7,11 @@ from compress.prune.method import PruneMethod
 from compress.prune.methods import magnitude, sparsegpt, structured, wanda
 
 METHODS: dict[str, type[PruneMethod]] = {
-    m.name: m for m in (magnitude.Magnitude, wanda.Wanda, sparsegpt.SparseGPT, structured.Structured)
+    m.name: m
+    for m in (
+        magnitude.Magnitude,
+        wanda.Wanda,
+        sparsegpt.SparseGPT,
+        structured.Structured,
+    )
 }

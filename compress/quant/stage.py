@@ -53,9 +53,9 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     text, errors, warnings = None, [], []
     config = ct_format.config_for(scheme.weight, scheme.act, ignore)
     batches = None
+    settings.update(method.settings())
     if method.calibrated:
         batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console)
-        settings.update(method.settings())
     with progress_bar(console, f"{stage.method}: decoder layers") as update:
         errors = quantize_linears(
             model,

@@ -7,5 +7,12 @@ from compress.quant.method import QuantMethod
 from compress.quant.methods import awq, gptq, rtn, smoothquant
 
 METHODS: dict[str, type[QuantMethod]] = {
-    m.name: m for m in (rtn.RTN, gptq.GPTQ, awq.AWQ, smoothquant.SmoothQuantGPTQ, smoothquant.SmoothQuantRTN)
+    m.name: m
+    for m in (
+        rtn.RTN,
+        gptq.GPTQ,
+        awq.AWQ,
+        smoothquant.SmoothQuantGPTQ,
+        smoothquant.SmoothQuantRTN,
+    )
 }
