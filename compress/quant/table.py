@@ -4,7 +4,7 @@ methods/, one line here, its test."""
 from __future__ import annotations
 
 from compress.quant.method import QuantMethod
-from compress.quant.methods import awq, gptq, rtn, smoothquant
+from compress.quant.methods import awq, gptq, hqq, rtn, smoothquant
 
 METHODS: dict[str, type[QuantMethod]] = {
     m.name: m
@@ -14,5 +14,6 @@ METHODS: dict[str, type[QuantMethod]] = {
         awq.AWQ,
         smoothquant.SmoothQuantGPTQ,
         smoothquant.SmoothQuantRTN,
+        hqq.HQQ,
     )
 }
