@@ -1,5 +1,6 @@
 """Imports point down: every compress module imports only its own layer or lower ones, at the
-top of the file, and the module graph has no cycle."""
+top of the file, and the module graph has no cycle. The CLI, the top layer, may import a heavy
+command's modules when that command runs (nothing imports the CLI, so no cycle can hide there)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_imports_point_down_and_sit_at_the_top():
         for target, at_top in imports(path):
             if target != m and rank(target) > rank(m):
                 wrong.append(f"{m} imports {target} from a higher layer")
-            if not at_top:
+            if not at_top and not m.startswith("compress.cli"):
                 wrong.append(f"{m} imports {target} inside a function")
     assert not wrong, "\n".join(wrong)
 

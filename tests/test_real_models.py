@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from compress.report.schema import SCHEMA_VERSION
+
 pytestmark = pytest.mark.real
 
 # scheme -> (max relative perplexity increase, max size ratio vs the bf16 checkpoint)
@@ -46,7 +48,7 @@ def test_smollm2_quality_and_size(smol_runs, scheme):
     assert result["bytes_on_disk"] / base["bytes_on_disk"] <= max_size
     assert result["bytes_on_disk"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert (out / "report.md").read_text().count("perplexity") >= 1
-    assert json.loads((out / "report.json").read_text())["schema_version"] == 2
+    assert json.loads((out / "report.json").read_text())["schema_version"] == SCHEMA_VERSION
 
 
 def test_w4a16_report_names_its_protocols(smol_runs):

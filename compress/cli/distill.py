@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -19,9 +20,15 @@ from compress.cli.common import (
     SaveRecipe,
     TextColumn,
     TrustRemoteCode,
+    default,
     execute,
     one_stage,
 )
+from compress.recipe import DISTILL_STEPS, DistillStage, EvalSpec, Recipe
+
+_eval = partial(default, EvalSpec)  # the recipe's defaults, written once there
+_run = partial(default, Recipe)  # the recipe's defaults, written once there
+_stage = partial(default, DistillStage)  # the recipe's defaults, written once there
 
 
 def distill(
@@ -36,44 +43,70 @@ def distill(
     output: Output,
     dataset: Annotated[
         str, typer.Option(help="Training text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")
-    ] = "builtin",
-    text_column: TextColumn = "text",
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 100)")] = None,
-    tokens: Annotated[Optional[int], typer.Option(help="Training tokens instead of --steps")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch, per process")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up then cosine decay)")] = 2e-4,
-    warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none)")] = 1.0,
-    loss: Annotated[str, typer.Option(help="Logit loss: kl | reverse-kl | jsd")] = "kl",
-    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit loss")] = 1.0,
-    kd_weight: Annotated[float, typer.Option(help="Weight of the logit loss")] = 1.0,
-    hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching (0: off)")] = 0.0,
-    hidden_loss: Annotated[str, typer.Option(help="Hidden-state loss: mse | cosine")] = "mse",
-    lm_weight: Annotated[float, typer.Option(help="Weight of the plain next-token loss (0: off)")] = 1.0,
+    ] = _stage("dataset"),
+    text_column: TextColumn = _stage("text_column"),
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default {DISTILL_STEPS})")] = default(
+        DistillStage, "steps"
+    ),
+    tokens: Annotated[Optional[int], typer.Option(help="Training tokens instead of --steps")] = default(
+        DistillStage, "tokens"
+    ),
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence")] = _stage("seq_len"),
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch, per process")] = default(
+        DistillStage, "batch_size"
+    ),
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step")] = default(
+        DistillStage, "grad_accum"
+    ),
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW; warm-up then cosine decay)")] = default(
+        DistillStage, "lr"
+    ),
+    warmup: Annotated[float, typer.Option(help="Share of the steps spent warming up")] = default(
+        DistillStage, "warmup"
+    ),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = _stage("weight_decay"),
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0: none)")] = default(
+        DistillStage, "max_grad_norm"
+    ),
+    loss: Annotated[str, typer.Option(help="Logit loss: kl | reverse-kl | jsd")] = _stage("loss"),
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the logit loss")] = default(
+        DistillStage, "temperature"
+    ),
+    kd_weight: Annotated[float, typer.Option(help="Weight of the logit loss")] = _stage("kd_weight"),
+    hidden_weight: Annotated[float, typer.Option(help="Weight of hidden-state matching (0: off)")] = default(
+        DistillStage, "hidden_weight"
+    ),
+    hidden_loss: Annotated[str, typer.Option(help="Hidden-state loss: mse | cosine")] = default(
+        DistillStage, "hidden_loss"
+    ),
+    lm_weight: Annotated[float, typer.Option(help="Weight of the plain next-token loss (0: off)")] = default(
+        DistillStage, "lm_weight"
+    ),
     train_embeddings: Annotated[
         bool, typer.Option(help="Also train the token embeddings (and a tied output layer)")
-    ] = False,
-    autocast: Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it) | bf16 | off")] = "auto",
+    ] = _stage("train_embeddings"),
+    autocast: Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it) | bf16 | off")] = default(
+        DistillStage, "autocast"
+    ),
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in the backward pass (less memory)")
-    ] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed of the data order")] = 0,
+    ] = _stage("gradient_checkpointing"),
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between resumable checkpoints")] = default(
+        DistillStage, "checkpoint_every"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the data order")] = _stage("seed"),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last checkpoint")] = False,
-    dtype: Annotated[
-        str, typer.Option(help="Saved dtype: auto (the student's) | bfloat16 | float16 | float32")
-    ] = "auto",
-    device: Device = "cpu",
-    eval_dataset: EvalDataset = "builtin",
-    eval_tokens: EvalTokens = 8192,
-    evaluate: Evaluate = True,
-    latency: Latency = True,
-    overwrite: Overwrite = False,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
+    dtype: Annotated[str, typer.Option(help="Saved dtype: auto (the student's) | bfloat16 | float16 | float32")] = _run(
+        "dtype"
+    ),
+    device: Device = _run("device"),
+    eval_dataset: EvalDataset = _eval("dataset"),
+    eval_tokens: EvalTokens = _eval("max_tokens"),
+    evaluate: Evaluate = _eval("enabled"),
+    latency: Latency = _eval("latency"),
+    overwrite: Overwrite = _run("overwrite"),
+    trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
+    allow_pickle: AllowPickle = _run("allow_pickle"),
     save_recipe: SaveRecipe = None,
     json: Json = False,
 ) -> None:

@@ -12,7 +12,6 @@ import typer
 
 from compress.cli.common import AllowPickle, Json, Overwrite, err, out
 from compress.errors import UsageError
-from compress.export import gguf_export, onnx_decoder, onnx_export
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import load as loading, source as sources
 
@@ -43,6 +42,9 @@ def export(
     json: Json = False,
 ) -> None:
     """Export for CPU/edge runtimes, carrying the quantized integers over, and check the result."""
+    # onnx and onnxruntime take about a second to import: only the commands that use them load them.
+    from compress.export import gguf_export, onnx_decoder, onnx_export
+
     if format not in ("onnx", "gguf"):
         raise UsageError(f"--format must be onnx or gguf, got {format!r}")
     if accuracy_level not in (None, 0, 1, 2, 3, 4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -23,6 +24,7 @@ from compress.cli.common import (
     SeqLen,
     TextColumn,
     TrustRemoteCode,
+    default,
     execute,
     given,
     method_help,
@@ -30,6 +32,11 @@ from compress.cli.common import (
     one_stage,
 )
 from compress.prune.table import METHODS
+from compress.recipe import EvalSpec, PruneStage, Recipe
+
+_eval = partial(default, EvalSpec)  # the recipe's defaults, written once there
+_run = partial(default, Recipe)  # the recipe's defaults, written once there
+_stage = partial(default, PruneStage)  # the recipe's defaults, written once there
 
 
 @method_options(METHODS)
@@ -37,30 +44,32 @@ def prune(
     model: Model,
     output: Output,
     method: Annotated[str, typer.Option(help=method_help(METHODS))] = "sparsegpt",
-    sparsity: Annotated[float, typer.Option(help="Share of weights set to zero, 0..1 (unstructured pattern)")] = 0.5,
-    pattern: Annotated[
-        str, typer.Option(help="unstructured, or N:M (N kept of every M inputs): 2:4, 4:8")
-    ] = "unstructured",
+    sparsity: Annotated[float, typer.Option(help="Share of weights set to zero, 0..1 (unstructured pattern)")] = _stage(
+        "sparsity"
+    ),
+    pattern: Annotated[str, typer.Option(help="unstructured, or N:M (N kept of every M inputs): 2:4, 4:8")] = default(
+        PruneStage, "pattern"
+    ),
     storage: Annotated[
         str,
         typer.Option(help="dense (plain transformers loads it) | sparse (bitmask + values: smaller, read by compress)"),
-    ] = "dense",
+    ] = _stage("storage"),
     ignore: Annotated[
         Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep dense; repeatable")
     ] = None,
-    dataset: Dataset = "builtin",
-    text_column: TextColumn = "text",
-    samples: Samples = 64,
-    seq_len: SeqLen = 512,
-    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
-    device: Device = "cpu",
-    eval_dataset: EvalDataset = "builtin",
-    eval_tokens: EvalTokens = 8192,
-    evaluate: Evaluate = True,
-    latency: Latency = True,
-    overwrite: Overwrite = False,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
+    dataset: Dataset = _stage("dataset"),
+    text_column: TextColumn = _stage("text_column"),
+    samples: Samples = _stage("samples"),
+    seq_len: SeqLen = _stage("seq_len"),
+    dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = _run("dtype"),
+    device: Device = _run("device"),
+    eval_dataset: EvalDataset = _eval("dataset"),
+    eval_tokens: EvalTokens = _eval("max_tokens"),
+    evaluate: Evaluate = _eval("enabled"),
+    latency: Latency = _eval("latency"),
+    overwrite: Overwrite = _run("overwrite"),
+    trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
+    allow_pickle: AllowPickle = _run("allow_pickle"),
     save_recipe: SaveRecipe = None,
     json: Json = False,
     **options,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Optional
 
 import typer
@@ -23,6 +24,7 @@ from compress.cli.common import (
     SeqLen,
     TextColumn,
     TrustRemoteCode,
+    default,
     execute,
     given,
     method_help,
@@ -32,6 +34,11 @@ from compress.cli.common import (
 )
 from compress.quant.schemes import SCHEMES
 from compress.quant.table import METHODS
+from compress.recipe import EvalSpec, QuantizeStage, Recipe
+
+_eval = partial(default, EvalSpec)  # the recipe's defaults, written once there
+_run = partial(default, Recipe)  # the recipe's defaults, written once there
+_stage = partial(default, QuantizeStage)  # the recipe's defaults, written once there
 
 
 @method_options(METHODS)
@@ -41,42 +48,42 @@ def quantize(
     scheme: Annotated[str, typer.Option(help=" | ".join(SCHEMES))] = "w4a16",
     group_size: Annotated[
         Optional[str], typer.Option(help="Weights per scale: 32, 64, 128 (w4a16 default), 'channel' or 'auto'")
-    ] = None,
+    ] = _stage("group_size"),
     symmetric: Annotated[
         bool, typer.Option("--symmetric/--no-symmetric", help="Symmetric weight grid (zero point 0)")
-    ] = True,
+    ] = _stage("symmetric"),
     ignore: Annotated[
         Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep unquantized; repeatable")
     ] = None,
-    method: Annotated[str, typer.Option(help=method_help(METHODS))] = "rtn",
-    dataset: Dataset = "builtin",
-    text_column: TextColumn = "text",
-    samples: Samples = 64,
-    seq_len: SeqLen = 512,
+    method: Annotated[str, typer.Option(help=method_help(METHODS))] = _stage("method"),
+    dataset: Dataset = _stage("dataset"),
+    text_column: TextColumn = _stage("text_column"),
+    samples: Samples = _stage("samples"),
+    seq_len: SeqLen = _stage("seq_len"),
     range_search: Annotated[
         bool,
         typer.Option(
             "--range-search/--no-range-search", help="Pick each group's range for least weight error (else min/max)"
         ),
-    ] = True,
+    ] = _stage("range_search"),
     dtype: Annotated[
         str, typer.Option(help="dtype of the layers left unquantized: auto | bfloat16 | float16 | float32")
-    ] = "auto",
-    device: Device = "cpu",
+    ] = _run("dtype"),
+    device: Device = _run("device"),
     offload: Annotated[
         bool,
         typer.Option(
             help="Keep decoder layers on disk: read one at a time, write each once quantized (models larger than "
             "memory)"
         ),
-    ] = False,
-    eval_dataset: EvalDataset = "builtin",
-    eval_tokens: EvalTokens = 8192,
-    evaluate: Evaluate = True,
-    latency: Latency = True,
-    overwrite: Overwrite = False,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
+    ] = _run("offload"),
+    eval_dataset: EvalDataset = _eval("dataset"),
+    eval_tokens: EvalTokens = _eval("max_tokens"),
+    evaluate: Evaluate = _eval("enabled"),
+    latency: Latency = _eval("latency"),
+    overwrite: Overwrite = _run("overwrite"),
+    trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
+    allow_pickle: AllowPickle = _run("allow_pickle"),
     save_recipe: SaveRecipe = None,
     json: Json = False,
     **options,

@@ -4,6 +4,7 @@ import json
 
 import yaml
 
+from compress.report.schema import SCHEMA_VERSION
 from tests.cli.test_errors import compress
 
 
@@ -33,7 +34,8 @@ def test_quantize_report_run_eval(tiny_model, tmp_path):
     assert saved["stages"][0]["scheme"] == "w8a8" and saved["output"] == str(out)
 
     rep = json.loads(ok(compress("report", out, "--json")).stdout)
-    assert rep["schema_version"] == 2 and rep["stages"][0]["settings"]["activations"] == "dynamic per-token int8"
+    assert rep["schema_version"] == SCHEMA_VERSION
+    assert rep["stages"][0]["settings"]["activations"] == "dynamic per-token int8"
     assert rep["result"]["perplexity"]["tokens"] == 1024 and rep["base"]["perplexity"]["value"] > 1
     assert "perplexity" in ok(compress("report", out)).stdout
 
