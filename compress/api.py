@@ -7,10 +7,12 @@ measure base and result in fresh processes -> gate -> report.json / report.md.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,27 +81,35 @@ class Written:
 
 
 def run(
-    recipe: Recipe, console: Console | None = None, resume: bool = False, dry_run: bool = False
+    recipe: Recipe,
+    console: Console | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    checked: Callable[[], None] | None = None,
 ) -> Report | plan.Plan | None:
     """Run the recipe and return its report (None in the non-main processes of a distributed
     job). resume: go on after the last finished stage of an interrupted run (and inside a
-    distill stage, from its last checkpoint). dry_run: check everything, return the plan."""
-    console = console or Console(stderr=True)
+    distill stage, from its last checkpoint). dry_run: check everything, return the plan.
+    checked: called once every check has passed, before anything heavy runs."""
+    console = console or Console(stderr=True)  # the CLI passes one that neutralises control characters
     inputs = check(recipe, resume, console)
     the_plan = plan.make(recipe, inputs.src, inputs.teachers, Path(recipe.output))
     _check_gates_fit(recipe, the_plan.base.task)
     if dry_run:
         return the_plan
     plan.check(the_plan)
+    if checked:
+        checked()
     main = is_main_process()
     dest = Path(recipe.output)
     with (
-        atomic_dir(dest, recipe.overwrite, stable=inputs.staged, resume=resume)
+        atomic_dir(dest, recipe.overwrite, stable=inputs.staged, resume=resume, needed=the_plan.disk_bytes)
         if main
         else _shared(staging_dir(dest)) as tmp
     ):
         if main:
             _same_recipe(tmp, recipe, resume)
+            _same_inputs(tmp, fingerprints(recipe, inputs), resume)
         written = run_stages(recipe, inputs, tmp, resume, main, console)
         if written is None:
             return None
@@ -119,7 +129,7 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
         for s in recipe.stages
         if isinstance(s, DistillStage)
     ]
-    check_output(dest, recipe.overwrite, [src.path, *(t.path for t in teachers)])
+    check_output(dest, recipe.overwrite, read_by(recipe, src, teachers))
     _check_stages(recipe)
     staged = bool(teachers) or len(recipe.stages) > 1
     if resume and not staged:
@@ -132,6 +142,18 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
     return Inputs(src, teachers, texts, staged)
+
+
+def read_by(recipe: Recipe, src: sources.Source, teachers: list[sources.Source]) -> list[Path]:
+    """The model, the teachers and the local text files the recipe reads."""
+    texts = [s.dataset for s in recipe.stages if s.reads_text] + [recipe.evaluate.dataset]
+    local = [Path(d).expanduser() for d in texts if d != "builtin" and Path(d).expanduser().exists()]
+    return [src.path, *(t.path for t in teachers), *local]
+
+
+def fingerprints(recipe: Recipe, inputs: Inputs) -> dict[str, str]:
+    """What a resumed run must find unchanged: the model, the teachers and the local texts."""
+    return {str(p): sources.fingerprint(p) for p in read_by(recipe, inputs.src, inputs.teachers) if p.exists()}
 
 
 def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bool, console: Console) -> Written | None:
@@ -199,6 +221,7 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
 
     console.print(f"writing {recipe.output} ...")
     shutil.rmtree(tmp / "stages", ignore_errors=True)  # kept for --resume only
+    (tmp / ".inputs.json").unlink(missing_ok=True)
     loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
     if compressor is not None:
         compressor.update_config(str(tmp))  # + quantization_config
@@ -282,6 +305,20 @@ def _same_recipe(tmp: Path, recipe: Recipe, resume: bool) -> None:
             f"--overwrite"
         )
     mark.write_text(recipe.to_yaml())
+
+
+def _same_inputs(tmp: Path, now: dict[str, str], resume: bool) -> None:
+    """A resumed run must read what the interrupted one read."""
+    mark = tmp / ".inputs.json"
+    if resume and mark.is_file():
+        before = json.loads(mark.read_text())
+        changed = sorted(p for p in set(before) | set(now) if before.get(p) != now.get(p))
+        if changed:
+            raise UsageError(
+                f"{changed[0]} changed since the interrupted run (names, sizes or times of its files); "
+                "rerun without --resume (with --overwrite) to start over"
+            )
+    mark.write_text(json.dumps(now))
 
 
 def _check_gates_fit(recipe: Recipe, task: str) -> None:

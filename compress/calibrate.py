@@ -21,6 +21,7 @@ from typing import TypeVar
 import torch
 
 from compress import heap
+from compress.errors import CompressError
 from compress.models.arch import decoder_layers, decoder_prefix
 from compress.models.offload import InMemory, LayerStore
 from compress.primitives.hessian import Hessian
@@ -201,6 +202,10 @@ class InputStats:
             idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.n))[:keep]
             self.samples.append(x[idx].float().cpu())
 
+    def finite(self) -> bool:
+        held = [self.sq_sum, self.absmax] + ([self.hessian.sum] if self.hessian is not None else [])
+        return all(bool(torch.isfinite(t).all()) for t in held)
+
     def mean_square(self) -> torch.Tensor:
         """[I] E[x^2] per input feature."""
         if self.hessian is not None:
@@ -315,6 +320,12 @@ def calibrate_linears(
         finally:
             for h in hooks:
                 h.remove()
+        for name, st in stats.items():
+            if not st.finite():
+                raise CompressError(
+                    f"{prefix}.{i}.{name}: its inputs on the calibration text hold non-finite values (NaN or "
+                    "infinity); the layers before it overflow in this dtype (try --dtype float32)"
+                )
         refs[i] = (ref, baseline(module, targets, head(inputs, len(ref)), ref) if baseline else None)
         if prepare:
             prepare(Layer(i, module, targets, stats))

@@ -144,7 +144,10 @@ def facts(src: Source, dtype: str) -> Facts:
 def _gguf_facts(path: Path, dtype: str) -> Facts:
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, struct or memmap errors on a bad file
+        raise UsageError(f"{path}: not a readable GGUF file ({str(exc).strip()[:200] or type(exc).__name__})") from None
     counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
     widths: set[int] = set()
     for t in reader.tensors:

@@ -359,7 +359,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 raise UsageError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
             if last:
-                node[idx] = yaml.safe_load(raw)
+                try:
+                    node[idx] = yaml.safe_load(raw)
+                except yaml.YAMLError as exc:
+                    problem = getattr(exc, "problem", exc)
+                    raise UsageError(f"--set {key}: the value is not valid YAML ({problem})") from None
             else:
                 if isinstance(node, dict) and idx not in node:
                     node[idx] = {}
@@ -408,7 +412,12 @@ def validate(data: Any, source: str = "recipe", yaml_text: str | None = None) ->
 def load(path: Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UsageError(f"recipe not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file (a recipe is YAML)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the recipe ({exc.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

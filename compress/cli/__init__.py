@@ -4,6 +4,7 @@ and turns every error into one line and an exit code (2: bad input, 1: failure, 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # Before any library import: tqdm and transformers read these when they load.
@@ -16,7 +17,7 @@ import typer  # noqa: E402
 
 from compress import heap
 from compress.cli import bench, distill, eval as eval_cmd, export, prune, quantize, report, run  # noqa: E402
-from compress.errors import CompressError
+from compress.errors import CompressError, Terminated, printable
 
 app = typer.Typer(
     name="compress",
@@ -54,9 +55,20 @@ def _quiet_libraries() -> None:
     logger.add(sys.stderr, level="ERROR")
 
 
+_terminated: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    # Unwinds like Ctrl-C: partial outputs and temporary directories are removed on the way out,
+    # and a measurement worker is killed by subprocess.run. (click turns it into an Abort.)
+    _terminated.append(signum)
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     heap.single_arena()
+    signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="compress", standalone_mode=False)
@@ -65,19 +77,24 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:  # bad flags or arguments
         print(f"error: {exc.format_message()}", file=sys.stderr)
         code = 2
+    except Terminated:
+        code = 143
     except (typer.Abort, KeyboardInterrupt):
         code = 130
     except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc), newlines=False)}", file=sys.stderr)
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("COMPRESS_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = printable(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
         print(
             f"error: unexpected {type(exc).__name__}: {msg} (set COMPRESS_DEBUG=1 for the traceback)", file=sys.stderr
         )
         code = 1
-    if code == 130:
-        print("error: interrupted; no output was written", file=sys.stderr)
+    if _terminated and code in (1, 130):
+        code = 143
+    if code in (130, 143):
+        what = "interrupted" if code == 130 else "terminated (SIGTERM)"
+        print(f"error: {what}; no output was written", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

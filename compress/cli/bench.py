@@ -12,7 +12,6 @@ from rich.table import Table
 
 from compress.cli.common import Json, err, out
 from compress.errors import UsageError
-from compress.eval import bench as benching
 from compress.models import load as loading
 
 
@@ -39,6 +38,9 @@ def bench(
     json: Json = False,
 ) -> None:
     """Measure prefill tokens/s, decode tokens/s, time to first token and memory."""
+    # onnx and onnxruntime take about a second to import: only the commands that use them load them.
+    from compress.eval import bench as benching
+
     try:
         batches = [int(b) for b in batch.split(",")]
     except ValueError:
@@ -48,6 +50,13 @@ def bench(
     loading.check_device(device)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    for spec in filter(None, (model, baseline)):
+        limit = benching.context_length(spec)
+        if limit is not None and prompt_len + new_tokens > limit:
+            raise UsageError(
+                f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = {prompt_len + new_tokens} positions; "
+                f"{spec} takes at most {limit}"
+            )
     n_ctx = prompt_len + new_tokens + 8
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         subjects = []

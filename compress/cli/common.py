@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -10,16 +11,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from rich.console import Console
 
 from compress import api, plan
-from compress.errors import GateFailed, UsageError
+from compress.errors import CompressError, GateFailed, UsageError, printable
+from compress.formats.atomic import check_not_input
+from compress.models import source as sources
 from compress.recipe import EvalSpec, GroupSize, Recipe, validate
 from compress.report import render
 
-err = Console(stderr=True)
-out = Console()
+
+class SafeConsole(Console):
+    """Prints text with its control characters neutralised (paths, model names and notes come
+    from files the user may not have written)."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+err = SafeConsole(stderr=True)
+out = SafeConsole()
 
 # Options every model-changing command takes (Typer reads them from these annotations).
 Model = Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")]
@@ -88,6 +101,11 @@ def method_options(*tables: dict) -> Callable:
     return decorate
 
 
+def default(model: type[BaseModel], field: str) -> Any:
+    """A command option's default: the recipe field's own, so each default is written once."""
+    return model.model_fields[field].default
+
+
 def given(options: dict[str, Any]) -> dict[str, Any]:
     """The method options given on the command line (None: not given)."""
     return {k: v for k, v in options.items() if v is not None}
@@ -143,15 +161,41 @@ def parse_group_size(value: str | None) -> GroupSize | None:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(recipe.to_yaml() if recipe.output is None else recipe.to_yaml() + f"output: {recipe.output}\n")
+    """Write the recipe to `path` (checked by `check_save_path`), whole or not at all."""
+    text = recipe.to_yaml() if recipe.output is None else recipe.to_yaml() + f"output: {recipe.output}\n"
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CompressError(f"cannot write the recipe to {path}: {exc.strerror or exc}") from None
     err.print(f"recipe written to {path}")
+
+
+def check_save_path(recipe: Recipe, path: Path) -> None:
+    """--save-recipe gets the output's protections: no existing file unless --overwrite, never
+    a file or folder the run reads, never inside the output (which --overwrite replaces)."""
+    if path.is_dir():
+        raise UsageError(f"--save-recipe {path} is a directory; give a file name")
+    if path.exists() and not recipe.overwrite:
+        raise UsageError(f"--save-recipe {path} already exists; pass --overwrite to replace it")
+    src = sources.resolve(recipe.model, recipe.allow_pickle)
+    teachers = [sources.resolve(s.teacher, recipe.allow_pickle) for s in recipe.stages if getattr(s, "teacher", None)]
+    check_not_input(path, api.read_by(recipe, src, teachers), "--save-recipe")
+    if recipe.output:
+        out = Path(recipe.output).resolve()
+        if path.resolve() == out or out in path.resolve().parents:
+            raise UsageError(f"--save-recipe {path} is inside the output {recipe.output}; write it elsewhere")
 
 
 def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = False, dry_run: bool = False) -> None:
     """Run the recipe and print its report; exit 1 when a gate fails (the output is written)."""
+    checked = None
     if save_to is not None and api.is_main_process():
-        save_recipe(recipe, save_to)
-    report = api.run(recipe, err, resume=resume, dry_run=dry_run)
+        check_save_path(recipe, save_to)
+        checked = lambda: save_recipe(recipe, save_to)  # noqa: E731 - once every check has passed
+    report = api.run(recipe, err, resume=resume, dry_run=dry_run, checked=checked)
     if report is None:  # a non-main process of a distributed job: the main one reports
         return
     if dry_run:

@@ -31,7 +31,9 @@ def run(
 ) -> None:
     """Run the stages of a recipe and write one report; exit 1 when a gate fails."""
     r = recipes.load(recipe, set_ or [])
-    updates = {"overwrite": overwrite or r.overwrite}
+    if r.overwrite:
+        raise UsageError(f"{recipe}: `overwrite` is not read from a recipe (recipes are shared); pass --overwrite")
+    updates = {"overwrite": overwrite}
     if output is not None:
         updates["output"] = str(output)
     r = r.model_copy(update=updates)

@@ -122,6 +122,35 @@ def open_llama_cpp(spec: str, threads: int, n_ctx: int) -> tuple[loop.Decoder, s
     return LlamaCppDecoder(gguf, threads, n_ctx), "gguf", tok
 
 
+def context_length(spec: str) -> int | None:
+    """Positions the model can take (config.json's, or the GGUF's context length); None when unknown."""
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(path)
+            arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+            field = reader.fields.get(f"{arch}.context_length")
+            return int(field.parts[field.data[0]][0]) if field else None
+        except Exception:  # noqa: BLE001 - an unreadable file is reported when it is opened
+            return None
+    if not path.is_dir():
+        try:
+            path = sources.resolve(spec).path
+        except UsageError:
+            return None
+        if path.suffix == ".gguf":
+            return context_length(str(path))
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text())
+    cfg = cfg.get("text_config", cfg)
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_sequence_length")
+    return int(limit) if isinstance(limit, int) else None
+
+
 def open_subject(
     role: str, spec: str, runtime: str, threads: int, device: str, workdir: Path, accuracy_level: int | None, n_ctx: int
 ) -> Subject:

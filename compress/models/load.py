@@ -94,7 +94,7 @@ def materialize_gguf(gguf: Path, dtype: str) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
-        raise CompressError(f"cannot read {gguf} as a GGUF model: {_first_line(exc)}") from None
+        raise UsageError(f"cannot read {gguf} as a GGUF model: {_first_line(exc)}") from None
     # The GGUF loader marks the model as GGUF-quantized; the de-quantized copy is plain.
     model.hf_quantizer = None
     model.config.quantization_config = None
@@ -170,15 +170,19 @@ def load(
         if offload:
             model = empty_model(cls, config, resolve_dtype(dtype, config), trust_remote_code)
             layers = OnDisk(model, ckpt, resolve_dtype(dtype, config))
+            check_coverage(source.spec, {"missing_keys": layers.missing(model)})
             layers.load_outside_layers(model)
             return Loaded(model.eval(), tokenizer, task, ckpt, layers)  # moved to the device part by part
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             ckpt,
             dtype=resolve_dtype(dtype, config),
             use_safetensors=not allow_pickle,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, by name
             **extra,
         )
+        check_coverage(source.spec, info)
         if grids:  # a plain model from here on; saving quantizes it again
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -186,8 +190,30 @@ def load(
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()
+    check_finite(source.spec, model)
     heap.own_weights([*model.parameters(), *model.buffers()])
     return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids and Quantized(*grids))
+
+
+def check_coverage(spec: str, info: dict) -> None:
+    """Refuse weights that do not cover the config (transformers would fill the gaps with
+    random values): a missing tensor, fewer layers than the config says, a shape that differs."""
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        names = ", ".join(missing[:3])
+        raise UsageError(f"{spec}: the weights lack {len(missing)} tensors the config needs: {names}{more}")
+    if mismatched:
+        name, *shapes = mismatched[0]
+        shown = " vs the config's ".join(str(tuple(s)) for s in shapes)
+        raise UsageError(f"{spec}: {name} has shape {shown} ({len(mismatched)} tensors disagree with the config)")
+
+
+def check_finite(spec: str, model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or infinity: every result computed from them would be garbage."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise UsageError(f"{spec}: {name} holds non-finite values (NaN or infinity)")
 
 
 def copy_sidecars(src: Path, dest: Path) -> None:

@@ -69,6 +69,8 @@ class Checkpoint:
                 for n in names:
                     if self.files[n] == f:
                         t = h.get_tensor(n)
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            raise UsageError(f"{n} holds non-finite values (NaN or infinity) in {f.name}")
                         out[n] = t.to(dtype) if t.is_floating_point() else t
         return out
 
@@ -83,6 +85,10 @@ class OnDisk:
         self.out_dir: Path | None = None  # set once the output directory exists
         self.written: dict[str, str] = {}  # tensor -> shard file
         self.nbytes = 0
+
+    def missing(self, model: torch.nn.Module) -> list[str]:
+        """Parameters of the model the checkpoint does not hold (checked before anything runs)."""
+        return [n for n, _ in model.named_parameters() if n not in self.ckpt.files]
 
     def load_outside_layers(self, model: torch.nn.Module) -> None:
         names = [k for k in model.state_dict() if not k.startswith(self.prefix + ".") and k in self.ckpt.files]

@@ -13,7 +13,7 @@ from rich.console import Console
 from compress import calibrate, heap
 from compress.calibrate import LayerInputs
 from compress.data import calibration
-from compress.errors import UsageError
+from compress.errors import CompressError, UsageError
 from compress.formats import compressed_tensors as ct_format
 from compress.models import arch
 from compress.models.load import Loaded
@@ -124,6 +124,7 @@ def quantize_together(
     dtype = lins[0].weight.dtype
     w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
     q, scale, zp = method.quantize(w, stats)
+    check_scales(scale, lins)
     out, row = [], 0
     for lin in lins:
         rows = slice(row, row + lin.out_features)
@@ -132,6 +133,14 @@ def quantize_together(
         out.append(QuantizedWeight(q[rows].cpu(), scale[rows].cpu(), zp[rows].cpu()))
     heap.trim()  # the temporaries' pages go back before the next group's are taken
     return out
+
+
+def check_scales(scale: torch.Tensor, lins: list[torch.nn.Linear], name: str | None = None) -> None:
+    """Scales must be finite and positive, or the checkpoint de-quantizes to garbage."""
+    s = scale.float()
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        what = name or f"{len(lins)} linear(s) of shape {tuple(lins[0].weight.shape)}"
+        raise CompressError(f"{what}: the method produced non-finite or non-positive scales; nothing was written")
 
 
 def rtn_error(
@@ -159,6 +168,7 @@ def _without_data(model, layers: dict[str, torch.nn.Linear], method: QuantMethod
         for name in names:
             lin = model.get_submodule(name)
             q, scale, zp = method.quantize(lin.weight, None)
+            check_scales(scale, [lin], name)
             sink({name: QuantizedWeight(q, scale, zp)})
             heap.trim()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from compress.errors import printable
 from compress.report import plots
 from compress.report.schema import Measurement, Report
 
@@ -255,7 +256,18 @@ def gates_section(report: Report) -> list[str]:
     ]
 
 
+def _clean(value):
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
 def show(report: Report, console: Console) -> None:
+    report = Report.model_validate(_clean(report.model_dump()))  # names and notes come from files
     console.print(table(report))
     for line in _details(report):
         console.print(line, markup=False, highlight=False)

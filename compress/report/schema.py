@@ -6,11 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 2  # 2: distill training, gates, run peak memory, plan estimates
+SCHEMA_VERSION = 3  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A NaN perplexity (a broken model) is written as "NaN" and read back, not turned into null.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
 
 class Perplexity(Frozen):
