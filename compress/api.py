@@ -95,6 +95,7 @@ def run(
     inputs = check(recipe, resume, console)
     the_plan = plan.make(recipe, inputs.src, inputs.teachers, Path(recipe.output))
     _check_gates_fit(recipe, the_plan.base.task)
+    _check_lengths(recipe, the_plan.base)
     if dry_run:
         return the_plan
     plan.check(the_plan)
@@ -319,6 +320,23 @@ def _same_inputs(tmp: Path, now: dict[str, str], resume: bool) -> None:
                 "rerun without --resume (with --overwrite) to start over"
             )
     mark.write_text(json.dumps(now))
+
+
+def _check_lengths(recipe: Recipe, base: plan.Facts) -> None:
+    """The latency prompt and its new tokens must fit the model's positions (else the measurement
+    would fail after all the work)."""
+    spec, limit = recipe.evaluate, base.positions
+    if (
+        spec.enabled
+        and spec.latency
+        and base.task == "causal-lm"
+        and limit
+        and spec.prompt_len + spec.new_tokens > limit
+    ):
+        raise UsageError(
+            f"evaluate.prompt_len {spec.prompt_len} + evaluate.new_tokens {spec.new_tokens} = "
+            f"{spec.prompt_len + spec.new_tokens} positions; the model takes at most {limit}"
+        )
 
 
 def _check_gates_fit(recipe: Recipe, task: str) -> None:

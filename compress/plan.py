@@ -46,6 +46,7 @@ class Facts:
     dtype_bytes: int
     linear_bits: float = 0.0  # stored bits per linear weight (0: the dtype's)
     widths: tuple[int, ...] = ()  # input widths of the decoder-layer linears (group sizes must divide them)
+    positions: int | None = None  # tokens the model can attend over (max_position_embeddings)
 
     @property
     def params(self) -> int:
@@ -137,6 +138,7 @@ def facts(src: Source, dtype: str) -> Facts:
         vocab=cfg.get("vocab_size") or 1,
         dtype_bytes=d,
         widths=tuple(sorted(widths)),
+        positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"),
         **counts,
     )
 

@@ -126,14 +126,18 @@ def test_report_rederives_gate_verdicts_and_reads_nan(tiny_model, tmp_path):
         (["quantize", "TRUNCATED", "-o", "OUT"], "GGUF"),
         (["bench", "MODEL", "--prompt-len", "4000", "--new-tokens", "200"], "positions"),
         (["bench", "MODEL", "--batch", "0"], "at least 1"),
+        (["run", "LONG", "-o", "OUT"], "positions; the model takes at most 2048"),
     ],
-    ids=["set-yaml", "binary-recipe", "truncated-gguf", "prompt-too-long", "batch-0"],
+    ids=["set-yaml", "binary-recipe", "truncated-gguf", "prompt-too-long", "batch-0", "eval-prompt-too-long"],
 )
 def test_bad_input_exits_2(tiny_model, tmp_path, args, needle):
     from compress.models.source import resolve
 
     src = tiny_model("llama")
     (tmp_path / "r.yaml").write_text(f"model: {src}\nstages:\n  - {{stage: quantize, scheme: w8a16}}\n")
+    (tmp_path / "long.yaml").write_text(
+        f"model: {src}\nstages:\n  - {{stage: quantize, scheme: w8a16}}\nevaluate: {{prompt_len: 4000}}\n"
+    )
     (tmp_path / "bin.yaml").write_bytes(bytes(range(256)) * 4)
     gguf = resolve("smollm2-135m").path
     (tmp_path / "cut.gguf").write_bytes(gguf.read_bytes()[: 1 << 20])
@@ -142,6 +146,7 @@ def test_bad_input_exits_2(tiny_model, tmp_path, args, needle):
         "BINARY": tmp_path / "bin.yaml",
         "TRUNCATED": tmp_path / "cut.gguf",
         "OUT": tmp_path / "out",
+        "LONG": tmp_path / "long.yaml",
         "MODEL": src,
     }
     line = assert_one_line_error(compress(*[subst.get(a, a) for a in args]), 2)

@@ -88,6 +88,7 @@ class OnDisk:
 
     def missing(self, model: torch.nn.Module) -> list[str]:
         """Parameters of the model the checkpoint does not hold (checked before anything runs)."""
+        model.tie_weights()  # a tied output layer shares the embedding's tensor
         return [n for n, _ in model.named_parameters() if n not in self.ckpt.files]
 
     def load_outside_layers(self, model: torch.nn.Module) -> None:
