@@ -92,7 +92,9 @@ def test_prune_command_2_4_sparse_storage_reads_back(tiny_model, tmp_path):
     # compress reads it back: eval (same perplexity as the report) and quantize (zeros kept)
     ev = json.loads(compress("eval", out, "--eval-tokens", "512", "--json").stdout)
     assert "2:4 sparsity unused" in ev["result"]["latency"]["kernel"]  # CPU: the report's latency says so
-    assert ev["result"]["perplexity"]["value"] == pytest.approx(rep["result"]["perplexity"]["value"], rel=1e-6)
+    # Same weights, two processes: a random tiny model's perplexity (~5e4) magnifies float noise in the matmuls
+    # (measured 1.5e-5 apart once on a loaded machine); a wrong read-back is off by far more.
+    assert ev["result"]["perplexity"]["value"] == pytest.approx(rep["result"]["perplexity"]["value"], rel=1e-4)
     assert (
         ev["result"]["bytes_on_disk"] == rep["result"]["bytes_on_disk"]
         and ev["result"]["bits_per_weight"] == rep["result"]["bits_per_weight"]
