@@ -19,7 +19,7 @@ from compress.formats import sparse
 from compress.formats.compressed_tensors import read_grids
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
-from compress.primitives.qparams import GridParams
+from compress.primitives.qparams import GridParams, all_finite
 
 log = logging.getLogger("compress")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -212,7 +212,7 @@ def check_coverage(spec: str, info: dict) -> None:
 def check_finite(spec: str, model: torch.nn.Module) -> None:
     """Refuse weights holding NaN or infinity: every result computed from them would be garbage."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        if p.is_floating_point() and not all_finite(p):
             raise UsageError(f"{spec}: {name} holds non-finite values (NaN or infinity)")
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from compress.errors import UsageError
 from compress.models.arch import decoder_layers
+from compress.primitives.qparams import all_finite
 
 INDEX = "model.safetensors.index.json"
 
@@ -69,7 +70,7 @@ class Checkpoint:
                 for n in names:
                     if self.files[n] == f:
                         t = h.get_tensor(n)
-                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        if t.is_floating_point() and not all_finite(t):
                             raise UsageError(f"{n} holds non-finite values (NaN or infinity) in {f.name}")
                         out[n] = t.to(dtype) if t.is_floating_point() else t
         return out

@@ -51,6 +51,12 @@ class QuantizedWeight:
     zero_point: torch.Tensor  # [O, G] int8
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in `t`, checked in chunks (no temporary the size of the tensor)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(c).all()) for c in flat.split(chunk))
+
+
 def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """[O, I] -> [O, G, g] view (G = I/g groups; per channel: G = 1, g = I)."""
     out_f, in_f = w.shape

@@ -106,6 +106,7 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
     )
 
 
+@torch.no_grad()
 def prune_linears(
     model: torch.nn.Module,
     targets: dict[str, torch.nn.Linear],

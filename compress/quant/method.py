@@ -46,6 +46,7 @@ class QuantMethod(Method):
         raise NotImplementedError
 
 
+@torch.no_grad()
 def round_weights(w: torch.Tensor, target: Target, importance: torch.Tensor | None = None) -> Quantized:
     """Round to nearest on each group's range: min/max, or searched for the least squared error,
     weighted per input column by `importance` (E[x^2]) when given."""

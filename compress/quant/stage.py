@@ -160,6 +160,7 @@ def rtn_error(
     return err
 
 
+@torch.no_grad()  # weights are Parameters: without it every step would build an autograd graph (5x the memory)
 def _without_data(model, layers: dict[str, torch.nn.Linear], method: QuantMethod, sink, store: LayerStore) -> None:
     """A method without data, one decoder layer at a time (loaded and released through `store`),
     then the quantized linears outside the decoder layers, if any."""
