@@ -182,7 +182,7 @@ def check_save_path(recipe: Recipe, path: Path) -> None:
         raise UsageError(f"--save-recipe {path} already exists; pass --overwrite to replace it")
     src = sources.resolve(recipe.model, recipe.allow_pickle)
     teachers = [sources.resolve(s.teacher, recipe.allow_pickle) for s in recipe.stages if getattr(s, "teacher", None)]
-    check_not_input(path, api.read_by(recipe, src, teachers), "--save-recipe")
+    check_not_input([(path, "--save-recipe")], api.read_by(recipe, src, teachers))
     if recipe.output:
         out = Path(recipe.output).resolve()
         if path.resolve() == out or out in path.resolve().parents:

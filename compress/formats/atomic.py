@@ -33,20 +33,21 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_not_input(path: Path, inputs: list[Path], what: str) -> None:
-    """Refuse a path to be written or deleted that equals, contains or sits inside anything the
-    inputs read."""
-    target = path.resolve()
-    hit = next((r for r in read_paths(inputs) if _overlaps(target, r)), None)
-    if hit is not None:
-        raise UsageError(f"{what} {path} overlaps {hit}, which the input reads; choose another path")
+def check_not_input(targets: list[tuple[Path, str]], inputs: list[Path]) -> None:
+    """Refuse paths to be written or deleted (each with what it is, for the message) that equal,
+    contain or sit inside anything the inputs read. The inputs are walked once."""
+    read = read_paths(inputs)
+    for path, what in targets:
+        target = path.resolve()
+        hit = next((r for r in read if _overlaps(target, r)), None)
+        if hit is not None:
+            raise UsageError(f"{what} {path} overlaps {hit}, which the input reads; choose another path")
 
 
 def check_output(dest: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse an existing OUT (unless overwrite) or an OUT, staging or temporary directory that
     would touch anything an input reads."""
-    for path, what in ((dest, "output"), (staging_dir(dest), "the staging directory")):
-        check_not_input(path, inputs, what)
+    check_not_input([(dest, "output"), (staging_dir(dest), "the staging directory")], inputs)
     if dest.is_symlink():
         raise UsageError(f"output {dest} is a symbolic link; give the real directory")
     if dest.exists() and not overwrite:
