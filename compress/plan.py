@@ -17,6 +17,7 @@ import psutil
 
 from compress.errors import UsageError
 from compress.eval.size import headers
+from compress.formats.gguf_meta import arch_int
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.quant import schemes
@@ -154,11 +155,9 @@ def _gguf_facts(path: Path, dtype: str) -> Facts:
     widths: set[int] = set()
     for t in reader.tensors:
         _classify(t.name, [int(s) for s in t.shape], counts, widths)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
 
     def meta(key: str) -> int:
-        f = reader.fields.get(f"{arch}.{key}")
-        return int(f.parts[f.data[0]][0]) if f else 0
+        return arch_int(reader, key) or 0
 
     hidden = meta("embedding_length")
     return Facts(

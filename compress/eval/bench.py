@@ -17,6 +17,7 @@ from compress.errors import UsageError
 from compress.eval.latency import cpu_name, kernel_name, with_sparse24
 from compress.export import onnx_decoder, onnx_export
 from compress.export.onnx_export import MODEL_FILE
+from compress.formats.gguf_meta import arch_int
 from compress.formats.stored import activation_kind, quantization_config, read
 from compress.models import load as loading, source as sources
 from compress.runtime import loop, ort
@@ -129,10 +130,7 @@ def context_length(spec: str) -> int | None:
         from gguf import GGUFReader
 
         try:
-            reader = GGUFReader(path)
-            arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-            field = reader.fields.get(f"{arch}.context_length")
-            return int(field.parts[field.data[0]][0]) if field else None
+            return arch_int(GGUFReader(path), "context_length")
         except Exception:  # noqa: BLE001 - an unreadable file is reported when it is opened
             return None
     if not path.is_dir():
