@@ -7,6 +7,7 @@ measure base and result in fresh processes -> gate -> report.json / report.md.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from compress import plan, stages
 from compress.data import text as textdata
 from compress.distill import stage as distill_stage
 from compress.errors import UsageError
-from compress.eval import size
+from compress.eval import size, tasks
 from compress.eval.latency import cpu_name
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS, peak_rss
@@ -39,7 +40,7 @@ from compress.models.offload import OnDisk
 from compress.prune import stage as prune_stage
 from compress.quant import stage as quant_stage
 from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
-from compress.report import gates, render
+from compress.report import gates, html_report
 from compress.report.schema import Measurement, Report
 
 
@@ -115,7 +116,7 @@ def run(
         if written is None:
             return None
         report = measure_and_report(recipe, inputs, written, the_plan, tmp, dest, console)
-        render.write(report, tmp)
+        html_report.write(report, tmp)
     return report
 
 
@@ -142,6 +143,8 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
+    if spec.enabled:
+        tasks.check(spec.tasks)
     return Inputs(src, teachers, texts, staged)
 
 
@@ -244,32 +247,21 @@ def measure_and_report(
 ) -> Report:
     """Measure base and result (each reloaded in a fresh process), check the gates."""
     run_peak = peak_rss()
-    spec, base = recipe.evaluate, None
+    spec, base, speed = recipe.evaluate, None, None
     if spec.enabled:
         with tempfile.TemporaryDirectory(prefix="compress-emb-") as emb:
             base_emb = Path(emb) / "base.pt"
+            one = functools.partial(
+                measure, task=written.task, texts=inputs.texts, layers=written.layers, device=recipe.device,
+                trust_remote_code=recipe.trust_remote_code,
+            )  # fmt: skip
             console.print("measuring the base model ...")
-            base = measure(
-                written.base,
-                written.task,
-                spec,
-                inputs.texts,
-                written.layers,
-                recipe.device,
-                recipe.trust_remote_code,
-                keep_embeddings=base_emb,
-            )
+            untimed = spec.model_copy(update={"latency": False})  # timed below, beside the result
+            base = one(written.base, spec=untimed, keep_embeddings=base_emb, reuse=spec.reuse_base).measurement
             console.print("measuring the result, reloaded by plain transformers ...")
-            result = measure(
-                tmp,
-                written.task,
-                spec,
-                inputs.texts,
-                written.layers,
-                recipe.device,
-                recipe.trust_remote_code,
-                base_embeddings=base_emb,
-            )
+            got = one(tmp, spec=spec, base_embeddings=base_emb, timed_with=written.base if spec.latency else None)
+            result, speed = got.measurement, got.speed
+            base.latency = got.base_latency
     else:
         result = _size_only(tmp, written.layers)
     result.path = str(dest)
@@ -285,6 +277,7 @@ def measure_and_report(
         environment=environment(),
         notes=_notes(inputs.src, recipe),
         run_peak_rss_bytes=run_peak,
+        speed=speed,
         estimate={
             "peak_rss_bytes": the_plan.peak_bytes,
             "bytes_on_disk": the_plan.output_bytes,
@@ -347,6 +340,8 @@ def _check_gates_fit(recipe: Recipe, task: str) -> None:
         raise UsageError(
             "gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model"
         )
+    if task == "encoder" and recipe.evaluate.enabled and recipe.evaluate.tasks:
+        raise UsageError("evaluate.tasks: lm-eval tasks score causal language models; this model is an encoder")
 
 
 class _shared:

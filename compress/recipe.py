@@ -235,6 +235,12 @@ class EvalSpec(Strict):
     latency: bool = True
     prompt_len: int = Field(128, ge=1)
     new_tokens: int = Field(32, ge=1)
+    latency_rounds: int = Field(5, ge=3)  # interleaved with the base's; the ratio is their median
+    tasks: list[str] = []  # lm-eval tasks (compress[eval]), e.g. [everyday_facts] (shipped) or [hellaswag]
+    task_limit: int | None = Field(None, ge=1)  # questions per task (None: all)
+    # Read back the base's untimed measurement from an earlier run of the same weights, text,
+    # settings, libraries and threads (~/.cache/compress/measurements) instead of measuring again.
+    reuse_base: bool = True
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -262,6 +268,7 @@ class Gates(Strict):
     max_size_ratio: float | None = Field(None, gt=0)  # bytes on disk, result / base
     min_speedup: float | None = Field(None, gt=0)  # decode tokens/s (prefill for encoders), result / base
     max_peak_memory: int | None = None  # bytes (or "2GiB"): peak memory of the result loaded and evaluated
+    max_task_drop: float | None = Field(None, ge=0)  # accuracy points (0-100) lost on the worst evaluate.tasks task
 
     @field_validator("max_peak_memory", mode="before")
     @classmethod
@@ -333,6 +340,8 @@ class Recipe(Strict):
             raise ValueError("gates need measurements: set evaluate.enabled: true")
         if g.min_speedup is not None and not ev.latency:
             raise ValueError("gates.min_speedup needs evaluate.latency: true")
+        if g.max_task_drop is not None and not ev.tasks:
+            raise ValueError("gates.max_task_drop needs evaluate.tasks (e.g. [everyday_facts])")
         return self
 
     def to_yaml(self) -> str:

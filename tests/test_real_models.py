@@ -48,6 +48,7 @@ def test_smollm2_quality_and_size(smol_runs, scheme):
     assert result["bytes_on_disk"] / base["bytes_on_disk"] <= max_size
     assert result["bytes_on_disk"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert (out / "report.md").read_text().count("perplexity") >= 1
+    assert (out / "report.html").read_text().count('<img src="data:image/png;base64,') >= 1
     assert json.loads((out / "report.json").read_text())["schema_version"] == SCHEMA_VERSION
 
 
@@ -61,6 +62,11 @@ def test_w4a16_report_names_its_protocols(smol_runs):
     assert lat["prefill_tokens_per_s"] > 0 and lat["decode_tokens_per_s"] > 0
     assert lat["batch"] == 1 and "cpu" in lat["device"] and "matmul" in lat["kernel"]
     assert r["peak_rss_bytes"] > r["weights_in_memory_bytes"] > 0
+    # base and result timed in one process, rounds interleaved: the ratio lies within its own rounds
+    sp, rounds = report["speed"], report["recipe"]["evaluate"]["latency_rounds"]
+    assert sp["rounds"] == rounds == lat["rounds"] == report["base"]["latency"]["rounds"]
+    assert sp["decode_range"][0] <= sp["decode"] <= sp["decode_range"][1]
+    assert lat["decode_range"][0] <= lat["decode_tokens_per_s"] <= lat["decode_range"][1]
 
 
 FRESH = textwrap.dedent("""

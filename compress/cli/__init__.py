@@ -65,13 +65,13 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog_name: str = "compress") -> None:
     _quiet_libraries()
     heap.single_arena()
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="compress", standalone_mode=False)
+        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except typer.Exit as exc:  # typer turns Ctrl-C into Exit(130)
         code = exc.exit_code
     except typer.TyperException as exc:  # bad flags or arguments

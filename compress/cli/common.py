@@ -50,6 +50,13 @@ EvalDataset = Annotated[
 EvalTokens = Annotated[int, typer.Option(help="Tokens scored for perplexity")]
 Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")]
+Tasks = Annotated[
+    str,
+    typer.Option(
+        help="lm-eval tasks scored on base and result, comma-separated: everyday_facts (shipped) or lm-eval's own "
+        "(needs compress[eval])"
+    ),
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output directory")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Run Python code shipped with the model (unsafe)")]
 AllowPickle = Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")]
@@ -130,6 +137,7 @@ def one_stage(
     text_column: str,
     eval_tokens: int,
     latency: bool,
+    tasks: str = "",
     offload: bool = False,
 ) -> Recipe:
     """The recipe a single command stands for."""
@@ -145,11 +153,21 @@ def one_stage(
             "allow_pickle": allow_pickle,
             "stages": [stage],
             "evaluate": EvalSpec(
-                enabled=evaluate, dataset=eval_dataset, text_column=text_column, max_tokens=eval_tokens, latency=latency
+                enabled=evaluate,
+                dataset=eval_dataset,
+                text_column=text_column,
+                max_tokens=eval_tokens,
+                latency=latency,
+                tasks=task_list(tasks),
             ).model_dump(),
         },
         "options",
     )
+
+
+def task_list(value: str) -> list[str]:
+    """--tasks a,b -> ["a", "b"]."""
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 def parse_group_size(value: str | None) -> GroupSize | None:
@@ -205,7 +223,7 @@ def execute(recipe: Recipe, save_to: Path | None, as_json: bool, resume: bool = 
         typer.echo(report.model_dump_json(indent=2))
     else:
         render.show(report, out)
-        out.print(f"checkpoint, report.json and report.md written to {recipe.output}")
+        out.print(f"checkpoint and report (report.json, report.md, report.html) written to {recipe.output}")
     if report.passed is False:
         failed = [g for g in report.gates if not g.passed]
         raise GateFailed(

@@ -18,6 +18,7 @@ from compress.cli.common import (
     Output,
     Overwrite,
     SaveRecipe,
+    Tasks,
     TextColumn,
     TrustRemoteCode,
     default,
@@ -104,6 +105,7 @@ def distill(
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
+    tasks: Tasks = "",
     overwrite: Overwrite = _run("overwrite"),
     trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
     allow_pickle: AllowPickle = _run("allow_pickle"),
@@ -151,5 +153,6 @@ def distill(
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,
+        tasks=tasks,
     )
     execute(recipe, save_recipe, json, resume=resume)

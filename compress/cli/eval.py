@@ -12,10 +12,12 @@ import typer
 
 import compress
 from compress import api
-from compress.cli.common import err, out
+from compress.cli.common import Tasks, err, out, task_list
 from compress.data import text as textdata
+from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
+from compress.eval.tasks import check as check_tasks
 from compress.formats import sparse
 from compress.models import load as loading, source as sources
 from compress.recipe import EvalSpec
@@ -41,27 +43,47 @@ def evaluate(
     eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = 512,
     latency: Annotated[bool, typer.Option("--latency/--no-latency")] = True,
+    tasks: Tasks = "",
+    reuse_base: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-base/--measure-base",
+            help="Read back the baseline's measurement from an earlier run of the same weights, text and settings",
+        ),
+    ] = True,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     allow_pickle: Annotated[bool, typer.Option(help="Load pickled .bin weights (unsafe)")] = False,
     json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
 ) -> None:
     """Measure size, quality, speed and memory of a checkpoint, optionally against a baseline."""
     loading.check_device(device)
-    spec = EvalSpec(dataset=dataset, max_tokens=eval_tokens, seq_len=seq_len, latency=latency)
+    spec = EvalSpec(dataset=dataset, max_tokens=eval_tokens, seq_len=seq_len, latency=latency, tasks=task_list(tasks))
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
+    if spec.tasks and task != "causal-lm":
+        raise UsageError("--tasks: lm-eval tasks score causal language models; this model is an encoder")
+    check_tasks(spec.tasks)
     layers = sorted(
         {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}
     )
-    base = None
+    base, speed = None, None
     with tempfile.TemporaryDirectory(prefix="compress-emb-") as tmp:
         emb = Path(tmp) / "base.pt"
         if base_path is not None:
             err.print(f"measuring {baseline} ...")
-            base = measure(base_path, task, spec, texts, layers, device, keep_embeddings=emb)
-        err.print(f"measuring {model} ...")
-        result = measure(path, task, spec, texts, layers, device, base_embeddings=emb if base else None)
+            untimed = spec.model_copy(update={"latency": False})  # timed below, beside the model
+            base = measure(
+                base_path, task, untimed, texts, layers, device, keep_embeddings=emb, reuse=reuse_base
+            ).measurement
+        err.print(f"measuring {model} ..." + (f" (timed against {baseline})" if base and latency else ""))
+        got = measure(
+            path, task, spec, texts, layers, device, base_embeddings=emb if base else None,
+            timed_with=base_path if latency else None,
+        )  # fmt: skip
+        result, speed = got.measurement, got.speed
+        if base is not None:
+            base.latency = got.base_latency
     rep = Report(
         tool=f"compress {compress.__version__}",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -72,6 +94,7 @@ def evaluate(
         base=base,
         result=result,
         environment=api.environment(),
+        speed=speed,
     )
     if json:
         typer.echo(rep.model_dump_json(indent=2))

@@ -22,6 +22,7 @@ from compress.cli.common import (
     Samples,
     SaveRecipe,
     SeqLen,
+    Tasks,
     TextColumn,
     TrustRemoteCode,
     default,
@@ -67,6 +68,7 @@ def prune(
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
+    tasks: Tasks = "",
     overwrite: Overwrite = _run("overwrite"),
     trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
     allow_pickle: AllowPickle = _run("allow_pickle"),
@@ -102,5 +104,6 @@ def prune(
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,
+        tasks=tasks,
     )
     execute(recipe, save_recipe, json)

@@ -22,6 +22,7 @@ from compress.cli.common import (
     Samples,
     SaveRecipe,
     SeqLen,
+    Tasks,
     TextColumn,
     TrustRemoteCode,
     default,
@@ -81,6 +82,7 @@ def quantize(
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
+    tasks: Tasks = "",
     overwrite: Overwrite = _run("overwrite"),
     trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
     allow_pickle: AllowPickle = _run("allow_pickle"),
@@ -117,6 +119,7 @@ def quantize(
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,
+        tasks=tasks,
         offload=offload,
     )
     execute(recipe, save_recipe, json)

@@ -1,4 +1,5 @@
-"""Prefill and decode speed at batch 1: medians of several rounds of a plain greedy loop."""
+"""Prefill and decode speed at batch 1: a plain greedy loop, rounds of the base and the result
+interleaved in one process, medians and ranges."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,25 +55,66 @@ def kernel_name(model: torch.nn.Module, quant_config: dict | None) -> str:
     return name + ")"
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+# Ratio of the slowest to the fastest per-pair ratio above which a speed ratio is not stated as
+# fact. Identical checkpoints timed this way on 2 busy cores spread up to 1.12x (benchmarks/RESULTS.md).
+NOISY_SPREAD = 1.25
+
+Round = tuple[float, float | None]  # prefill tokens/s, decode tokens/s (None: an encoder)
 
 
-def causal_lm(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> dict[str, float]:
-    """prompt: [1, P]. Tokens/s for prefill (P tokens) and decode (new_tokens steps), with the
-    greedy protocol `compress bench` uses on every runtime (runtime/loop.py)."""
-    dec = TorchDecoder(model, kernel="")
-    ids = prompt.cpu().numpy()
-    loop.one_round(dec, ids, min(new_tokens, 8))  # warm-up
-    t = loop.median([loop.one_round(dec, ids, new_tokens) for _ in range(rounds)])
-    return {"prefill_tokens_per_s": t.prefill_tokens_per_s, "decode_tokens_per_s": t.decode_tokens_per_s}
+def interleaved(subjects: list[Callable[[], Round]], rounds: int) -> list[list[Round]]:
+    """Run every subject's round `rounds` times, interleaved A B, B A, A B, ... so that whatever
+    else the machine does lands on all of them alike; each subject warms up once first."""
+    for run in subjects:
+        run()
+    out: list[list[Round]] = [[] for _ in subjects]
+    for i in range(rounds):
+        order = range(len(subjects)) if i % 2 == 0 else reversed(range(len(subjects)))
+        for k in order:
+            out[k].append(subjects[k]())
+    return out
 
 
-@torch.no_grad()
-def encoder(model: torch.nn.Module, ids: torch.Tensor, rounds: int = 3) -> dict[str, float]:
+def decoder_round(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], Round]:
+    """prompt: [1, P]. One greedy round with the protocol `compress bench` uses on every
+    runtime (runtime/loop.py): prefill P tokens, then new_tokens single-token steps."""
+    dec, ids = TorchDecoder(model, kernel=""), prompt.cpu().numpy()
+
+    def run() -> Round:
+        t = loop.one_round(dec, ids, new_tokens)
+        return t.prefill_tokens_per_s, t.decode_tokens_per_s
+
+    return run
+
+
+def encoder_round(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Round]:
     ids = ids.to(next(model.parameters()).device)
-    model(ids)
-    t = statistics.median(_timed(lambda: model(ids)) for _ in range(rounds))
-    return {"prefill_tokens_per_s": ids.numel() / t, "decode_tokens_per_s": None}
+
+    @torch.no_grad()
+    def run() -> Round:
+        start = time.perf_counter()
+        model(ids)
+        return ids.numel() / (time.perf_counter() - start), None
+
+    return run
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def compare(base: list[Round], result: list[Round]) -> dict:
+    """Speed of the result over the base from rounds timed interleaved: the ratio of each round's
+    pair (adjacent in time, so a busy spell hits both), their median and range; `noisy` when the
+    range is too wide for the median to mean anything."""
+    out: dict = {"rounds": len(base)}
+    for k, name in enumerate(("prefill", "decode")):
+        if base[0][k] is None:
+            out[name], out[f"{name}_range"] = None, None
+            continue
+        ratio, lo, hi = spread([r[k] / b[k] for b, r in zip(base, result)])
+        out[name], out[f"{name}_range"] = ratio, [lo, hi]
+    ranges = [out[f"{n}_range"] for n in ("prefill", "decode") if out[f"{n}_range"]]
+    out["noisy"] = any(hi / lo > NOISY_SPREAD for lo, hi in ranges)
+    return out

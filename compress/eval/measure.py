@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import compress
 from compress.data.text import Texts
 from compress.errors import CompressError
 from compress.eval.embedding import cosine
+from compress.models.source import cache_dir, fingerprint
 from compress.recipe import EvalSpec
-from compress.report.schema import Measurement, Similarity
+from compress.report.schema import Latency, Measurement, Similarity, Speed
 
 
 def measure(
@@ -27,7 +34,16 @@ def measure(
     trust_remote_code: bool = False,
     base_embeddings: Path | None = None,
     keep_embeddings: Path | None = None,
-) -> Measurement:
+    timed_with: Path | None = None,
+    reuse: bool = False,
+) -> Measured:
+    """One checkpoint's size, quality and memory, in a fresh process; with `timed_with` (the
+    baseline) the latency rounds of both run interleaved there, and the ratio is `speed`.
+    `reuse` (an untimed base): an earlier run's measurement of the same weights, text, settings
+    and versions is read back instead of measured again."""
+    key = _key(path, task, spec, texts, layers, device) if reuse and not spec.latency and not timed_with else None
+    if key and (hit := _cached(key, keep_embeddings)):
+        return Measured(hit, None, None)
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
         req = {
             "path": str(path),
@@ -39,6 +55,7 @@ def measure(
             "device": device,
             "trust_remote_code": trust_remote_code,
             "embeddings_out": str(keep_embeddings or Path(tmp) / "emb.pt"),
+            "timed_with": str(timed_with) if timed_with else None,
         }
         req_file, out_file = Path(tmp) / "req.json", Path(tmp) / "out.json"
         req_file.write_text(json.dumps(req))
@@ -50,9 +67,77 @@ def measure(
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             raise CompressError(f"measuring {path} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
-        result = Measurement.model_validate_json(out_file.read_text())
+        got = json.loads(out_file.read_text())
+        result = Measurement.model_validate(got["measurement"])
         if task != "causal-lm" and base_embeddings is not None:
             mine = torch.load(req["embeddings_out"])
             mean, worst = cosine(torch.load(base_embeddings), mine)
             result.similarity = Similarity(mean=mean, min=worst, texts=len(mine), text=texts.description)
-        return result
+        base_latency = got["base_latency"] and Latency.model_validate(got["base_latency"])
+        if key:
+            _store(key, result, Path(req["embeddings_out"]) if task != "causal-lm" else None)
+        return Measured(result, base_latency, got["speed"] and Speed.model_validate(got["speed"]))
+
+
+def _key(path: Path, task: str, spec: EvalSpec, texts: Texts, layers: list[str], device: str) -> str:
+    """Everything a measurement depends on: the weights (names, sizes, mtimes), the text, the
+    settings that change the numbers, the libraries and the threads."""
+    import transformers
+
+    ident = {
+        "path": str(path.resolve()),
+        "weights": fingerprint(path),
+        "task": task,
+        "eval": spec.model_dump(
+            exclude={"enabled", "latency", "prompt_len", "new_tokens", "latency_rounds", "reuse_base"}
+        ),
+        "texts": hashlib.sha256("\x00".join(texts.texts).encode()).hexdigest(),
+        "text": texts.description,
+        "layers": layers,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "versions": [compress.__version__, torch.__version__, transformers.__version__],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached(key: str, keep_embeddings: Path | None) -> Measurement | None:
+    entry = CACHE() / f"{key}.json"
+    try:
+        m = Measurement.model_validate_json(entry.read_text())
+        emb = entry.with_suffix(".pt")
+        if keep_embeddings is not None and m.similarity is None and emb.is_file():
+            shutil.copyfile(emb, keep_embeddings)
+        elif keep_embeddings is not None and m.perplexity is None:
+            return None  # an encoder's entry without its embeddings
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: measure again
+    return m
+
+
+def _store(key: str, m: Measurement, embeddings: Path | None) -> None:
+    """Written whole or not at all (rename), so a concurrent run never reads half an entry."""
+    entry = CACHE() / f"{key}.json"
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        if embeddings is not None:
+            tmp = entry.with_suffix(f".pt.{os.getpid()}")
+            shutil.copyfile(embeddings, tmp)
+            os.replace(tmp, entry.with_suffix(".pt"))
+        tmp = entry.with_suffix(f".json.{os.getpid()}")
+        tmp.write_text(m.model_copy(update={"reused_from": datetime.datetime.now(datetime.timezone.utc)
+                                            .isoformat(timespec="seconds")}).model_dump_json())  # fmt: skip
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # a cache that cannot be written costs only time
+
+
+def CACHE() -> Path:  # noqa: N802 - read at call time: COMPRESS_CACHE may change between runs
+    return cache_dir() / "measurements"
+
+
+@dataclass(frozen=True)
+class Measured:
+    measurement: Measurement
+    base_latency: Latency | None  # the baseline's, when timed with it
+    speed: Speed | None

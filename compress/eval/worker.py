@@ -7,6 +7,8 @@ user gets, not our in-memory model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import tempfile
@@ -15,80 +17,109 @@ from pathlib import Path
 
 import torch
 
-from compress.eval import embedding, latency, memory, perplexity, size
+from compress.eval import embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
-from compress.report.schema import Latency, Measurement, Perplexity
+from compress.report.schema import Latency, Measurement, Perplexity, Speed
 
 
 def measure(req: dict) -> dict:
-    path = Path(req["path"])
-    if not sparse.is_sparse(path):
-        return _measure(req, path)
-    with tempfile.TemporaryDirectory(prefix="compress-dense-") as tmp:  # what compress reads back
-        return _measure(req, sparse.densify(path, Path(tmp) / "dense"))
+    """{"measurement": the checkpoint's Measurement, "base_latency": the baseline's Latency or
+    None, "speed": Speed or None}. With `timed_with` (the baseline's path) the latency rounds of
+    both are interleaved in this process, after this checkpoint's memory was read."""
+    with contextlib.ExitStack() as stack:
+        load = functools.partial(_load, req=req, stack=stack)
+        path = Path(req["path"])
+        model, tok, seconds = load(path)
+        out, prompt = _measure(req, path, model, tok, seconds)
+        if not req["eval"]["latency"]:
+            return {"measurement": out, "base_latency": None, "speed": None}
+        subjects = [(path, model)]
+        if req.get("timed_with"):
+            base = Path(req["timed_with"])
+            subjects.insert(0, (base, load(base)[0]))
+        kernels = [_kernel(req, p, m) for p, m in subjects]  # before timing: may swap in sparse kernels
+        rounds = latency.interleaved([_round(req, m, prompt) for _, m in subjects], req["eval"]["latency_rounds"])
+        lats = [_latency(req, m, k, prompt, r) for (_, m), k, r in zip(subjects, kernels, rounds)]
+        out["latency"] = lats[-1]
+        both = len(subjects) == 2
+        speed = Speed(**latency.compare(rounds[0], rounds[1])).model_dump() if both else None
+        return {"measurement": out, "base_latency": lats[0] if both else None, "speed": speed}
 
 
-def _measure(req: dict, load_from: Path) -> dict:
+def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.Module, object, float]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    path, spec = Path(req["path"]), req["eval"]
+    load_from = path
+    if sparse.is_sparse(path):  # what compress reads back
+        load_from = sparse.densify(path, Path(stack.enter_context(tempfile.TemporaryDirectory())) / "dense")
     cls = AutoModelForCausalLM if req["task"] == "causal-lm" else AutoModel
-    start = time.perf_counter()
-    model = cls.from_pretrained(load_from, trust_remote_code=req["trust_remote_code"]).to(req["device"]).eval()
-    load_s = time.perf_counter() - start
-    tok = AutoTokenizer.from_pretrained(load_from, trust_remote_code=req["trust_remote_code"])
-    quant_config = json.loads((path / "config.json").read_text()).get("quantization_config")
+    trust, start = req["trust_remote_code"], time.perf_counter()
+    model = cls.from_pretrained(load_from, trust_remote_code=trust).to(req["device"]).eval()
+    seconds = time.perf_counter() - start
+    return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds
+
+
+def _measure(req: dict, path: Path, model: torch.nn.Module, tok, load_s: float) -> tuple[dict, torch.Tensor]:
+    """Size, quality and memory; the prompt the latency rounds use."""
+    spec, texts = req["eval"], req["texts"]
     out: dict = {
         "path": str(path),
         "bytes_on_disk": size.bytes_on_disk(path),
         "bits_per_weight": size.bits_per_weight(path, req["layers"]),
         "load_seconds": load_s,
     }
-    texts = req["texts"]
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    device = next(model.parameters()).device
     if req["task"] == "causal-lm":
         windows = perplexity.token_windows(tok, texts, spec["seq_len"], spec["max_tokens"])
         ppl = perplexity.perplexity(model, windows)
         out["perplexity"] = Perplexity(
             value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()
         ).model_dump()
-        if spec["latency"]:
-            prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
-            kernel = latency.kernel_name(model, quant_config)
-            if not quant_config:  # after the perplexity, which stays on the dense weights
-                kernel = latency.with_sparse24(model, path, kernel)
-            speed = latency.causal_lm(model, prompt, spec["new_tokens"])
-            out["latency"] = Latency(
-                **speed,
-                prompt_len=prompt.shape[1],
-                new_tokens=spec["new_tokens"],
-                kernel=kernel,
-                device=latency.device_name(device),
-                dtype=dtype,
-            ).model_dump()
+        prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
     else:
         sents = embedding.sentences(texts, spec["max_texts"])
         torch.save(embedding.embed(model, tok, sents), req["embeddings_out"])
-        if spec["latency"]:
-            ids = tok(" ".join(sents), return_tensors="pt", truncation=True, max_length=spec["prompt_len"]).input_ids
-            speed = latency.encoder(model, ids)
-            out["latency"] = Latency(
-                **speed,
-                prompt_len=ids.shape[1],
-                new_tokens=None,
-                kernel=latency.kernel_name(model, quant_config),
-                device=latency.device_name(device),
-                dtype=dtype,
-            ).model_dump()
+        prompt = tok(" ".join(sents), return_tensors="pt", truncation=True, max_length=spec["prompt_len"]).input_ids
     # After the forward passes: compressed-tensors decompresses on the first one.
     params = {id(p): p for p in model.parameters()}  # tied weights count once
     out["parameters"] = sum(p.numel() for p in params.values())
     out["weights_in_memory_bytes"] = sum(p.numel() * p.element_size() for p in params.values()) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
-    out["peak_rss_bytes"] = memory.peak_rss()
-    return Measurement(**out).model_dump()
+    out["peak_rss_bytes"] = memory.peak_rss()  # before lm-eval, and before a baseline is loaded for the timing
+    if spec["tasks"]:
+        out["tasks"] = tasks.run(model, tok, spec["tasks"], spec["task_limit"])
+    return Measurement(**out).model_dump(), prompt
+
+
+def _round(req: dict, model: torch.nn.Module, prompt: torch.Tensor):
+    if req["task"] == "causal-lm":
+        return latency.decoder_round(model, prompt, req["eval"]["new_tokens"])
+    return latency.encoder_round(model, prompt)
+
+
+def _kernel(req: dict, path: Path, model: torch.nn.Module) -> str:
+    quant_config = json.loads((path / "config.json").read_text()).get("quantization_config")
+    kernel = latency.kernel_name(model, quant_config)
+    if req["task"] == "causal-lm" and not quant_config:  # after the perplexity, which stays on dense weights
+        kernel = latency.with_sparse24(model, path, kernel)
+    return kernel
+
+
+def _latency(req: dict, model: torch.nn.Module, kernel: str, prompt: torch.Tensor, rounds: list) -> dict:
+    prefill = latency.spread([r[0] for r in rounds])
+    decode = latency.spread([r[1] for r in rounds]) if rounds[0][1] is not None else None
+    return Latency(
+        prefill_tokens_per_s=prefill[0],
+        decode_tokens_per_s=decode and decode[0],
+        prefill_range=list(prefill[1:]),
+        decode_range=decode and list(decode[1:]),
+        rounds=len(rounds),
+        prompt_len=prompt.shape[1],
+        new_tokens=req["eval"]["new_tokens"] if req["task"] == "causal-lm" else None,
+        kernel=kernel,
+        device=latency.device_name(next(model.parameters()).device),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    ).model_dump()
 
 
 def main() -> None:

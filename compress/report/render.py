@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
 from compress.errors import printable
-from compress.report import plots
+from compress.eval.latency import NOISY_SPREAD
 from compress.report.schema import Measurement, Report
 
 MB = 1024 * 1024
 
 
-def _rows(report: Report) -> list[tuple[str, str, str, str]]:
+def rows(report: Report) -> list[tuple[str, str, str, str]]:
     """(metric, base, result, change) rows; change is a ratio or a relative difference."""
     b, r = report.base, report.result
 
@@ -25,7 +23,11 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
     def change(get, kind: str) -> str:
         if b is None:
             return ""
+        if kind in ("prefill", "decode"):
+            return speed_change(report, kind)
         vb, vr = get(b), get(r)
+        if kind == "points" and vb is not None and vr is not None:
+            return f"{vr - vb:+.1f} points"
         if vb is None or vr is None or vb == 0:
             return ""
         return f"{vr / vb:.3f}x" if kind == "ratio" else f"{(vr - vb) / vb * 100:+.2f}%"
@@ -42,13 +44,22 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
     if r.similarity:
         rows.append(("embedding cosine vs base (mean)", lambda m: m.similarity and m.similarity.mean, ".4f", ""))
         rows.append(("embedding cosine vs base (min)", lambda m: m.similarity and m.similarity.min, ".4f", ""))
+    for name, score in r.tasks.items():
+        rows.append(
+            (
+                f"{name} accuracy, % ({score.samples or '?'} questions)",
+                lambda m, name=name: m.tasks[name].value * 100 if name in m.tasks else None,
+                ".1f",
+                "points",
+            )
+        )
     if r.latency:
         rows.append(
-            ("prefill tokens/s (batch 1)", lambda m: m.latency and m.latency.prefill_tokens_per_s, ".1f", "ratio")
+            ("prefill tokens/s (batch 1)", lambda m: m.latency and m.latency.prefill_tokens_per_s, ".1f", "prefill")
         )
         if r.latency.decode_tokens_per_s:
             rows.append(
-                ("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "ratio")
+                ("decode tokens/s (batch 1)", lambda m: m.latency and m.latency.decode_tokens_per_s, ".1f", "decode")
             )
     rows += [
         (
@@ -65,7 +76,18 @@ def _rows(report: Report) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def _details(report: Report) -> list[str]:
+def speed_change(report: Report, which: str) -> str:
+    """The speed ratio as measured: median and range of interleaved rounds, or why there is none."""
+    sp = report.speed
+    if sp is None or getattr(sp, which) is None:
+        return "not timed together"  # e.g. a report from before interleaving: two processes, no ratio
+    lo, hi = getattr(sp, f"{which}_range")
+    if sp.noisy:
+        return f"noisy: {lo:.2f}x to {hi:.2f}x"
+    return f"{getattr(sp, which):.2f}x ({lo:.2f}-{hi:.2f})"
+
+
+def details(report: Report) -> list[str]:
     r = report.result
     out = [
         f"- stage `{s.stage}`: "
@@ -76,16 +98,33 @@ def _details(report: Report) -> list[str]:
     if r.perplexity:
         p = r.perplexity
         out.append(f"- perplexity: {p.text}; {p.tokens} tokens in windows of {p.seq_len}; {p.protocol}")
+    if report.base is not None and report.base.reused_from:
+        out.append(
+            f"- base: size, quality and memory as measured at {report.base.reused_from} by an earlier run of the same "
+            "weights, text, settings, libraries and threads (evaluate.reuse_base: false measures it again)"
+        )
     if r.similarity:
         out.append(f"- similarity: {r.similarity.text}; {r.similarity.texts} texts; {r.similarity.protocol}")
+    for name, t in r.tasks.items():
+        base_t = report.base.tasks.get(name) if report.base else None
+        err = ", ".join(
+            f"{who} ±{x.stderr * 100:.1f}" for who, x in (("base", base_t), ("result", t)) if x and x.stderr is not None
+        )
+        out.append(f"- task {name}: {t.metric} on {t.samples or '?'} questions; {t.protocol}; standard error {err}")
     if r.latency:
         lt = r.latency
         out.append(
             f"- speed: runtime {lt.runtime}, kernel: {lt.kernel}; device {lt.device}; batch {lt.batch}, prompt "
             f"{lt.prompt_len} tokens"
             + (f", {lt.new_tokens} new tokens (greedy, KV cache)" if lt.new_tokens else "")
-            + "; median of 3 rounds"
+            + f"; median of {lt.rounds} rounds"
+            + (f", interleaved with the base's in one process ({report.speed.protocol})" if report.speed else "")
         )
+        if report.speed and report.speed.noisy:
+            out.append(
+                f"- speed: the machine was busy while timing (ratios of adjacent rounds spread wider than "
+                f"{NOISY_SPREAD:.2f}x): no speed ratio is stated; rerun on a quiet machine"
+            )
     for s in report.stages:
         if s.calibration:
             out.append(f"- {'training text' if s.stage == 'distill' else 'calibration'}: {s.calibration}")
@@ -202,12 +241,12 @@ def markdown(report: Report, plot: str | None = None) -> str:
         "",
         "| metric | base | result | change |",
         "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(report)],
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(report)],
         "",
         *gates_section(report),
         "## How it was measured",
         "",
-        *_details(report),
+        *details(report),
         "",
         *layer_table(report),
         *sparsity_table(report),
@@ -220,16 +259,11 @@ def markdown(report: Report, plot: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write(report: Report, dest: Path) -> None:
-    (dest / "report.json").write_text(report.model_dump_json(indent=2))
-    (dest / "report.md").write_text(markdown(report, plots.loss_curve(report, dest)))
-
-
 def table(report: Report) -> Table:
     t = Table(title=f"{report.model} -> {report.result.path}", title_justify="left")
     for col, just in (("metric", "left"), ("base", "right"), ("result", "right"), ("change", "right")):
         t.add_column(col, justify=just)
-    for row in _rows(report):
+    for row in rows(report):
         t.add_row(*row)
     return t
 
@@ -269,7 +303,7 @@ def _clean(value):
 def show(report: Report, console: Console) -> None:
     report = Report.model_validate(_clean(report.model_dump()))  # names and notes come from files
     console.print(table(report))
-    for line in _details(report):
+    for line in details(report):
         console.print(line, markup=False, highlight=False)
     if report.gates:
         console.print(gates_table(report))

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 3  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors
+SCHEMA_VERSION = 4  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+# 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores
 
 
 class Frozen(BaseModel):
@@ -40,6 +41,32 @@ class Latency(Frozen):
     kernel: str
     device: str
     dtype: str
+    rounds: int = 3  # timed rounds; the rates are their medians
+    prefill_range: list[float] | None = None  # [min, max] over the rounds
+    decode_range: list[float] | None = None
+
+
+class Speed(Frozen):
+    """The result's speed over the base's, both timed in one process with rounds interleaved."""
+
+    prefill: float | None  # median over rounds of (result / base) for each adjacent pair of rounds
+    prefill_range: list[float] | None  # [min, max] of those ratios
+    decode: float | None
+    decode_range: list[float] | None
+    rounds: int
+    noisy: bool  # the ratios spread too widely to state one (the machine was busy)
+    protocol: str = (
+        "base and result loaded in one process, rounds interleaved (base, result, result, base, ...), "
+        "ratio per adjacent pair, median and range"
+    )
+
+
+class TaskScore(Frozen):
+    metric: str  # "acc": share of questions answered right (0..1)
+    value: float
+    stderr: float | None
+    samples: int | None
+    protocol: str = "lm-eval, zero-shot, on the model as loaded by transformers"
 
 
 class Measurement(Frozen):
@@ -50,10 +77,14 @@ class Measurement(Frozen):
     parameters: int | None = None
     perplexity: Perplexity | None = None
     similarity: Similarity | None = None
+    tasks: dict[str, TaskScore] = {}  # lm-eval task accuracy, by task name
     latency: Latency | None = None
     peak_rss_bytes: int | None = None  # peak resident memory of the process that loaded and measured it
     weights_in_memory_bytes: int | None = None  # parameters and buffers once loaded
     load_seconds: float | None = None
+    # Set when this is an earlier run's measurement of the same weights, text, settings and
+    # versions, read back instead of measured again: when that run measured it.
+    reused_from: str | None = None
 
 
 class Training(Frozen):
@@ -120,6 +151,7 @@ class Report(Frozen):
     environment: dict[str, str]
     notes: list[str] = []
     gates: list[GateResult] = []
+    speed: Speed | None = None  # None: no base, or no latency measured
     passed: bool | None = None  # all gates passed; None: the recipe has no gates
     # Peak resident memory of the compress process over the whole run (stages and writing).
     run_peak_rss_bytes: int | None = None

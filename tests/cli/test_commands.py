@@ -43,11 +43,19 @@ def test_quantize_report_run_eval(tiny_model, tmp_path):
     assert (tmp_path / "again" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "again" / "report.json").read_text())["base"] is None
 
-    ev = json.loads(
-        ok(compress("eval", out, "--baseline", src, "--no-latency", "--eval-tokens", "1024", "--json")).stdout
-    )
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+    # eval against the base: speed timed together (rounds interleaved), lm-eval task on both
+    args = ("eval", out, "--baseline", src, "--eval-tokens", "1024", "--tasks", "everyday_facts", "--json")
+    ev = json.loads(ok(compress(*args)).stdout)
     assert ev["result"]["perplexity"]["value"] == rep["result"]["perplexity"]["value"]
     assert ev["base"]["bytes_on_disk"] > ev["result"]["bytes_on_disk"]
+    sp = ev["speed"]
+    assert sp["rounds"] == ev["base"]["latency"]["rounds"] == ev["result"]["latency"]["rounds"] == 5
+    assert sp["prefill_range"][0] <= sp["prefill"] <= sp["prefill_range"][1]
+    for m in (ev["base"], ev["result"]):
+        facts = m["tasks"]["everyday_facts"]
+        assert facts["samples"] == 80 and 0 <= facts["value"] <= 1 and facts["stderr"] > 0
 
 
 def test_report_of_a_folder_without_one(tmp_path):
