@@ -74,10 +74,8 @@ def ours(name: str, opts: list[str], samples: int, seq_len: int, tmp: Path) -> d
         "base_params": base["parameters"],
         "dir": out,
     }
-    if res.get("latency") and base.get("latency"):
-        row["speedup"] = {
-            k: res["latency"][k] / base["latency"][k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")
-        }
+    if rep.get("speed"):  # base and result timed in one process, rounds interleaved
+        row["speedup"] = rep["speed"]
         row["latency_note"] = (
             f"{res['latency']['kernel']}, {res['latency']['device']}, batch 1, prompt {res['latency']['prompt_len']}, "
             f"{res['latency']['new_tokens']} new tokens"
@@ -223,9 +221,11 @@ def main() -> None:
             "",
             (
                 f"Structured speed on CPU ({structured['latency_note']}): prefill "
-                f"{speed['prefill_tokens_per_s']:.2f}x, "
-                f"decode {speed['decode_tokens_per_s']:.2f}x the base's tokens/s (each model measured in its own "
-                f"process)."
+                f"{speed['prefill']:.2f}x (rounds {speed['prefill_range'][0]:.2f}-{speed['prefill_range'][1]:.2f}), "
+                f"decode {speed['decode']:.2f}x (rounds {speed['decode_range'][0]:.2f}-{speed['decode_range'][1]:.2f}) "
+                f"the base's tokens/s, both timed in one process with {speed['rounds']} interleaved rounds each"
+                + (" (the machine was busy: the ratios spread too widely to state one)" if speed["noisy"] else "")
+                + "."
                 if speed
                 else ""
             ),
