@@ -36,7 +36,7 @@ def calibrated_runs(tmp_path_factory):
             "--method",
             method,
             "--samples",
-            "16",
+            "32",
             *extra,
             "--no-latency",
             "--json",
@@ -51,7 +51,7 @@ def test_quality(calibrated_runs, case):
     base, ppl = report["base"]["perplexity"]["value"], report["result"]["perplexity"]["value"]
     assert ppl <= base * (1 + CASES[case])
     stage = report["stages"][0]
-    assert "16 samples x 512 tokens" in stage["calibration"] and "even-numbered" in stage["calibration"]
+    assert "32 samples x 512 tokens" in stage["calibration"] and "even-numbered" in stage["calibration"]
     errors = stage["layer_errors"]
     assert len(errors) == 30 and sum(e["method"] for e in errors) < sum(e["rtn"] for e in errors)
 

@@ -55,8 +55,9 @@ def kernel_name(model: torch.nn.Module, quant_config: dict | None) -> str:
     return name + ")"
 
 
-# Ratio of the slowest to the fastest per-pair ratio above which a speed ratio is not stated as
-# fact. Identical checkpoints timed this way on 2 busy cores spread up to 1.12x (benchmarks/RESULTS.md).
+# Ratio of the largest to the smallest per-pair ratio above which a speed ratio is not stated as
+# fact: a quarter's disagreement between rounds is more than any kernel difference we would claim
+# from 5 rounds (benchmarks/report_timing.py shows identical weights quiet, busy, and load starting partway).
 NOISY_SPREAD = 1.25
 
 Round = tuple[float, float | None]  # prefill tokens/s, decode tokens/s (None: an encoder)
