@@ -96,6 +96,7 @@ def run(
     inputs = check(recipe, resume, console)
     the_plan = plan.make(recipe, inputs.src, inputs.teachers, Path(recipe.output))
     _check_gates_fit(recipe, the_plan.base.task)
+    tasks.check(recipe.evaluate.tasks if recipe.evaluate.enabled else [], the_plan.base.task)
     _check_lengths(recipe, the_plan.base)
     if dry_run:
         return the_plan
@@ -143,8 +144,6 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
-    if spec.enabled:
-        tasks.check(spec.tasks)
     return Inputs(src, teachers, texts, staged)
 
 
@@ -340,8 +339,6 @@ def _check_gates_fit(recipe: Recipe, task: str) -> None:
         raise UsageError(
             "gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model"
         )
-    if task == "encoder" and recipe.evaluate.enabled and recipe.evaluate.tasks:
-        raise UsageError("evaluate.tasks: lm-eval tasks score causal language models; this model is an encoder")
 
 
 class _shared:

@@ -14,7 +14,6 @@ import compress
 from compress import api
 from compress.cli.common import Tasks, err, out, task_list
 from compress.data import text as textdata
-from compress.errors import UsageError
 from compress.eval import size
 from compress.eval.measure import measure
 from compress.eval.tasks import check as check_tasks
@@ -61,9 +60,7 @@ def evaluate(
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
-    if spec.tasks and task != "causal-lm":
-        raise UsageError("--tasks: lm-eval tasks score causal language models; this model is an encoder")
-    check_tasks(spec.tasks)
+    check_tasks(spec.tasks, task)
     layers = sorted(
         {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}
     )

@@ -102,7 +102,7 @@ def _key(path: Path, task: str, spec: EvalSpec, texts: Texts, layers: list[str],
 
 
 def _cached(key: str, keep_embeddings: Path | None) -> Measurement | None:
-    entry = CACHE() / f"{key}.json"
+    entry = _entries() / f"{key}.json"
     try:
         m = Measurement.model_validate_json(entry.read_text())
         emb = entry.with_suffix(".pt")
@@ -117,7 +117,7 @@ def _cached(key: str, keep_embeddings: Path | None) -> Measurement | None:
 
 def _store(key: str, m: Measurement, embeddings: Path | None) -> None:
     """Written whole or not at all (rename), so a concurrent run never reads half an entry."""
-    entry = CACHE() / f"{key}.json"
+    entry = _entries() / f"{key}.json"
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         if embeddings is not None:
@@ -132,7 +132,8 @@ def _store(key: str, m: Measurement, embeddings: Path | None) -> None:
         pass  # a cache that cannot be written costs only time
 
 
-def CACHE() -> Path:  # noqa: N802 - read at call time: COMPRESS_CACHE may change between runs
+def _entries() -> Path:
+    """Read at call time: COMPRESS_CACHE may change between runs."""
     return cache_dir() / "measurements"
 
 

@@ -56,10 +56,12 @@ def _manager(tmp: Path):
     return TaskManager(include_path=str(tmp), verbosity="ERROR")
 
 
-def check(names: list[str]) -> None:
-    """Before anything runs: lm-eval installed and every task name known to it."""
+def check(names: list[str], model_task: str) -> None:
+    """Before anything runs: a causal LM, lm-eval installed and every task name known to it."""
     if not names:
         return
+    if model_task != "causal-lm":
+        raise UsageError("tasks: lm-eval tasks score causal language models; this model is an encoder")
     _lm_eval()
     with tempfile.TemporaryDirectory(prefix="compress-tasks-") as tmp:
         known = set(_manager(Path(tmp)).all_tasks)

@@ -24,7 +24,7 @@ def test_shipped_task_scores_a_tiny_model_offline(tiny_model):
 
 def test_unknown_task_is_refused_with_the_names_it_knows():
     with pytest.raises(UsageError, match="unknown task 'no_such_task'.*everyday_facts"):
-        tasks.check(["everyday_facts", "no_such_task"])
+        tasks.check(["everyday_facts", "no_such_task"], "causal-lm")
 
 
 def test_cli_refuses_unknown_task_and_encoder_before_running(tiny_model, tmp_path):
