@@ -62,6 +62,25 @@ def check_output(dest: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise UsageError(f"output {dest} is not writable (no write permission in {probe})")
 
 
+def private_dir(dest: Path) -> Path:
+    """A fresh directory beside `dest` that no other process writes (two runs filling the same
+    cache entry at once each build their own, then `publish` one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+
+
+def publish(tmp: Path, dest: Path) -> Path:
+    """Rename a finished `private_dir` to a cache entry; when another process got there first,
+    keep its entry (same content) and drop ours."""
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def staging_dir(dest: Path) -> Path:
     """Where a resumable job (one that trains) builds OUT: a fixed name, so a rerun finds it."""
     return dest.parent / f".{dest.name}.partial"

@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compress.formats.atomic import private_dir, publish
+
 KEY = "compress_sparsity"
 SUFFIXES = (
     "weight_bitmask",
@@ -154,9 +156,8 @@ def compress_checkpoint(path: Path, linears: list[str]) -> None:
 
 def densify(src: Path, dest: Path) -> Path:
     """Copy a sparse-storage checkpoint to `dest` with dense weights (bit-identical values)."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    tmp = private_dir(dest)
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     def convert(tensors: dict) -> dict:
         out = {k: t for k, t in tensors.items() if not k.endswith(SUFFIXES)}
@@ -166,8 +167,10 @@ def densify(src: Path, dest: Path) -> Path:
                 out[base + "weight"] = unpack({s: tensors[base + s] for s in SUFFIXES if base + s in tensors})
         return out
 
-    _rewrite(tmp, convert)
-    record(tmp, {**info(tmp), "storage": "dense", "densified_from": str(src)})
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
+    try:
+        _rewrite(tmp, convert)
+        record(tmp, {**info(tmp), "storage": "dense", "densified_from": str(src)})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish(tmp, dest)

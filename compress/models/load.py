@@ -15,7 +15,7 @@ from compressed_tensors.quantization import QuantizationConfig
 
 from compress import heap
 from compress.errors import CompressError, UsageError
-from compress.formats import sparse
+from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
@@ -100,12 +100,14 @@ def materialize_gguf(gguf: Path, dtype: str) -> Path:
     model.config.quantization_config = None
     del model.config.quantization_config
     model = model.to(DTYPES.get(dtype, torch.bfloat16))  # SmolLM2 and most GGUF sources train in bf16
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(dest)
-    return dest
+    tmp = atomic.private_dir(dest)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return atomic.publish(tmp, dest)
 
 
 def checkpoint_dir(source: Source, dtype: str) -> Path:
