@@ -26,7 +26,7 @@ from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
 MB = 2**20
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 IMPORTS = 400 * MB  # python + torch + transformers + compress, before the model is loaded
-# Model-sized matmuls run faster than the 512 x 512 probe `_matmul_gflops` times (fitted on the
+# Model-sized matmuls run faster than the 512 x 512 probe `matmul_gflops` times (fitted on the
 # SmolLM2-135M GPTQ and distill runs: 53 s and 469 s on 2 cores).
 EFFICIENCY = 1.2
 
@@ -172,7 +172,7 @@ def _gguf_facts(path: Path, dtype: str) -> Facts:
     )
 
 
-def _matmul_gflops() -> float:
+def matmul_gflops() -> float:
     """This machine's float32 matmul speed, timed for a fraction of a second."""
     import torch
 
@@ -185,7 +185,7 @@ def _matmul_gflops() -> float:
     return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
 
 
-def _forward_seconds(params: int, tokens: int, gflops: float) -> float:
+def forward_seconds(params: int, tokens: int, gflops: float) -> float:
     """A forward pass over `tokens` through `params` weights (2 flops per weight and token)."""
     return 2 * params * tokens / (EFFICIENCY * gflops * 1e9)
 
@@ -231,7 +231,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
         m = st.method_class
         tokens = st.samples * st.seq_len if m.calibrated else 0
         peak = IMPORTS + int(model * (1 + m.working_memory))
-        forward = m.time_factor * _forward_seconds(f.linear, tokens, gflops)
+        forward = m.time_factor * forward_seconds(f.linear, tokens, gflops)
         if isinstance(st, QuantizeStage):
             search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
             after = _after_quantize(f, st)
@@ -251,7 +251,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
     peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
     flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
-    seconds = flops / (EFFICIENCY * gflops * 1e9) + _forward_seconds(
+    seconds = flops / (EFFICIENCY * gflops * 1e9) + forward_seconds(
         t.params + 2 * f.params, 8192, gflops
     )  # + held-out perplexities
     ckpt = 16 * f.params  # float32 student + AdamW moments
@@ -263,7 +263,7 @@ def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path) -> Pla
     notes = []
     if src.is_gguf and not any((cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*/config.json")):
         notes.append("the GGUF is de-quantized to a cached Hugging Face checkpoint first")
-    gflops = _matmul_gflops()
+    gflops = matmul_gflops()
     f, plans, t_iter = base, [], iter(teachers)
     for i, st in enumerate(recipe.stages):
         teacher = None
@@ -311,7 +311,7 @@ def table(plan: Plan):
     for s in plan.stages:
         t.add_row(
             s.name,
-            _secs(s.seconds),
+            secs(s.seconds),
             f"{s.peak_bytes / MB:,.0f} MiB",
             f"{s.after.params / 1e6:.1f}M",
             f"{s.after.bytes_on_disk / MB:,.1f} MiB",
@@ -319,5 +319,5 @@ def table(plan: Plan):
     return t
 
 
-def _secs(s: float) -> str:
+def secs(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"

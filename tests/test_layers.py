@@ -27,6 +27,7 @@ LAYERS = [
     ["compress.stages", "compress.quant.stage", "compress.prune.stage", "compress.distill.stage"],
     ["compress.plan"],
     ["compress.api"],
+    ["compress.search"],
     ["compress.cli", "compress.__main__"],
 ]
 RANK = {prefix: i for i, names in enumerate(LAYERS) for prefix in names}

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from compress import heap
-from compress.cli import bench, distill, eval as eval_cmd, export, prune, quantize, report, run  # noqa: E402
+from compress.cli import bench, distill, eval as eval_cmd, export, prune, quantize, report, run, search  # noqa: E402
 from compress.errors import CompressError, Terminated, printable
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("prune")(prune.prune)
 app.command("distill")(distill.distill)
 app.command("eval")(eval_cmd.evaluate)
 app.command("run")(run.run)
+app.command("search")(search.search_command)
 app.command("report")(report.report)
 app.command("export")(export.export)
 app.command("bench")(bench.bench)

@@ -62,11 +62,22 @@ def check_output(dest: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise UsageError(f"output {dest} is not writable (no write permission in {probe})")
 
 
+def _umasked(mode: int) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+_DIR_MODE = _umasked(0o777)
+
+
 def private_dir(dest: Path) -> Path:
     """A fresh directory beside `dest` that no other process writes (two runs filling the same
     cache entry at once each build their own, then `publish` one)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, _DIR_MODE)  # becomes a shared cache entry
+    return tmp
 
 
 def publish(tmp: Path, dest: Path) -> Path:
@@ -186,6 +197,7 @@ def _staged(dest: Path, overwrite: bool, stable: bool, resume: bool, needed: int
             tmp.mkdir(exist_ok=True)
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=dest.parent))
+            os.chmod(tmp, _DIR_MODE)  # becomes OUT: the permissions of a directory made with mkdir
     except OSError as exc:
         raise CompressError(f"cannot create the output beside {dest}: {exc.strerror}") from None
     try:

@@ -75,8 +75,19 @@ def _speed_banner(report: Report) -> str:
     return ""
 
 
+def _search(report: Report) -> str:
+    if not report.search:
+        return ""
+    classes = ["pass" if c.winner else ("fail" if c.verdict in ("missed", "failed") else "") for c in report.search]
+    return (
+        "<h2>Search</h2><p>This checkpoint is the winner of <code>compress search</code>; every candidate "
+        "considered, in order:</p>" + _table(render.SEARCH_HEAD, render.search_rows(report), classes)
+    )
+
+
 def page(report: Report, candidates: list[tuple[str, Measurement]] = ()) -> str:
-    """The whole report as one HTML document."""
+    """The whole report as one HTML document (a search's candidates are plotted beside base and result)."""
+    candidates = list(candidates) or [(c.label, c.result) for c in report.search if c.result and not c.winner]
     summary = _table(["metric", "base", "result", "change"], [list(r) for r in render.rows(report)])
     figures = "".join(
         [
@@ -120,6 +131,7 @@ def page(report: Report, candidates: list[tuple[str, Measurement]] = ()) -> str:
 {_speed_banner(report)}
 {summary}
 {_gates(report)}
+{_search(report)}
 <h2>Plots</h2>
 {figures or "<p>Nothing to plot: the report has no measurements.</p>"}
 <h2>How it was measured</h2>

@@ -233,6 +233,41 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
     return out
 
 
+SEARCH_HEAD = ["#", "candidate", "size on disk", "quality", "seconds", "verdict"]
+
+
+def search_rows(report: Report) -> list[list[str]]:
+    """`compress search`: every candidate in the order considered, with its verdict."""
+    out = []
+    for i, c in enumerate(report.search, 1):
+        m, quality = c.result, ""
+        if m is not None and m.perplexity is not None:
+            quality = f"perplexity {m.perplexity.value:.3f}"
+        elif m is not None and m.similarity is not None:
+            quality = f"cosine {m.similarity.mean:.4f}"
+        marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
+        verdict = c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
+        size = f"{m.bytes_on_disk / MB:,.2f} MiB" if m else f"{c.estimated_bytes / MB:,.2f} MiB (est.)"
+        took = f"{c.seconds:.0f}" if c.seconds is not None else "-"
+        out.append([str(i), c.label, size, quality, took, verdict])
+    return out
+
+
+def search_section(report: Report) -> list[str]:
+    if not report.search:
+        return []
+    return [
+        "## Search",
+        "",
+        "This checkpoint is the winner of `compress search`; every candidate considered, in order:",
+        "",
+        "| " + " | ".join(SEARCH_HEAD) + " |",
+        "|" + "---|" * len(SEARCH_HEAD),
+        *["| " + " | ".join(r) + " |" for r in search_rows(report)],
+        "",
+    ]
+
+
 def markdown(report: Report, plot: str | None = None) -> str:
     lines = [
         f"# compress report: {report.model}",
@@ -244,6 +279,7 @@ def markdown(report: Report, plot: str | None = None) -> str:
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(report)],
         "",
         *gates_section(report),
+        *search_section(report),
         "## How it was measured",
         "",
         *details(report),

@@ -6,8 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 4  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
-# 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores
+SCHEMA_VERSION = 5  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+# 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
+# 5: `search` (every candidate `compress search` tried or skipped)
 
 
 class Frozen(BaseModel):
@@ -138,6 +139,22 @@ class GateResult(Frozen):
     shown: str  # value and limit, for people
 
 
+class Candidate(Frozen):
+    """One point of a `compress search`: its stages, what the plan expected, what was measured."""
+
+    label: str  # e.g. "w4a16 g64 gptq"
+    stages: list[dict[str, Any]]  # the recipe stages it ran
+    estimated_bytes: int  # on disk, from the plan (nothing loaded)
+    estimated_seconds: float
+    verdict: str  # "met" | "missed" | "skipped" | "failed"
+    reason: str = ""  # the missed gates, why it was skipped, or the error
+    result: Measurement | None = None  # measured like every other candidate (None: not run)
+    speed: Speed | None = None
+    seconds: float | None = None  # wall time of its run, measurement included
+    front: bool = False  # on the size/quality Pareto front of the measured candidates
+    winner: bool = False
+
+
 class Report(Frozen):
     schema_version: int = SCHEMA_VERSION
     tool: str
@@ -158,6 +175,7 @@ class Report(Frozen):
     estimate: dict[str, float] | None = (
         None  # the plan's estimates (peak_rss_bytes, bytes_on_disk, seconds), to compare
     )
+    search: list[Candidate] = []  # `compress search`: every candidate, in the order considered
 
     def ratio(self, field: str) -> float | None:
         if self.base is None:
