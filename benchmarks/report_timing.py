@@ -22,6 +22,8 @@ import statistics
 import threading
 import time
 
+from results import write_section
+
 from compress.data import text as textdata
 from compress.eval.latency import NOISY_SPREAD
 from compress.eval.measure import measure
@@ -90,17 +92,21 @@ def main() -> None:
             second = measure(path, "causal-lm", spec, texts, [])
         old = second.measurement.latency.decode_tokens_per_s / first.measurement.latency.decode_tokens_per_s
         rows.append((cond, fmt_speed(inter), f"{old:.2f}x", time.time() - t0))
-    print(
+    lines = [
         f"SmolLM2-135M bf16 checkpoint against itself (true ratio 1.00x): decode tokens/s at batch 1, prompt "
         f"{spec.prompt_len}, {spec.new_tokens} new tokens, torch dense bf16 matmul, cpu, {cores} cores; "
         f"{spec.latency_rounds} rounds per model; noisy when the ratios of adjacent rounds spread wider than "
-        f"{NOISY_SPREAD}x.\n"
-    )
-    print("| condition | report: one process, rounds interleaved | old: two processes, one after the other |")
-    print("|---|---|---|")
-    for cond, inter, old, _ in rows:
-        print(f"| {cond} | {inter} | {old} |")
-    print(f"\n(total {statistics.fsum(r[3] for r in rows):.0f} s)")
+        f"{NOISY_SPREAD}x. Busy: one CPU-bound process per core.",
+        "",
+        "| condition | report: one process, rounds interleaved | old: two processes, one after the other |",
+        "|---|---|---|",
+        *[f"| {cond} | {inter} | {old} |" for cond, inter, old, _ in rows],
+        "",
+        f"(total {statistics.fsum(r[3] for r in rows):.0f} s; `python benchmarks/report_timing.py "
+        f"--new-tokens {spec.new_tokens}`)",
+    ]
+    print("\n".join(lines))
+    write_section("report-timing", "## Timing a busy machine (`benchmarks/report_timing.py`)\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from compress import search
 from compress.cli import app
 from compress.recipe import Gates
-from compress.report.schema import Candidate, Measurement, Perplexity
+from compress.report.schema import Candidate, Measurement, Perplexity, Speed
 from tests.cli.test_errors import assert_one_line_error, compress
 
 
@@ -36,6 +36,16 @@ def test_front_and_winner():
     marked = search.marked(cs, "size")
     assert [c.winner for c in marked] == [False, True, False, False, False]
     assert search.winner([cs[0], cs[4]], "size") is None
+
+
+def test_decode_objective_counts_a_noisy_candidate_at_its_slowest_round_pair():
+    def timed(label, decode, lo, hi, noisy):
+        sp = Speed(prefill=1.0, prefill_range=[1, 1], decode=decode, decode_range=[lo, hi], rounds=5, noisy=noisy)
+        return cand(label, 100, 10.0, "met", speed=sp)
+
+    steady, lucky = timed("steady", 1.3, 1.25, 1.35, False), timed("lucky", 1.6, 0.9, 2.1, True)
+    assert search.winner([lucky, steady], "decode") == 1
+    assert search.winner([lucky, timed("slow", 0.8, 0.75, 0.85, False)], "decode") == 0
 
 
 def test_skips_what_measurement_already_decided():
@@ -94,11 +104,11 @@ def test_no_candidate_meets_the_budget(tiny_model, tmp_path):
 
 
 def test_dry_run_lists_candidates_and_writes_nothing(tiny_model, tmp_path):
-    result = CliRunner().invoke(
-        app, ["search", str(tiny_model("llama")), "-o", str(tmp_path / "o"), "--max-ppl-increase", "5%", "--dry-run"]
-    )
+    args = ["search", str(tiny_model("llama")), "-o", str(tmp_path / "o"), "--max-ppl-increase", "5%", "--dry-run"]
+    result = CliRunner().invoke(app, [*args, "--sparsity", "0.5"])
     assert result.exit_code == 0, result.output
     assert "w4a16 g64 rtn" in result.output and "w8a16 channel gptq" in result.output
+    assert "sparsegpt 50% sparse" in result.output and "w4a16 g128" not in result.output  # 128 divides no width
     assert list(tmp_path.iterdir()) == []
 
 

@@ -27,6 +27,7 @@ from compress.cli.common import (
 )
 from compress.errors import GateFailed, UsageError
 from compress.recipe import EvalSpec, Gates, Recipe
+from compress.report import render
 from compress.report.schema import Candidate
 
 _eval = partial(default, EvalSpec)  # the recipe's defaults, written once there
@@ -167,26 +168,15 @@ def search_command(
 
 def table(candidates: list[Candidate], planned: bool) -> Table:
     t = Table(title="search: candidates in the order considered", title_justify="left")
-    cols = (
-        ["#", "candidate", "size (est.)", "time (est.)"] if planned else ["#", "candidate", "size", "quality", "time"]
-    )
-    for c in cols:
-        t.add_column(c, justify="left" if c == "candidate" else "right")
-    if not planned:
-        t.add_column("verdict", ratio=1)
+    for c in ["#", "candidate", "size (est.)", "time (est.)"] if planned else render.SEARCH_HEAD:
+        t.add_column(
+            c, justify="left" if c in ("candidate", "verdict") else "right", ratio=1 if c == "verdict" else None
+        )
     for i, c in enumerate(candidates, 1):
         if planned:
             t.add_row(str(i), c.label, _mib(c.estimated_bytes), plan.secs(c.estimated_seconds))
-            continue
-        m, quality = c.result, ""
-        if m is not None and m.perplexity is not None:
-            quality = f"ppl {m.perplexity.value:.3f}"
-        elif m is not None and m.similarity is not None:
-            quality = f"cos {m.similarity.mean:.4f}"
-        marks = ", ".join(x for x, on in (("winner", c.winner), ("front", c.front)) if on)
-        verdict = c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
-        took = plan.secs(c.seconds) if c.seconds is not None else "-"
-        t.add_row(str(i), c.label, _mib(m.bytes_on_disk) if m else "-", quality, took, verdict)
+        else:
+            t.add_row(*render.search_row(i, c))
     return t
 
 

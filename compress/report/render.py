@@ -7,7 +7,7 @@ from rich.table import Table
 
 from compress.errors import printable
 from compress.eval.latency import NOISY_SPREAD
-from compress.report.schema import Measurement, Report
+from compress.report.schema import Candidate, Measurement, Report
 
 MB = 1024 * 1024
 
@@ -236,21 +236,23 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
 SEARCH_HEAD = ["#", "candidate", "size on disk", "quality", "seconds", "verdict"]
 
 
+def search_row(i: int, c: Candidate) -> list[str]:
+    """One candidate of a `compress search`: SEARCH_HEAD's cells."""
+    m, quality = c.result, ""
+    if m is not None and m.perplexity is not None:
+        quality = f"perplexity {m.perplexity.value:.3f}"
+    elif m is not None and m.similarity is not None:
+        quality = f"cosine {m.similarity.mean:.4f}"
+    marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
+    verdict = c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
+    size = f"{m.bytes_on_disk / MB:,.2f} MiB" if m else f"{c.estimated_bytes / MB:,.2f} MiB (est.)"
+    took = f"{c.seconds:.0f}" if c.seconds is not None else "-"
+    return [str(i), c.label, size, quality, took, verdict]
+
+
 def search_rows(report: Report) -> list[list[str]]:
     """`compress search`: every candidate in the order considered, with its verdict."""
-    out = []
-    for i, c in enumerate(report.search, 1):
-        m, quality = c.result, ""
-        if m is not None and m.perplexity is not None:
-            quality = f"perplexity {m.perplexity.value:.3f}"
-        elif m is not None and m.similarity is not None:
-            quality = f"cosine {m.similarity.mean:.4f}"
-        marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
-        verdict = c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
-        size = f"{m.bytes_on_disk / MB:,.2f} MiB" if m else f"{c.estimated_bytes / MB:,.2f} MiB (est.)"
-        took = f"{c.seconds:.0f}" if c.seconds is not None else "-"
-        out.append([str(i), c.label, size, quality, took, verdict])
-    return out
+    return [search_row(i, c) for i, c in enumerate(report.search, 1)]
 
 
 def search_section(report: Report) -> list[str]:

@@ -9,11 +9,51 @@ from pathlib import Path
 import pytest
 
 
-def compress(*args, env=None, cwd=None):
-    e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "compress", *map(str, args)], capture_output=True, text=True, env=e, cwd=cwd, timeout=300
-    )
+def compress(*args, env=None, cwd=None, fresh=False):
+    """The command line's `main`, as the console script calls it: its exit code, stdout and
+    stderr. In this process (a new one costs ~6 s of imports, most of the suite's CLI tests'
+    time), unless it needs its own environment or `fresh` asks for a real process."""
+    if env is not None or fresh:
+        e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "compress", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=e,
+            cwd=cwd,
+            timeout=300,
+        )
+    return in_process([str(a) for a in args], cwd)
+
+
+def in_process(argv: list[str], cwd=None) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+    import warnings
+
+    import torch
+
+    from compress import cli
+
+    out, err, here, threads = io.StringIO(), io.StringIO(), os.getcwd(), torch.get_num_threads()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        # a fresh warnings registry: a warning shown by an earlier call is shown again, as in a new process
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.simplefilter("default")
+            try:
+                cli.main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(["compress", *argv], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, code):

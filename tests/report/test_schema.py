@@ -11,6 +11,7 @@ DIGEST = {
     2: "08f8e12cbd1d6973db667da1afb17776365d884890f7a4ff8ed213390c87433f",
     3: "35ed2281b16a5198e4b2d92c6eed28004a6bf0eaccc2f201f9f8feae3a057907",  # typed per-layer errors
     4: "4900eaf37c445a424d6b5287687bf25e50b1cddd028c5403837acd862fcac57c",  # timing interleaved, tasks, reuse
+    5: "89330804a674aadd0da3d5cf77d7b1f58dd7a393921dc0816789d5ac6bb11a02",  # search candidates
 }
 
 
