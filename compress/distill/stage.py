@@ -24,8 +24,13 @@ from compress.stages import StageResult
 
 def accelerator_for(stage: DistillStage, device: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     bf16 = stage.autocast == "bf16" or stage.autocast == "auto" and device == "cuda" and torch.cuda.is_bf16_supported()
+    # accelerate keeps one mixed-precision setting per process: a second distill stage (or a second
+    # api.run in one Python process) with another autocast would be refused. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
 
 
