@@ -42,10 +42,13 @@ class Hogs:
     """One busy process per core, started `delay` seconds after entering."""
 
     def __init__(self, n: int, delay: float = 0.0):
-        self.n, self.delay, self.stop, self.procs = n, delay, mp.Event(), []
+        self.n, self.delay, self.stop, self.procs = n, delay, mp.get_context("spawn").Event(), []
 
     def _start(self) -> None:
-        self.procs = [mp.Process(target=hog, args=(self.stop,), daemon=True) for _ in range(self.n)]
+        # spawned, not forked: a fork made while a measuring worker runs would inherit the pipes the
+        # parent reads that worker's output from, and the parent would wait for their end forever
+        ctx = mp.get_context("spawn")
+        self.procs = [ctx.Process(target=hog, args=(self.stop,), daemon=True) for _ in range(self.n)]
         for p in self.procs:
             p.start()
 
