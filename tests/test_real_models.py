@@ -33,18 +33,8 @@ def smol_runs(tmp_path_factory):
         extra = ["--group-size", "64"] if scheme == "w4a16" else []
         latency = [] if scheme == "w4a16" else ["--no-latency"]
         # w4a16 (the demo's job) through the console entry point in its own process, the others in this one
-        proc = run_cli(
-            "quantize",
-            "smollm2-135m",
-            "-o",
-            out,
-            "--scheme",
-            scheme,
-            *extra,
-            *latency,
-            "--json",
-            fresh=scheme == "w4a16",
-        )
+        args = ["quantize", "smollm2-135m", "-o", out, "--scheme", scheme, *extra, *latency, "--json"]
+        proc = run_cli(*args, fresh=scheme == "w4a16")
         runs[scheme] = (out, json.loads(proc.stdout))
     return runs
 
