@@ -19,6 +19,9 @@ from pathlib import Path
 
 from results import write_section
 
+from compress.report.render import verdict_text
+from compress.report.schema import Candidate
+
 OTHER_PROSE = Path("/usr/share/common-licenses")
 MB = 2**20
 
@@ -69,8 +72,7 @@ def main() -> None:
     ]
     for i, c in enumerate(cands, 1):
         m = c["result"]
-        marks = ", ".join(x for x, on in (("winner", c["winner"]), ("Pareto front", c["front"])) if on)
-        verdict = c["verdict"] + (f" ({marks})" if marks else "") + (f": {c['reason']}" if c["reason"] else "")
+        verdict = verdict_text(Candidate.model_validate(c))
         est = f"({c['estimated_bytes'] / MB:.1f} MiB)"
         took = (
             f"{c['seconds']:.0f} ({c['estimated_seconds']:.0f})"

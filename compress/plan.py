@@ -258,12 +258,14 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     return StagePlan("distill", seconds, int(peak), f, disk_bytes=ckpt), f
 
 
-def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path) -> Plan:
+def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path, gflops: float | None = None) -> Plan:
+    """gflops: the machine's matmul speed when the caller has timed it already (plans of many
+    candidates share one probe)."""
     base = facts(src, recipe.dtype)
     notes = []
     if src.is_gguf and not any((cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*/config.json")):
         notes.append("the GGUF is de-quantized to a cached Hugging Face checkpoint first")
-    gflops = matmul_gflops()
+    gflops = gflops or matmul_gflops()
     f, plans, t_iter = base, [], iter(teachers)
     for i, st in enumerate(recipe.stages):
         teacher = None

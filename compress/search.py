@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from compress.formats.atomic import atomic_dir, check_output
 from compress.models import source as sources
 from compress.quant.schemes import SCHEMES, fitting_groups
 from compress.recipe import EvalSpec, Gates, validate
-from compress.report import html_report
+from compress.report import html_report, render
 from compress.report.schema import Candidate, Report
 
 Objective = Literal["size", "decode"]
@@ -145,7 +144,7 @@ def estimate(spec: Spec, points: list[Point], src: sources.Source, dest: Path) -
     """Size on disk and seconds of each candidate, from the plan (nothing is loaded)."""
     gflops = plan.matmul_gflops()
     for p in points:
-        pl = plan.make(_recipe(spec, p.stages, dest), src, [], dest)
+        pl = plan.make(_recipe(spec, p.stages, dest), src, [], dest, gflops)
         p.bytes = pl.output_bytes
         scored = spec.evaluate.max_tokens if pl.base.task == "causal-lm" else 0
         measure = EVAL_OVERHEAD_S + plan.forward_seconds(pl.base.params, scored, gflops)
@@ -214,14 +213,12 @@ def winner(candidates: list[Candidate], objective: Objective) -> int | None:
     return max(met, key=decode)
 
 
-def run(spec: Spec, console: Console, dry_run: bool = False, progress: Callable[[str], None] | None = None) -> Outcome:
+def run(spec: Spec, console: Console, dry_run: bool = False) -> Outcome:
     """Search; the winner is written to spec.output. When no candidate meets the budget nothing is
     written and `Outcome.report` is None (the caller shows the front and exits 1)."""
-    say = progress or (lambda line: console.print(line))
     check_spec(spec)
     start = time.perf_counter()
     src = sources.resolve(spec.model, spec.allow_pickle)
-    check_output(spec.output, spec.overwrite, api.read_by(_recipe(spec, _probe(spec), spec.output), src, []))
     facts = plan.facts(src, spec.dtype)
     if facts.task != "causal-lm" and spec.budget.max_ppl_increase is not None:
         raise UsageError("--max-ppl-increase is for decoders; budget an encoder with --min-embedding-similarity")
@@ -230,6 +227,8 @@ def run(spec: Spec, console: Console, dry_run: bool = False, progress: Callable[
     points = grid(spec, facts.widths)
     if not points:
         raise UsageError(f"no candidate fits this model: group sizes {spec.group_sizes} divide none of its layers")
+    read = {path for p in points for path in api.read_by(_recipe(spec, p.stages, spec.output), src, [])}
+    check_output(spec.output, spec.overwrite, sorted(read))
     estimate(spec, points, src, spec.output)
     points = order(points, spec.objective)
     if dry_run:
@@ -242,11 +241,11 @@ def run(spec: Spec, console: Console, dry_run: bool = False, progress: Callable[
                 reason = _skip_reason(p, points[: i - 1], spec.objective)
                 if reason:
                     p.record = _candidate(p, verdict="skipped", reason=reason)
-                    say(f"[{i}/{len(points)}] {p.label}: skipped ({reason})")
+                    console.print(f"[{i}/{len(points)}] {p.label}: skipped ({reason})")
                     continue
-                say(f"[{i}/{len(points)}] {p.label}: running (about {plan.secs(p.cost)})")
+                console.print(f"[{i}/{len(points)}] {p.label}: running (about {plan.secs(p.cost)})")
                 p.record = _try(spec, p, work / f"{i:02d}", quiet)
-                say(f"[{i}/{len(points)}] {p.label}: {_line(p.record)}")
+                console.print(f"[{i}/{len(points)}] {p.label}: {_line(p.record)}")
             candidates = marked([p.record for p in points], spec.objective)
             best = next((i for i, c in enumerate(candidates) if c.winner), None)
             if best is None:
@@ -287,12 +286,6 @@ def marked(candidates: list[Candidate], objective: Objective) -> list[Candidate]
     return [c.model_copy(update={"front": i in on_front, "winner": i == best}) for i, c in enumerate(candidates)]
 
 
-def _probe(spec: Spec) -> list[dict[str, Any]]:
-    """A valid stage for checking what the search reads (the calibration text)."""
-    calib = {"samples": spec.samples} if spec.samples else {}
-    return [{"stage": "quantize", "scheme": "w8a16", "method": "gptq", **calib}]
-
-
 def _try(spec: Spec, p: Point, out: Path, quiet: Console) -> Candidate:
     t0 = time.perf_counter()
     try:
@@ -314,10 +307,5 @@ def _line(c: Candidate) -> str:
     if c.verdict == "failed":
         return f"failed ({c.reason})"
     m = c.result
-    parts = [f"{m.bytes_on_disk / 2**20:,.1f} MiB"]
-    if m.perplexity is not None:
-        parts.append(f"perplexity {m.perplexity.value:.3f}")
-    if m.similarity is not None:
-        parts.append(f"cosine {m.similarity.mean:.4f}")
     tail = "met the budget" if c.verdict == "met" else f"missed: {c.reason}"
-    return ", ".join(parts) + f"; {tail}"
+    return f"{m.bytes_on_disk / 2**20:,.1f} MiB, {render.quality_text(m)}; {tail}"

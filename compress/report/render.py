@@ -236,18 +236,27 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
 SEARCH_HEAD = ["#", "candidate", "size on disk", "quality", "seconds", "verdict"]
 
 
+def quality_text(m: Measurement | None) -> str:
+    """Perplexity (decoders) or embedding cosine to the base (encoders), as one short phrase."""
+    if m is not None and m.perplexity is not None:
+        return f"perplexity {m.perplexity.value:.3f}"
+    if m is not None and m.similarity is not None:
+        return f"cosine {m.similarity.mean:.4f}"
+    return ""
+
+
 def search_row(i: int, c: Candidate) -> list[str]:
     """One candidate of a `compress search`: SEARCH_HEAD's cells."""
-    m, quality = c.result, ""
-    if m is not None and m.perplexity is not None:
-        quality = f"perplexity {m.perplexity.value:.3f}"
-    elif m is not None and m.similarity is not None:
-        quality = f"cosine {m.similarity.mean:.4f}"
-    marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
-    verdict = c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
+    m, quality = c.result, quality_text(c.result)
     size = f"{m.bytes_on_disk / MB:,.2f} MiB" if m else f"{c.estimated_bytes / MB:,.2f} MiB (est.)"
     took = f"{c.seconds:.0f}" if c.seconds is not None else "-"
-    return [str(i), c.label, size, quality, took, verdict]
+    return [str(i), c.label, size, quality, took, verdict_text(c)]
+
+
+def verdict_text(c: Candidate) -> str:
+    """"missed: <gates>", "met (winner, Pareto front)", "skipped: <why>"."""
+    marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
+    return c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
 
 
 def search_rows(report: Report) -> list[list[str]]:
