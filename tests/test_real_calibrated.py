@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_real_models import FRESH, run_cli
+from tests.test_real_models import EVAL, EVAL_TOKENS, FRESH, run_cli
 
 pytestmark = pytest.mark.real
 
@@ -43,6 +43,7 @@ def calibrated_runs(tmp_path_factory):
             str(SAMPLES),
             *extra,
             "--no-latency",
+            *EVAL,
             "--json",
         )
         runs[(scheme, method)] = (out, json.loads(proc.stdout))
@@ -67,7 +68,7 @@ def test_gptq_checkpoint_reloads_with_the_reported_perplexity(calibrated_runs, t
     (tmp_path / "texts.json").write_text(json.dumps(builtin("evaluation").texts))
     (tmp_path / "fresh.py").write_text(FRESH)
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json")],
+        [sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json"), str(EVAL_TOKENS)],
         capture_output=True,
         text=True,
         cwd=tmp_path,

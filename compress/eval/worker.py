@@ -1,8 +1,9 @@
-"""Measure one checkpoint in a fresh process, loaded by plain transformers.
+"""Measure one checkpoint in a new process, loaded by plain transformers.
 
-Run as `python -m compress.eval.worker REQUEST.json RESULT.json`. A fresh process makes
-the peak memory its own, and loading through `from_pretrained` measures exactly what a
-user gets, not our in-memory model.
+`measure.measure` forks it (`child`) from a server process that has only imported this module,
+or runs `python -m compress.eval.worker REQUEST.json RESULT.json`. A new process makes the peak
+memory its own, and loading through `from_pretrained` measures exactly what a user gets, not our
+in-memory model.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -122,10 +124,29 @@ def _latency(req: dict, model: torch.nn.Module, kernel: str, prompt: torch.Tenso
     ).model_dump()
 
 
-def main() -> None:
-    req_path, out_path = sys.argv[1], sys.argv[2]
+def run(req_path: str, out_path: str) -> None:
     result = measure(json.loads(Path(req_path).read_text()))
     Path(out_path).write_text(json.dumps(result))
+
+
+def child(req_path: str, out_path: str, log_path: str, env: dict[str, str], cwd: str) -> None:
+    """A measuring process forked by `server`: the caller's environment and directory (the
+    server's are those of its start), its output to `log_path`, then as `main`."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    tempfile.tempdir = None  # chosen again from this environment's TMPDIR
+    if env.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when the server started
+        torch.set_num_threads(max(1, int(env["OMP_NUM_THREADS"])))
+    run(req_path, out_path)
+
+
+def main() -> None:
+    run(sys.argv[1], sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ again when anything did (weights, settings); never for a timed measurement."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -25,7 +24,7 @@ def no_worker(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(measuring, "run_worker", refuse)
 
 
 def test_second_base_measurement_is_read_back(tiny_model, cache, monkeypatch):
