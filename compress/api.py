@@ -258,7 +258,13 @@ def measure_and_report(
             untimed = spec.model_copy(update={"latency": False})  # timed below, beside the result
             base = one(written.base, spec=untimed, keep_embeddings=base_emb, reuse=spec.reuse_base).measurement
             console.print("measuring the result, reloaded by plain transformers ...")
-            got = one(tmp, spec=spec, base_embeddings=base_emb, timed_with=written.base if spec.latency else None)
+            got = one(
+                tmp,
+                spec=spec,
+                base_embeddings=base_emb,
+                timed_with=written.base if spec.latency else None,
+                compared_with=written.base if spec.kl_divergence else None,
+            )
             result, speed = got.measurement, got.speed
             base.latency = got.base_latency
     else:
@@ -335,6 +341,12 @@ def _check_gates_fit(recipe: Recipe, task: str) -> None:
     g = recipe.gates
     if task == "encoder" and g.max_ppl_increase is not None:
         raise UsageError("gates.max_ppl_increase: an encoder has no perplexity; use min_embedding_similarity")
+    if task == "encoder" and g.max_kl_divergence is not None:
+        raise UsageError(
+            "gates.max_kl_divergence: an encoder has no next-token distribution; use min_embedding_similarity"
+        )
+    if g.max_kl_divergence is not None and not recipe.evaluate.kl_divergence:
+        raise UsageError("gates.max_kl_divergence needs evaluate.kl_divergence (turned off by --no-kl-divergence)")
     if task == "causal-lm" and g.min_embedding_similarity is not None:
         raise UsageError(
             "gates.min_embedding_similarity is for encoders; use max_ppl_increase for a causal language model"

@@ -231,6 +231,9 @@ class EvalSpec(Strict):
     text_column: str = "text"
     seq_len: int = Field(512, ge=16)
     max_tokens: int = Field(8192, ge=64)  # perplexity: tokens scored
+    # Decoders: KL divergence and top-1 agreement of the result's next-token distributions against
+    # the base's on the perplexity windows (the base is loaded beside the result: two more forward passes).
+    kl_divergence: bool = True
     max_texts: int = Field(256, ge=4)  # encoders: sentences embedded
     latency: bool = True
     prompt_len: int = Field(128, ge=1)
@@ -264,6 +267,7 @@ class Gates(Strict):
     """Budgets the result must meet; `compress run` exits 1 when one is missed."""
 
     max_ppl_increase: float | None = Field(None, ge=0)  # relative: 0.05 = at most 5% above the base
+    max_kl_divergence: float | None = Field(None, ge=0)  # decoders: mean KL(base || result), nats per token
     min_embedding_similarity: float | None = Field(None, ge=-1, le=1)  # encoders: mean cosine to the base
     max_size_ratio: float | None = Field(None, gt=0)  # bytes on disk, result / base
     min_speedup: float | None = Field(None, gt=0)  # decode tokens/s (prefill for encoders), result / base

@@ -34,7 +34,7 @@ from compress.report import html_report, render
 from compress.report.schema import Candidate, Report
 
 Objective = Literal["size", "decode"]
-QUALITY_GATES = ("max_ppl_increase", "max_task_drop", "min_embedding_similarity")
+QUALITY_GATES = ("max_ppl_increase", "max_kl_divergence", "max_task_drop", "min_embedding_similarity")
 # Per candidate, beside its stage: starting a measuring process and loading the model twice
 # (~15 s on 2 cores for SmolLM2-135M) and scoring the evaluation text once.
 EVAL_OVERHEAD_S = 15.0
@@ -87,7 +87,10 @@ class Outcome:
 
 def check_spec(spec: Spec) -> None:
     if not any(getattr(spec.budget, g) is not None for g in QUALITY_GATES):
-        raise UsageError("give a quality budget: --max-ppl-increase, --max-task-drop or --min-embedding-similarity")
+        raise UsageError(
+            "give a quality budget: --max-ppl-increase, --max-kl-divergence, --max-task-drop or "
+            "--min-embedding-similarity"
+        )
     if spec.budget.max_task_drop is not None and not spec.evaluate.tasks:
         raise UsageError("--max-task-drop needs --tasks (the tasks to score base and candidates on)")
     if spec.objective == "decode" and not spec.evaluate.latency:
@@ -222,6 +225,8 @@ def run(spec: Spec, console: Console, dry_run: bool = False) -> Outcome:
     facts = plan.facts(src, spec.dtype)
     if facts.task != "causal-lm" and spec.budget.max_ppl_increase is not None:
         raise UsageError("--max-ppl-increase is for decoders; budget an encoder with --min-embedding-similarity")
+    if facts.task != "causal-lm" and spec.budget.max_kl_divergence is not None:
+        raise UsageError("--max-kl-divergence is for decoders; budget an encoder with --min-embedding-similarity")
     if facts.task == "causal-lm" and spec.budget.min_embedding_similarity is not None:
         raise UsageError("--min-embedding-similarity is for encoders; budget a decoder with --max-ppl-increase")
     points = grid(spec, facts.widths)

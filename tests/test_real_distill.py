@@ -43,6 +43,7 @@ def test_distilling_a_layer_dropped_smollm2_lowers_its_perplexity(tmp_path):
         "--eval-tokens",
         "2048",
         "--no-latency",
+        "--no-kl-divergence",
         "--json",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from compress.primitives.masks import n_of_m_holds
 from tests.test_real_models import EVAL, run_cli
 
 pytestmark = pytest.mark.real
-CALIB = ["--samples", "16", "--no-latency", *EVAL, "--json"]
+CALIB = ["--samples", "8", "--no-latency", *EVAL, "--json"]  # 8 x 512 tokens: the suite's time
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_calibrated_methods_far_ahead_of_magnitude(runs):
     base, magnitude = _ppl(runs["magnitude"][1])
     _, wanda = _ppl(runs["wanda"][1])
     _, sgpt = _ppl(runs["sparsegpt"][1])
-    assert sgpt < wanda < 0.2 * magnitude  # measured here: magnitude ~415, wanda ~28, sparsegpt ~21 (base 14.8)
-    assert sgpt < 1.6 * base
+    assert sgpt < wanda < 0.2 * magnitude  # measured so: wanda 30.6, sparsegpt 23.8 (base 15.7)
+    assert sgpt < 1.6 * base  # 1.52x (1.42x calibrated on 16 samples)
     rep = runs["sparsegpt"][1]
     st = rep["stages"][0]
     assert len(st["layer_errors"]) == 30 and len(st["layer_sparsity"]) == 210

@@ -50,6 +50,13 @@ EvalDataset = Annotated[
 EvalTokens = Annotated[int, typer.Option(help="Tokens scored for perplexity")]
 Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")]
 Latency = Annotated[bool, typer.Option("--latency/--no-latency", help="Measure prefill and decode speed")]
+Kl = Annotated[
+    bool,
+    typer.Option(
+        "--kl-divergence/--no-kl-divergence",
+        help="Decoders: KL divergence and top-1 agreement against the base (two more forward passes)",
+    ),
+]
 Tasks = Annotated[
     str,
     typer.Option(
@@ -139,6 +146,7 @@ def one_stage(
     latency: bool,
     tasks: str = "",
     offload: bool = False,
+    kl: bool = True,
 ) -> Recipe:
     """The recipe a single command stands for."""
     return validate(
@@ -159,6 +167,7 @@ def one_stage(
                 max_tokens=eval_tokens,
                 latency=latency,
                 tasks=task_list(tasks),
+                kl_divergence=kl,
             ).model_dump(),
         },
         "options",

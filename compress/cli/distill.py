@@ -14,6 +14,7 @@ from compress.cli.common import (
     EvalTokens,
     Evaluate,
     Json,
+    Kl,
     Latency,
     Output,
     Overwrite,
@@ -105,6 +106,7 @@ def distill(
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
+    kl: Kl = _eval("kl_divergence"),
     tasks: Tasks = "",
     overwrite: Overwrite = _run("overwrite"),
     trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
@@ -153,6 +155,7 @@ def distill(
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,
+        kl=kl,
         tasks=tasks,
     )
     execute(recipe, save_recipe, json, resume=resume)

@@ -12,7 +12,7 @@ import typer
 
 import compress
 from compress import api
-from compress.cli.common import Tasks, err, out, task_list
+from compress.cli.common import Kl, Tasks, default, err, out, task_list
 from compress.data import text as textdata
 from compress.eval import size
 from compress.eval.measure import measure
@@ -38,10 +38,11 @@ def evaluate(
     baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to compare against")] = None,
     dataset: Annotated[
         str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")
-    ] = "builtin",
-    eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = 8192,
-    seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = 512,
-    latency: Annotated[bool, typer.Option("--latency/--no-latency")] = True,
+    ] = default(EvalSpec, "dataset"),
+    eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = default(EvalSpec, "max_tokens"),
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = default(EvalSpec, "seq_len"),
+    latency: Annotated[bool, typer.Option("--latency/--no-latency")] = default(EvalSpec, "latency"),
+    kl: Kl = default(EvalSpec, "kl_divergence"),
     tasks: Tasks = "",
     reuse_base: Annotated[
         bool,
@@ -56,7 +57,14 @@ def evaluate(
 ) -> None:
     """Measure size, quality, speed and memory of a checkpoint, optionally against a baseline."""
     loading.check_device(device)
-    spec = EvalSpec(dataset=dataset, max_tokens=eval_tokens, seq_len=seq_len, latency=latency, tasks=task_list(tasks))
+    spec = EvalSpec(
+        dataset=dataset,
+        max_tokens=eval_tokens,
+        seq_len=seq_len,
+        latency=latency,
+        kl_divergence=kl,
+        tasks=task_list(tasks),
+    )
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
@@ -76,7 +84,7 @@ def evaluate(
         err.print(f"measuring {model} ..." + (f" (timed against {baseline})" if base and latency else ""))
         got = measure(
             path, task, spec, texts, layers, device, base_embeddings=emb if base else None,
-            timed_with=base_path if latency else None,
+            timed_with=base_path if latency else None, compared_with=base_path if kl else None,
         )  # fmt: skip
         result, speed = got.measurement, got.speed
         if base is not None:

@@ -15,6 +15,7 @@ from compress.cli.common import (
     EvalTokens,
     Evaluate,
     Json,
+    Kl,
     Latency,
     Model,
     Output,
@@ -82,6 +83,7 @@ def quantize(
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
+    kl: Kl = _eval("kl_divergence"),
     tasks: Tasks = "",
     overwrite: Overwrite = _run("overwrite"),
     trust_remote_code: TrustRemoteCode = _run("trust_remote_code"),
@@ -119,6 +121,7 @@ def quantize(
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,
+        kl=kl,
         tasks=tasks,
         offload=offload,
     )

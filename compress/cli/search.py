@@ -61,6 +61,9 @@ def search_command(
     max_ppl_increase: Annotated[
         Optional[str], typer.Option(help="Budget: perplexity at most this much above the base (5% or 0.05)")
     ] = None,
+    max_kl_divergence: Annotated[
+        Optional[float], typer.Option(help="Budget (decoders): mean KL divergence from the base at most, nats/token")
+    ] = None,
     max_task_drop: Annotated[
         Optional[float], typer.Option(help="Budget: accuracy points lost at most on the worst --tasks task")
     ] = None,
@@ -106,6 +109,7 @@ def search_command(
         output=output,
         budget=Gates(
             max_ppl_increase=_fraction(max_ppl_increase),
+            max_kl_divergence=max_kl_divergence,
             max_task_drop=max_task_drop,
             min_embedding_similarity=min_embedding_similarity,
         ),

@@ -22,6 +22,7 @@ import torch
 import compress
 from compress.data.text import Texts
 from compress.errors import CompressError
+from compress.eval import tasks
 from compress.eval.embedding import cosine
 from compress.models.source import cache_dir, fingerprint
 from compress.recipe import EvalSpec
@@ -39,13 +40,16 @@ def measure(
     base_embeddings: Path | None = None,
     keep_embeddings: Path | None = None,
     timed_with: Path | None = None,
+    compared_with: Path | None = None,
     reuse: bool = False,
 ) -> Measured:
     """One checkpoint's size, quality and memory, in a fresh process; with `timed_with` (the
-    baseline) the latency rounds of both run interleaved there, and the ratio is `speed`.
+    baseline) the latency rounds of both run interleaved there, and the ratio is `speed`; with
+    `compared_with` (the baseline, decoders) the result's divergence from it is measured there.
     `reuse` (an untimed base): an earlier run's measurement of the same weights, text, settings
     and versions is read back instead of measured again."""
-    key = _key(path, task, spec, texts, layers, device) if reuse and not spec.latency and not timed_with else None
+    untimed = not spec.latency and not timed_with and not compared_with
+    key = _key(path, task, spec, texts, layers, device) if reuse and untimed else None
     if key and (hit := _cached(key, keep_embeddings)):
         return Measured(hit, None, None)
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
@@ -60,10 +64,11 @@ def measure(
             "trust_remote_code": trust_remote_code,
             "embeddings_out": str(keep_embeddings or Path(tmp) / "emb.pt"),
             "timed_with": str(timed_with) if timed_with else None,
+            "compared_with": str(compared_with) if compared_with and task == "causal-lm" else None,
         }
         req_file, out_file, log_file = Path(tmp) / "req.json", Path(tmp) / "out.json", Path(tmp) / "worker.log"
         req_file.write_text(json.dumps(req))
-        code = run_worker(req_file, out_file, log_file)
+        code = run_worker(req_file, out_file, log_file, tasks.MODULES if spec.tasks else [])
         if code != 0:
             log = log_file.read_text(errors="replace") if log_file.exists() else ""
             lines = [ln for ln in log.strip().splitlines() if ln.strip()]
@@ -80,12 +85,17 @@ def measure(
         return Measured(result, base_latency, got["speed"] and Speed.model_validate(got["speed"]))
 
 
-def run_worker(req_file: Path, out_file: Path, log_file: Path) -> int:
-    """The worker in a new process, forked by this process's `server` (see there why); its exit
-    code, its output in `log_file`."""
+def run_worker(req_file: Path, out_file: Path, log_file: Path, preload: list[str] = ()) -> int:
+    """The worker in a new process, forked by this process's `server` (see there why) once it has
+    imported `preload`; its exit code, its output in `log_file`."""
     with _lock:
         server = _server()
-        msg = {"args": [str(req_file), str(out_file), str(log_file)], "env": dict(os.environ), "cwd": os.getcwd()}
+        msg = {
+            "args": [str(req_file), str(out_file), str(log_file)],
+            "env": dict(os.environ),
+            "cwd": os.getcwd(),
+            "preload": list(preload),
+        }
         pid = None
         try:
             server.stdin.write(json.dumps(msg) + "\n")
@@ -148,7 +158,7 @@ def _key(path: Path, task: str, spec: EvalSpec, texts: Texts, layers: list[str],
         "weights": fingerprint(path),
         "task": task,
         "eval": spec.model_dump(
-            exclude={"enabled", "latency", "prompt_len", "new_tokens", "latency_rounds", "reuse_base"}
+            exclude={"enabled", "latency", "prompt_len", "new_tokens", "latency_rounds", "reuse_base", "kl_divergence"}
         ),
         "texts": hashlib.sha256("\x00".join(texts.texts).encode()).hexdigest(),
         "text": texts.description,

@@ -7,11 +7,13 @@ no tensor, no thread (the server runs no torch operation), so it is as clean as 
 and its peak memory counts the imports' share as a new interpreter's does.
 
 Protocol, one JSON line each way: the caller writes {"args": [req, out, log], "env": {...},
-"cwd": "..."}; the server answers {"pid": N} once the child runs, then {"code": exit code}. It
-leaves when its standard input closes (its caller is gone)."""
+"cwd": "...", "preload": [modules]}; the server imports the modules it lacks (lm-eval, ~8 s, for
+task scores: once, not in every child), forks, and answers {"pid": N} once the child runs, then
+{"code": exit code}. It leaves when its standard input closes (its caller is gone)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -41,6 +43,11 @@ def main() -> None:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     for line in sys.stdin:
         msg = json.loads(line)
+        for name in msg.get("preload", []):
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass  # the child meets the same error and reports it
         pid = os.fork()
         if pid == 0:
             replies.close()

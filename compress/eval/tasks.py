@@ -39,6 +39,10 @@ metadata:
 """
 
 
+# What `run` imports: the measuring server imports them once before forking a worker that scores tasks.
+MODULES = ["lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.tasks"]
+
+
 def _lm_eval():
     try:
         import lm_eval

@@ -9,6 +9,7 @@ in-memory model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,26 +20,32 @@ from pathlib import Path
 
 import torch
 
-from compress.eval import embedding, latency, memory, perplexity, size, tasks
+from compress.eval import divergence, embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
-from compress.report.schema import Latency, Measurement, Perplexity, Speed
+from compress.report.schema import Divergence, Latency, Measurement, Perplexity, Speed
 
 
 def measure(req: dict) -> dict:
     """{"measurement": the checkpoint's Measurement, "base_latency": the baseline's Latency or
     None, "speed": Speed or None}. With `timed_with` (the baseline's path) the latency rounds of
-    both are interleaved in this process, after this checkpoint's memory was read."""
+    both are interleaved in this process, after this checkpoint's memory was read; with
+    `compared_with` (a decoder's baseline) its divergence from the baseline is measured there too."""
     with contextlib.ExitStack() as stack:
         load = functools.partial(_load, req=req, stack=stack)
         path = Path(req["path"])
         model, tok, seconds = load(path)
-        out, prompt = _measure(req, path, model, tok, seconds)
+        out, prompt, windows = _measure(req, path, model, tok, seconds)
+        bases = {}  # path -> the baseline model, loaded once for the divergence and the timing
+        if req.get("compared_with"):  # after this model's memory was read
+            base = bases[req["compared_with"]] = load(Path(req["compared_with"]))[0]
+            got = divergence.compare(base, model, windows)
+            out["divergence"] = Divergence(**dataclasses.asdict(got), text=req["text_desc"]).model_dump()
         if not req["eval"]["latency"]:
             return {"measurement": out, "base_latency": None, "speed": None}
         subjects = [(path, model)]
         if req.get("timed_with"):
-            base = Path(req["timed_with"])
-            subjects.insert(0, (base, load(base)[0]))
+            base = req["timed_with"]
+            subjects.insert(0, (Path(base), bases[base] if base in bases else load(Path(base))[0]))
         kernels = [_kernel(req, p, m) for p, m in subjects]  # before timing: may swap in sparse kernels
         rounds = latency.interleaved([_round(req, m, prompt) for _, m in subjects], req["eval"]["latency_rounds"])
         lats = [_latency(req, m, k, prompt, r) for (_, m), k, r in zip(subjects, kernels, rounds)]
@@ -61,8 +68,10 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
     return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds
 
 
-def _measure(req: dict, path: Path, model: torch.nn.Module, tok, load_s: float) -> tuple[dict, torch.Tensor]:
-    """Size, quality and memory; the prompt the latency rounds use."""
+def _measure(
+    req: dict, path: Path, model: torch.nn.Module, tok, load_s: float
+) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+    """Size, quality and memory; the prompt the latency rounds use; a decoder's perplexity windows."""
     spec, texts = req["eval"], req["texts"]
     out: dict = {
         "path": str(path),
@@ -78,6 +87,7 @@ def _measure(req: dict, path: Path, model: torch.nn.Module, tok, load_s: float) 
         ).model_dump()
         prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
     else:
+        windows = None
         sents = embedding.sentences(texts, spec["max_texts"])
         torch.save(embedding.embed(model, tok, sents), req["embeddings_out"])
         prompt = tok(" ".join(sents), return_tensors="pt", truncation=True, max_length=spec["prompt_len"]).input_ids
@@ -90,7 +100,7 @@ def _measure(req: dict, path: Path, model: torch.nn.Module, tok, load_s: float) 
     out["peak_rss_bytes"] = memory.peak_rss()  # before lm-eval, and before a baseline is loaded for the timing
     if spec["tasks"]:
         out["tasks"] = tasks.run(model, tok, spec["tasks"], spec["task_limit"])
-    return Measurement(**out).model_dump(), prompt
+    return Measurement(**out).model_dump(), prompt, windows
 
 
 def _round(req: dict, model: torch.nn.Module, prompt: torch.Tensor):

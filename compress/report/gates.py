@@ -37,6 +37,15 @@ def check(gates: Gates, report: Report) -> list[GateResult]:
             v is not None and v <= gates.max_ppl_increase,
             f"{v:+.2%} (limit {gates.max_ppl_increase:+.2%})" if v is not None else "",
         )
+    if gates.max_kl_divergence is not None:
+        v = res.divergence.kl_mean if res.divergence else None
+        add(
+            "max_kl_divergence",
+            gates.max_kl_divergence,
+            v,
+            v is not None and v <= gates.max_kl_divergence,
+            f"{v:.4f} nats (limit {gates.max_kl_divergence})" if v is not None else "",
+        )
     if gates.min_embedding_similarity is not None:
         v = res.similarity.mean if res.similarity else None
         add(

@@ -41,6 +41,12 @@ def rows(report: Report) -> list[tuple[str, str, str, str]]:
         rows.append(
             (f"perplexity ({r.perplexity.tokens} tokens)", lambda m: m.perplexity and m.perplexity.value, ".3f", "rel")
         )
+    if r.divergence:  # against the base: the base's own column stays empty
+        rows += [
+            ("KL divergence vs base (mean, nats)", lambda m: m.divergence and m.divergence.kl_mean, ".4f", ""),
+            ("KL divergence vs base (99th percentile)", lambda m: m.divergence and m.divergence.kl_p99, ".4f", ""),
+            ("top-1 agreement with base, %", lambda m: m.divergence and m.divergence.top1_agreement * 100, ".2f", ""),
+        ]
     if r.similarity:
         rows.append(("embedding cosine vs base (mean)", lambda m: m.similarity and m.similarity.mean, ".4f", ""))
         rows.append(("embedding cosine vs base (min)", lambda m: m.similarity and m.similarity.min, ".4f", ""))
@@ -102,6 +108,11 @@ def details(report: Report) -> list[str]:
         out.append(
             f"- base: size, quality and memory as measured at {report.base.reused_from} by an earlier run of the same "
             "weights, text, settings, libraries and threads (evaluate.reuse_base: false measures it again)"
+        )
+    if r.divergence:
+        d = r.divergence
+        out.append(
+            f"- divergence: {d.positions} positions of the perplexity windows; {d.protocol}; max {d.kl_max:.3f} nats"
         )
     if r.similarity:
         out.append(f"- similarity: {r.similarity.text}; {r.similarity.texts} texts; {r.similarity.protocol}")

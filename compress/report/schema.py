@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 5  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+SCHEMA_VERSION = 6  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
 # 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
-# 5: `search` (every candidate `compress search` tried or skipped)
+# 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base)
 
 
 class Frozen(BaseModel):
@@ -30,6 +30,21 @@ class Similarity(Frozen):
     texts: int
     text: str
     protocol: str = "cosine of mean-pooled last hidden states, compressed vs base, per text"
+
+
+class Divergence(Frozen):
+    """The result's next-token distributions against the base's on the perplexity windows."""
+
+    kl_mean: float  # KL(base || result), nats per position
+    kl_p99: float  # its 99th percentile over the positions
+    kl_max: float
+    top1_agreement: float  # share of positions where both models' most likely next token is the same
+    positions: int
+    text: str
+    protocol: str = (
+        "KL(base || result) of the full next-token distributions at every position of the perplexity windows, "
+        "both models in one process (llama.cpp's perplexity --kl-divergence protocol)"
+    )
 
 
 class Latency(Frozen):
@@ -78,6 +93,7 @@ class Measurement(Frozen):
     parameters: int | None = None
     perplexity: Perplexity | None = None
     similarity: Similarity | None = None
+    divergence: Divergence | None = None  # decoders measured against a base
     tasks: dict[str, TaskScore] = {}  # lm-eval task accuracy, by task name
     latency: Latency | None = None
     peak_rss_bytes: int | None = None  # peak resident memory of the process that loaded and measured it

@@ -14,26 +14,30 @@ def recipe(tmp_path, src, gates: str, stages: str = "  - {stage: quantize, schem
 
 
 def test_gates_pass_exit_0(tiny_model, tmp_path):
-    r = recipe(tmp_path, tiny_model("llama"), "{max_ppl_increase: 0.5, max_size_ratio: 1.0, max_peak_memory: 8GiB}")
-    proc = compress("run", r, "-o", tmp_path / "out", "--json")
+    gates = "{max_ppl_increase: 0.5, max_kl_divergence: 0.1, max_size_ratio: 1.0, max_peak_memory: 8GiB}"
+    proc = compress("run", recipe(tmp_path, tiny_model("llama"), gates), "-o", tmp_path / "out", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout)
     assert rep["passed"] is True and [g["name"] for g in rep["gates"]] == [
         "max_ppl_increase",
+        "max_kl_divergence",
         "max_size_ratio",
         "max_peak_memory",
     ]
     assert all(g["passed"] and g["value"] is not None for g in rep["gates"])
+    div = rep["result"]["divergence"]  # one window of 256 tokens: 255 predicted positions
+    assert div["positions"] == 255 and 0 < div["kl_mean"] <= div["kl_p99"] <= div["kl_max"]
+    assert 0.5 < div["top1_agreement"] <= 1 and rep["base"]["divergence"] is None
     shown = compress("report", tmp_path / "out")
     assert shown.returncode == 0 and "all passed" in shown.stdout
 
 
 def test_a_missed_gate_exits_1_and_still_writes(tiny_model, tmp_path):
-    r = recipe(tmp_path, tiny_model("llama"), "{max_size_ratio: 0.1}")
+    r = recipe(tmp_path, tiny_model("llama"), "{max_size_ratio: 0.1, max_kl_divergence: 0.0}")
     msg = assert_one_line_error(compress("run", r, "-o", tmp_path / "out"), 1)
-    assert "max_size_ratio" in msg and "1 of 1 gates failed" in msg
+    assert "max_size_ratio" in msg and "2 of 2 gates failed" in msg
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert rep["passed"] is False and rep["gates"][0]["value"] > 0.1
+    assert rep["passed"] is False and rep["gates"][1]["value"] > 0.1 and rep["gates"][0]["value"] > 0
     assert "FAIL" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -50,6 +54,16 @@ def test_bad_gates_exit_2(tiny_model, tmp_path, gates, needle):
         compress("run", recipe(tmp_path, tiny_model("llama"), gates), "-o", tmp_path / "out"), 2
     )
     assert needle in msg and not (tmp_path / "out").exists()
+
+
+def test_kl_gate_needs_the_divergence_measured(tiny_model, tmp_path):
+    r = recipe(tmp_path, tiny_model("llama"), "{max_kl_divergence: 0.1}")
+    msg = assert_one_line_error(compress("run", r, "-o", tmp_path / "o", "--set", "evaluate.kl_divergence=false"), 2)
+    assert "kl_divergence" in msg and not (tmp_path / "o").exists()
+    msg = assert_one_line_error(
+        compress("run", recipe(tmp_path, tiny_model("bert"), "{max_kl_divergence: 0.1}"), "-o", tmp_path / "o"), 2
+    )
+    assert "encoder" in msg
 
 
 def test_speed_gate_needs_latency(tiny_model, tmp_path):

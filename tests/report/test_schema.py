@@ -12,6 +12,7 @@ DIGEST = {
     3: "35ed2281b16a5198e4b2d92c6eed28004a6bf0eaccc2f201f9f8feae3a057907",  # typed per-layer errors
     4: "4900eaf37c445a424d6b5287687bf25e50b1cddd028c5403837acd862fcac57c",  # timing interleaved, tasks, reuse
     5: "89330804a674aadd0da3d5cf77d7b1f58dd7a393921dc0816789d5ac6bb11a02",  # search candidates
+    6: "a7f644ce25788014b836c8fab31aaf2b0300b534de38a0586d401949df6b7fbb",  # divergence (KL, top-1)
 }
 
 

@@ -1,0 +1,38 @@
+"""KL divergence and top-1 agreement against hand-computed cases and between real models."""
+
+import math
+
+import pytest
+import torch
+
+from compress.eval.divergence import compare, kl_top1
+
+
+def test_kl_of_a_hand_computed_case():
+    p, q = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([0.25, 0.5, 0.25])
+    kl, same = kl_top1(p.log()[None], q.log()[None])  # logits: log-probabilities up to a constant
+    assert float(kl[0]) == pytest.approx(0.5 * math.log(2) + 0.25 * math.log(0.5), abs=1e-6)  # = 0.25 ln 2
+    assert not bool(same[0])
+    kl, same = kl_top1((p.log() + 3.0)[None], p.log()[None])  # a shift of the logits is the same distribution
+    assert float(kl[0]) == pytest.approx(0.0, abs=1e-7) and bool(same[0])
+
+
+def test_top1_agreement_counts_positions_with_the_same_argmax():
+    base = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0], [1.0, 0.0, 0.0]])
+    other = torch.tensor([[2.0, 1.0, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    kl, same = kl_top1(base, other)
+    assert same.tolist() == [True, False, True, False] and bool((kl > 0).all())
+
+
+def test_compare_a_model_with_itself_and_with_a_changed_copy(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).float().eval()
+    windows = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
+    same = compare(model, model, windows, batch_size=2)
+    assert same.positions == 3 * 31 and same.kl_max == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+    changed = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).float().eval()
+    with torch.no_grad():
+        changed.lm_head.weight.add_(torch.randn_like(changed.lm_head.weight) * 0.05)
+    got = compare(model, changed, windows, batch_size=2)
+    assert 0 < got.kl_mean <= got.kl_p99 <= got.kl_max and got.top1_agreement < 1.0
