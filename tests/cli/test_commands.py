@@ -50,6 +50,7 @@ def test_quantize_report_run_eval(tiny_model, tmp_path):
     ev = json.loads(ok(compress(*args)).stdout)
     assert ev["result"]["perplexity"]["value"] == rep["result"]["perplexity"]["value"]
     assert ev["base"]["bytes_on_disk"] > ev["result"]["bytes_on_disk"]
+    assert ev["result"]["divergence"]["positions"] == 1024 - 2 and ev["base"]["divergence"] is None  # 2 windows
     sp = ev["speed"]
     assert sp["rounds"] == ev["base"]["latency"]["rounds"] == ev["result"]["latency"]["rounds"] == 5
     assert sp["prefill_range"][0] <= sp["prefill"] <= sp["prefill_range"][1]
