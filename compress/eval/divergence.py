@@ -8,18 +8,9 @@ distributions are never stored (8192 positions x 49152 tokens would be 1.6 GB in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Compared:
-    kl_mean: float  # nats per position, KL(base || result)
-    kl_p99: float
-    kl_max: float
-    top1_agreement: float  # share of positions where both models' most likely token is the same
-    positions: int
+from compress.report.schema import Divergence
 
 
 def kl_top1(base_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +22,10 @@ def kl_top1(base_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def compare(base: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> Compared:
-    """windows [N, T] -> the result's divergence from the base over the N x (T-1) predicted positions."""
+def compare(
+    base: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor, text: str, batch_size: int = 4
+) -> Divergence:
+    """windows [N, T] of `text` -> the result's divergence from the base over the N x (T-1) predicted positions."""
     device = next(model.parameters()).device
     base_device = next(base.parameters()).device
     kls, agree = [], []
@@ -45,10 +38,11 @@ def compare(base: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor
             kls.append(kl.cpu())
             agree.append(same.cpu())
     kl, same = torch.cat(kls).double(), torch.cat(agree)
-    return Compared(
+    return Divergence(
         kl_mean=float(kl.mean()),
         kl_p99=float(torch.quantile(kl, 0.99)),
         kl_max=float(kl.max()),
         top1_agreement=float(same.float().mean()),
         positions=kl.numel(),
+        text=text,
     )

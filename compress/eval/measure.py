@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def measure(
     `compared_with` (the baseline, decoders) the result's divergence from it is measured there.
     `reuse` (an untimed base): an earlier run's measurement of the same weights, text, settings
     and versions is read back instead of measured again."""
-    untimed = not spec.latency and not timed_with and not compared_with
-    key = _key(path, task, spec, texts, layers, device) if reuse and untimed else None
+    alone = not spec.latency and not timed_with and not compared_with  # nothing measured against a baseline
+    key = _key(path, task, spec, texts, layers, device) if reuse and alone else None
     if key and (hit := _cached(key, keep_embeddings)):
         return Measured(hit, None, None)
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
@@ -85,7 +86,7 @@ def measure(
         return Measured(result, base_latency, got["speed"] and Speed.model_validate(got["speed"]))
 
 
-def run_worker(req_file: Path, out_file: Path, log_file: Path, preload: list[str] = ()) -> int:
+def run_worker(req_file: Path, out_file: Path, log_file: Path, preload: Sequence[str] = ()) -> int:
     """The worker in a new process, forked by this process's `server` (see there why) once it has
     imported `preload`; its exit code, its output in `log_file`."""
     with _lock:

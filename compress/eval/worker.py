@@ -1,19 +1,16 @@
 """Measure one checkpoint in a new process, loaded by plain transformers.
 
-`measure.measure` forks it (`child`) from a server process that has only imported this module,
-or runs `python -m compress.eval.worker REQUEST.json RESULT.json`. A new process makes the peak
-memory its own, and loading through `from_pretrained` measures exactly what a user gets, not our
-in-memory model.
+`measure.measure` has it forked (`child`) by a server process that has only imported this
+module (`server.py`). A new process makes the peak memory its own, and loading through
+`from_pretrained` measures exactly what a user gets, not our in-memory model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ import torch
 
 from compress.eval import divergence, embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
-from compress.report.schema import Divergence, Latency, Measurement, Perplexity, Speed
+from compress.report.schema import Latency, Measurement, Perplexity, Speed
 
 
 def measure(req: dict) -> dict:
@@ -38,8 +35,7 @@ def measure(req: dict) -> dict:
         bases = {}  # path -> the baseline model, loaded once for the divergence and the timing
         if req.get("compared_with"):  # after this model's memory was read
             base = bases[req["compared_with"]] = load(Path(req["compared_with"]))[0]
-            got = divergence.compare(base, model, windows)
-            out["divergence"] = Divergence(**dataclasses.asdict(got), text=req["text_desc"]).model_dump()
+            out["divergence"] = divergence.compare(base, model, windows, req["text_desc"]).model_dump()
         if not req["eval"]["latency"]:
             return {"measurement": out, "base_latency": None, "speed": None}
         subjects = [(path, model)]
@@ -134,14 +130,10 @@ def _latency(req: dict, model: torch.nn.Module, kernel: str, prompt: torch.Tenso
     ).model_dump()
 
 
-def run(req_path: str, out_path: str) -> None:
-    result = measure(json.loads(Path(req_path).read_text()))
-    Path(out_path).write_text(json.dumps(result))
-
-
 def child(req_path: str, out_path: str, log_path: str, env: dict[str, str], cwd: str) -> None:
     """A measuring process forked by `server`: the caller's environment and directory (the
-    server's are those of its start), its output to `log_path`, then as `main`."""
+    server's are those of its start), its output to `log_path`; the request read from `req_path`,
+    the result written to `out_path`."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -152,12 +144,5 @@ def child(req_path: str, out_path: str, log_path: str, env: dict[str, str], cwd:
     tempfile.tempdir = None  # chosen again from this environment's TMPDIR
     if env.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when the server started
         torch.set_num_threads(max(1, int(env["OMP_NUM_THREADS"])))
-    run(req_path, out_path)
-
-
-def main() -> None:
-    run(sys.argv[1], sys.argv[2])
-
-
-if __name__ == "__main__":
-    main()
+    result = measure(json.loads(Path(req_path).read_text()))
+    Path(out_path).write_text(json.dumps(result))

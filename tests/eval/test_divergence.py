@@ -29,10 +29,10 @@ def test_compare_a_model_with_itself_and_with_a_changed_copy(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).float().eval()
     windows = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
-    same = compare(model, model, windows, batch_size=2)
+    same = compare(model, model, windows, "random tokens", batch_size=2)
     assert same.positions == 3 * 31 and same.kl_max == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
     changed = AutoModelForCausalLM.from_pretrained(tiny_model("llama")).float().eval()
     with torch.no_grad():
         changed.lm_head.weight.add_(torch.randn_like(changed.lm_head.weight) * 0.05)
-    got = compare(model, changed, windows, batch_size=2)
+    got = compare(model, changed, windows, "random tokens", batch_size=2)
     assert 0 < got.kl_mean <= got.kl_p99 <= got.kl_max and got.top1_agreement < 1.0
