@@ -332,9 +332,17 @@ def calibrate_linears(
         groups = sorted(
             shared.groups(targets).values(), key=lambda names: -sum(targets[n].weight.numel() for n in names)
         )
-        with ThreadPoolExecutor(threads) as pool:
-            results = pool.map(lambda names: treat([targets[n] for n in names], stats[names[0]]), groups)
-            pending[i] = {own + n: r for names, rs in zip(groups, results) for n, r in zip(names, rs)}
+        def one(names: list[str]) -> list[R]:
+            return treat([targets[n] for n in names], stats[names[0]])
+
+        # torch ops run from a pool thread while the caller waits are 4-7x slower (each thread its own
+        # OpenMP team, two teams on 2 cores: AWQ's rounding 49 s -> 11 s on SmolLM2): one thread is this one.
+        if threads == 1:
+            results = [one(names) for names in groups]
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                results = list(pool.map(one, groups))
+        pending[i] = {own + n: r for names, rs in zip(groups, results) for n, r in zip(names, rs)}
 
     def finished(i: int, outputs: list[torch.Tensor]) -> None:
         ref, rtn = refs.pop(i)

@@ -15,10 +15,10 @@ pytestmark = pytest.mark.real
 
 # scheme -> (max relative perplexity increase, max size ratio vs the bf16 checkpoint)
 SMOL = {"w8a16": (0.01, 0.62), "fp8": (0.03, 0.62), "w8a8": (0.03, 0.62), "w4a16": (0.50, 0.45)}
-# Perplexity on half the default 8192 tokens, and KL divergence only where a test reads it: the
-# suite's time (each run's measurement and each fresh-process check score them); these thresholds
-# hold with margin on either.
-EVAL_TOKENS = 4096
+# Perplexity on a quarter of the default 8192 tokens, and KL divergence only where a test reads it:
+# the suite's time (each run's measurement and each fresh-process check score them). Measured on 2048
+# tokens (base 15.175): w8a16 +0.12%, w8a8 +2.11%, fp8 +2.38%, w4a16 g64 +42.7%.
+EVAL_TOKENS = 2048
 EVAL = ["--eval-tokens", str(EVAL_TOKENS), "--no-kl-divergence"]
 
 
@@ -68,7 +68,7 @@ def test_w4a16_report_names_its_protocols(smol_runs):
     assert lat["prefill_tokens_per_s"] > 0 and lat["decode_tokens_per_s"] > 0
     assert lat["batch"] == 1 and "cpu" in lat["device"] and "matmul" in lat["kernel"]
     assert r["peak_rss_bytes"] > r["weights_in_memory_bytes"] > 0
-    div = r["divergence"]  # measured 0.395 nats (p99 1.71, max 3.63), 68.7% top-1 agreement
+    div = r["divergence"]  # measured 0.394 nats (max 3.26), 70.1% top-1 agreement
     assert div["positions"] == (EVAL_TOKENS // 512) * 511 and 0.05 < div["kl_mean"] < 1.0 < div["kl_max"]
     assert 0.6 < div["top1_agreement"] < 0.95
     # base and result timed in one process, rounds interleaved: the ratio lies within its own rounds

@@ -43,8 +43,8 @@ def test_calibrated_methods_far_ahead_of_magnitude(runs):
     base, magnitude = _ppl(runs["magnitude"][1])
     _, wanda = _ppl(runs["wanda"][1])
     _, sgpt = _ppl(runs["sparsegpt"][1])
-    assert sgpt < wanda < 0.2 * magnitude  # measured so: wanda 30.6, sparsegpt 23.8 (base 15.7)
-    assert sgpt < 1.6 * base  # 1.52x (1.42x calibrated on 16 samples)
+    assert sgpt < wanda < 0.2 * magnitude  # measured so: wanda 28.5, sparsegpt 22.5, magnitude 364 (base 15.2)
+    assert sgpt < 1.6 * base  # 1.49x (1.42x calibrated on 16 samples)
     rep = runs["sparsegpt"][1]
     st = rep["stages"][0]
     assert len(st["layer_errors"]) == 30 and len(st["layer_sparsity"]) == 210

@@ -9,7 +9,6 @@ from compress.prune.method import PruneMethod, apply_mask
 
 class Wanda(PruneMethod):
     name = "wanda"
-    threads = 2
 
     def gather(self, model, layer, targets) -> Gather:
         return Gather()  # the sum of x^2 is always gathered

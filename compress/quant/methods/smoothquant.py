@@ -37,10 +37,14 @@ def searched_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act
     best reproduce the float outputs on the calibration rows x [N, I]."""
     absmax = x.abs().amax(0)
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
+    chunks = x.split(CHUNK_ROWS)
+    # The float outputs are the same for every alpha (smoothing is exact in float): computed once, they
+    # halve its matrix work (SmolLM2 w8a8, 8 samples: the search 47 -> 30 s) for N x O floats held (25 MB there).
+    refs = [xc @ w.T for xc in chunks]  # [chunk, sum O]
 
-    def loss(s: torch.Tensor) -> float:  # over row chunks: no [tokens, O] products held at once
+    def loss(s: torch.Tensor) -> float:
         wq = fake_quantize(w * s, grid).T
-        sse = sum(float((xc @ w.T - fake_quantize_tokens(xc / s, act) @ wq).pow(2).sum()) for xc in x.split(CHUNK_ROWS))
+        sse = sum(float((ref - fake_quantize_tokens(xc / s, act) @ wq).pow(2).sum()) for xc, ref in zip(chunks, refs))
         return sse / (x.shape[0] * w.shape[0])
 
     best, best_loss = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1]))
