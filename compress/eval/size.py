@@ -32,12 +32,25 @@ def bytes_on_disk(path: Path) -> int:
 
 
 def headers(path: Path) -> dict[str, dict]:
+    """Tensor name -> its header entry (dtype, shape, data_offsets), plus "file" and "data_start"
+    (where its file's data begins) to read a small tensor's values with `read_ints`."""
     out: dict[str, dict] = {}
     for f in weight_files(path):
         with f.open("rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            out.update({k: v for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
+            entries = json.loads(fh.read(n))
+        out.update({k: {**v, "file": f, "data_start": 8 + n} for k, v in entries.items() if k != "__metadata__"})
     return out
+
+
+def read_ints(entry: dict) -> list[int]:
+    """The values of a small I64/I32 tensor from its header entry (compressed-tensors' weight_shape)."""
+    fmt = {"I64": "q", "I32": "i"}[entry["dtype"]]
+    start, end = entry["data_offsets"]
+    with Path(entry["file"]).open("rb") as fh:
+        fh.seek(entry["data_start"] + start)
+        data = fh.read(end - start)
+    return list(struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data))
 
 
 def _bytes(entry: dict) -> int:
@@ -52,25 +65,16 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def packed_bits(path: Path) -> int:
-    """Bits per value in compressed-tensors' packed int32 words (from config.json)."""
-    config = json.loads((path / "config.json").read_text())
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
-    return next((g["weights"]["num_bits"] for g in groups.values() if g.get("weights")), 4)
-
-
 def bits_per_weight(path: Path, layers: list[str]) -> float | None:
     """Stored bits per original weight over these layers: weights plus scales and zero points."""
     head = headers(path)
-    per_word = 32 // packed_bits(path)
     stored, count = 0, 0
     for layer in layers:
         parts = {k[len(layer) + 1 :]: v for k, v in head.items() if k.startswith(layer + ".")}
         if "weight" in parts:
             numel = _numel(parts["weight"]["shape"])
-        elif "weight_packed" in parts:
-            rows, cols = parts["weight_packed"]["shape"]
-            numel = rows * cols * per_word
+        elif "weight_packed" in parts:  # packed densely (3 bits: 32 values in 3 words), so the shape is stored
+            numel = _numel(read_ints(parts["weight_shape"]))
         elif "weight_bitmask" in parts:  # sparse storage: one bit per weight (widths are multiples of 8)
             rows, cols = parts["weight_bitmask"]["shape"]
             numel = rows * cols * 8

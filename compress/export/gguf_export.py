@@ -80,13 +80,15 @@ def q_blocks(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, i
 
 
 def exact_type(w: StoredLinear) -> str | None:
-    """The GGUF type our grid is exactly, or None."""
+    """The GGUF type our grid is exactly, or None. Symmetric int3 and int2 values are int4 values
+    on the same scale, so they are Q4_0 exactly (4.5 bits a weight, where their k-quants would be
+    smaller but not exact)."""
     k = w.q.shape[1]
-    if w.kind != "int" or not w.symmetric or w.bits not in (4, 8) or k % 32:
+    if w.kind != "int" or not w.symmetric or w.bits > 8 or k % 32:
         return None
     if w.group_size is not None and w.group_size % 32:
         return None
-    return "Q8_0" if w.bits == 8 else "Q4_0"
+    return "Q4_0" if w.bits <= 4 else "Q8_0"
 
 
 def export(loaded: Loaded, dest: Path) -> GgufExported:
@@ -197,7 +199,7 @@ def _quantized(
         q = s.q.numpy()
         if permute_heads:
             q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
-        blocks, rounded = q_blocks(q, scale, s.bits)
+        blocks, rounded = q_blocks(q, scale, 4 if kind == "Q4_0" else 8)
         out.exact += 1
         out.rounded_scales += rounded
         return blocks, kind, rounded == 0

@@ -17,7 +17,7 @@ from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
 from compress.export import onnx_decoder, onnx_encoder
-from compress.export.onnx_graph import dequantize_nbits, nbits_block_of
+from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
 from compress.primitives.qparams import fake_quantize_tokens
@@ -122,7 +122,14 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or "
             f"speed gain)"
         )
-    other = [n for n, w in stored.items() if w.kind == "int" and nbits_block_of(w) is None]
+    widths = sorted({w.bits for w in stored.values() if w.kind == "int" and w.bits not in NBITS})
+    if widths:
+        notes.append(
+            f"{sum(w.bits in widths for w in stored.values())} int{'/int'.join(map(str, widths))} linears: ONNX "
+            f"Runtime's MatMulNBits takes {', '.join(map(str, NBITS))} bits, so they are written de-quantized as "
+            "float32 (no size or speed gain)"
+        )
+    other = [n for n, w in stored.items() if w.kind == "int" and w.bits in NBITS and nbits_block_of(w) is None]
     if other:
         notes.append(
             f"{len(other)} quantized linears have no exact MatMulNBits form (no power-of-two block divides their "

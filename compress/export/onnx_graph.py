@@ -13,6 +13,7 @@ from compress.formats.stored import StoredLinear
 
 MS = "com.microsoft"
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block lengths ONNX Runtime's CPU kernels take
+NBITS = (2, 4, 8)  # bit widths its MatMulNBits takes (1.32: "additional bits support is planned")
 
 
 class Graph:
@@ -84,27 +85,39 @@ def nbits_block(k: int, group_size: int | None) -> int | None:
 
 def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int, block: int) -> NBits:
     """q [N, K] signed ints on a grid with scale/zero_point [N, G] (G groups per row). The
-    op reads unsigned codes u = q + 2**(bits-1), two 4-bit codes per byte, low nibble first."""
+    op reads unsigned codes u = q + 2**(bits-1), 8/bits codes per byte, lowest bits first."""
     n, k = q.shape
     per_group = (k // scale.shape[1]) // block  # blocks per group
     offset = 1 << (bits - 1)
-    u = (q.astype(np.int16) + offset).astype(np.uint8).reshape(n, k // block, block)
-    if bits == 4:
-        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    u = _pack_bytes((q.astype(np.int16) + offset).astype(np.uint8).reshape(n, k // block, block), bits)
     scales = np.repeat(scale.astype(np.float32), per_group, axis=1)  # [N, K/block]
     zp = None
     if zero_point is not None and np.any(zero_point):
         codes = np.repeat((zero_point.astype(np.int16) + offset).astype(np.uint8), per_group, axis=1)
-        if bits == 4:
-            codes = np.pad(codes, ((0, 0), (0, codes.shape[1] % 2)), constant_values=offset)
-            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        zp = codes.reshape(-1)
+        per_byte = 8 // bits
+        codes = np.pad(codes, ((0, 0), (0, -codes.shape[1] % per_byte)), constant_values=offset)
+        zp = _pack_bytes(codes, bits).reshape(-1)
     return NBits(np.ascontiguousarray(u), scales.reshape(-1), zp, bits, block, k, n)
+
+
+def _pack_bytes(u: np.ndarray, bits: int) -> np.ndarray:
+    """[..., M] codes of `bits` (2, 4 or 8) -> [..., M * bits / 8] bytes, the first code in the lowest bits."""
+    per_byte = 8 // bits
+    out = np.zeros(u.shape[:-1] + (u.shape[-1] // per_byte,), np.uint8)
+    for i in range(per_byte):
+        out |= u[..., i::per_byte] << (i * bits)
+    return out
+
+
+def _unpack_bytes(b: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of `_pack_bytes`."""
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    return np.stack([(b >> (i * bits)) & mask for i in range(per_byte)], -1).reshape(b.shape[:-1] + (-1,))
 
 
 def nbits_block_of(w: StoredLinear) -> int | None:
     """The MatMulNBits block a stored grid maps onto exactly; None for fp8 or no fitting block."""
-    if w.kind != "int" or w.bits not in (4, 8):
+    if w.kind != "int" or w.bits not in NBITS:
         return None
     return nbits_block(w.q.shape[1], w.group_size)
 
@@ -130,9 +143,7 @@ def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
 
 def dequantize_nbits(w: NBits) -> np.ndarray:
     """[N, K] float32: what MatMulNBits multiplies by (symmetric codes only)."""
-    codes = w.packed
-    if w.bits == 4:
-        codes = np.stack([codes & 0xF, codes >> 4], -1)
+    codes = _unpack_bytes(w.packed, w.bits)
     q = codes.reshape(w.n, w.k // w.block, w.block).astype(np.float32) - (1 << (w.bits - 1))
     return (q * w.scales.reshape(w.n, -1, 1)).reshape(w.n, w.k)
 

@@ -22,6 +22,9 @@ class Kind:
 
 SCHEMES: dict[str, Kind] = {
     "w4a16": Kind(4, "int", None, grouped=True, default_group=128),
+    # Fewer levels want smaller groups: the defaults are measured in benchmarks/RESULTS.md (low-bit section).
+    "w3a16": Kind(3, "int", None, grouped=True, default_group=64),
+    "w2a16": Kind(2, "int", None, grouped=True, default_group=32),
     "w8a16": Kind(8, "int", None, grouped=True, default_group=None),
     "w8a8": Kind(8, "int", "int8", grouped=False, default_group=None),
     "fp8": Kind(8, "float", "fp8", grouped=False, default_group=None),
@@ -52,13 +55,14 @@ def resolve(name: str, group_size: int | str | None, symmetric: bool, widths: di
     kind, gs = SCHEMES[name], group_size
     if not kind.grouped:
         if gs not in (None, "channel", "auto"):
-            raise SchemeError(f"{name} uses one weight scale per output channel; --group-size is for w4a16 and w8a16")
+            grouped = ", ".join(n for n, k in SCHEMES.items() if k.grouped)
+            raise SchemeError(f"{name} uses one weight scale per output channel; --group-size is for {grouped}")
         if kind.grid == "float" and not symmetric:
             raise SchemeError("fp8 is symmetric only; drop --no-symmetric")
         return Scheme(name, Grid(kind.bits, kind.grid, symmetric, None), kind.act, "per channel")
-    if kind.bits == 4 and not symmetric:
+    if kind.bits < 8 and not symmetric:
         raise SchemeError(
-            "w4a16 with --no-symmetric writes packed zero points that transformers 5 with "
+            f"{name} with --no-symmetric writes packed zero points that transformers 5 with "
             "compressed-tensors 0.20 cannot load (llm-compressor issue 1618); use symmetric"
         )
     if gs is None:

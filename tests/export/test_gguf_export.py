@@ -32,6 +32,14 @@ def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, grou
     assert out.check.tensors_compared == linears + 2  # + token embedding and the untied output layer
 
 
+def test_int3_and_int2_are_exact_q4_0(quantized, tmp_path):
+    for scheme in ("w3a16", "w2a16"):
+        ckpt = quantized("llama", scheme, 32)
+        _, out = export(ckpt, tmp_path / scheme)
+        assert out.exact == out.types["Q4_0"] == len(read(ckpt)) and out.requantized == 0
+        assert out.check.verdict == "every exact tensor identical"
+
+
 def test_q4_0_layout_matches_gguf_reference():
     """Our block writer against gguf's own Q4_0/Q8_0 de-quantizer on random integers."""
     import gguf

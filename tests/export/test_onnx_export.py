@@ -26,9 +26,10 @@ def export(ckpt, dest, **opts):
 
 
 def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
-    if bits == 4:
-        packed = np.stack([packed & 0xF, packed >> 4], -1)
-    return packed.reshape(n, k).astype(np.int16) - (1 << (bits - 1))
+    """MatMulNBits' codes: 8/bits to a byte, the first in the lowest bits, offset by 2**(bits-1)."""
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    codes = np.stack([(packed >> (i * bits)) & mask for i in range(per_byte)], -1)
+    return codes.reshape(n, k).astype(np.int16) - (1 << (bits - 1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -52,7 +53,7 @@ def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
     assert [o.name for o in sess.get_outputs()][:2] == ["present.0.key", "present.0.value"]
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "w2a16"])
 def test_integers_carried_over_exactly(quantized, tmp_path, scheme):
     ckpt = quantized("llama", scheme)
     export(ckpt, tmp_path / "onnx")
@@ -68,6 +69,15 @@ def test_integers_carried_over_exactly(quantized, tmp_path, scheme):
         scales = inits[f"{p}.gate_up_proj.scales"].reshape(n, -1)
         per_block = scales.shape[1] // gate.scale.shape[1]
         assert np.array_equal(scales, np.repeat(torch.cat([gate.scale, up.scale]).numpy(), per_block, axis=1))
+
+
+def test_int2_runs_as_matmulnbits_and_int3_says_why_not(quantized, tmp_path):
+    _, exp = export(quantized("llama", "w2a16"), tmp_path / "w2", accuracy_level=0)
+    assert exp.nbits_layers == 2 * 4 and exp.check.top1_agreement == 1.0
+    assert exp.check.max_abs_logit_diff < 1e-3 * max(1.0, exp.check.logit_scale)
+    _, exp = export(quantized("llama", "w3a16"), tmp_path / "w3", accuracy_level=0)
+    assert exp.nbits_layers == 0 and exp.check.top1_agreement == 1.0
+    assert any("14 int3 linears" in n and "takes 2, 4, 8 bits" in n for n in exp.notes), exp.notes
 
 
 def test_generation_loop_matches_transformers(quantized, tmp_path):

@@ -55,25 +55,61 @@ def test_quantize_reload_close(tiny_model, tmp_path, arch, scheme):
     assert (out / "recipe.yaml").is_file()
 
 
-def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
-    """The integers and scales we computed are what transformers rebuilds, bit for bit."""
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+FRESH_WEIGHT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward
+torch.save(model.get_submodule(sys.argv[2]).weight.detach(), sys.argv[3])
+assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
+"""
 
+
+@pytest.mark.parametrize("scheme,bits", [("w4a16", 4), ("w3a16", 3), ("w2a16", 2)])
+def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path, scheme, bits):
+    """The integers and scales we computed are what transformers rebuilds in a fresh process
+    without compress, bit for bit; the integers are packed densely (bits per weight on disk)."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from compress.eval.size import bits_per_weight
     from compress.primitives.qparams import Grid, dequantize, quantize as q, search_range
 
-    src = tiny_model("llama")
-    quantize(src, tmp_path / "out", "w4a16", group_size=32)
+    src, out = tiny_model("llama"), tmp_path / "out"
+    quantize(src, out, scheme, group_size=32)
     name = "model.layers.0.mlp.down_proj"
     with safe_open(src / "model.safetensors", "pt") as f:
-        w = f.get_tensor(name + ".weight")
-    grid = Grid(4, "int", True, 32)
+        w = f.get_tensor(name + ".weight")  # [64, 128]
+    grid = Grid(bits, "int", True, 32)
     scale, zp = search_range(w, grid, w.dtype)  # the default range choice
     expected = dequantize(q(w, scale, zp, grid), scale, zp)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    model(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward
-    got = model.get_submodule(name).weight.detach()
+    (tmp_path / "fresh.py").write_text(FRESH_WEIGHT)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "fresh.py"), str(out), name, str(tmp_path / "w.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "w.pt")
     assert got.dtype == expected.dtype and torch.equal(got, expected)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        packed = f.get_tensor(name + ".weight_packed")
+    assert packed.dtype == torch.int32 and packed.shape == (64, 128 * bits // 32)
+    assert bits_per_weight(out, [name]) == bits + 16 / 32  # the integers and a bf16 scale per 32
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
+def test_every_method_writes_int3_and_int2(tiny_model, tmp_path, method):
+    from compress.formats.stored import read
+
+    src = tiny_model("llama")
+    for scheme, bits in (("w3a16", 3), ("w2a16", 2)):
+        quantize(src, tmp_path / scheme, scheme, group_size=32, method=method, samples=4, seq_len=64)
+        for w in read(tmp_path / scheme).values():
+            assert w.bits == bits and int(w.q.min()) >= -(2 ** (bits - 1)) and int(w.q.max()) <= 2 ** (bits - 1) - 1
 
 
 def test_packed_int4_is_really_packed(tiny_model, tmp_path):

@@ -60,3 +60,14 @@ def test_plan_bits_follow_the_scheme_resolution():
     assert bits_per_weight("w4a16", None, True, [384, 1536]) == 4 + 16 / 128  # the default, 128
     assert bits_per_weight("w8a8", None, True, [576]) == 8
     assert bits_per_weight("w8a16", 32, False, [576]) == 8 + 24 / 32
+
+
+@pytest.mark.parametrize("scheme,bits,group", [("w3a16", 3, 64), ("w2a16", 2, 32)])
+def test_low_bit_schemes(scheme, bits, group):
+    s = res(scheme=scheme)
+    assert s.weight.bits == bits and s.weight.group_size == group and s.act is None
+    assert res(scheme=scheme, group_size=32).weight.group_size == 32
+    assert s.weight.qmin == -(2 ** (bits - 1)) and s.weight.qmax == 2 ** (bits - 1) - 1
+    with pytest.raises(SchemeError, match="1618"):  # packed zero points, as int4
+        res(scheme=scheme, symmetric=False)
+    assert bits_per_weight(scheme, None, True, [576, 1536]) == bits + 16 / group
