@@ -2,12 +2,10 @@
 checkpoint gives the same perplexity when reloaded by plain transformers without compress."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_real_models import EVAL, EVAL_TOKENS, FRESH, run_cli
+from tests.test_real_models import EVAL, fresh_perplexities, run_cli
 
 pytestmark = pytest.mark.real
 
@@ -61,19 +59,6 @@ def test_quality(calibrated_runs, case):
 
 
 def test_gptq_checkpoint_reloads_with_the_reported_perplexity(calibrated_runs, tmp_path):
-    from compress.data.text import builtin
-
     out, report = calibrated_runs[("w4a16", "gptq")]
-    (tmp_path / "texts.json").write_text(json.dumps(builtin("evaluation").texts))
-    (tmp_path / "fresh.py").write_text(FRESH)
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(out), str(tmp_path / "texts.json"), str(EVAL_TOKENS)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(
-        report["result"]["perplexity"]["value"], rel=0.005
-    )
+    (ppl,) = fresh_perplexities([out], tmp_path)
+    assert ppl == pytest.approx(report["result"]["perplexity"]["value"], rel=0.005)

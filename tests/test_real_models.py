@@ -36,11 +36,11 @@ def smol_runs(tmp_path_factory):
     for scheme in SMOL:
         out = root / scheme
         extra = ["--group-size", "64"] if scheme == "w4a16" else []
-        # w4a16 (the demo's job) timed and compared with the base, through the console entry point in its own
-        # process; the others in this one
-        evaluation = EVAL[:2] if scheme == "w4a16" else ["--no-latency", *EVAL]
+        # w4a16 (the demo's job) with its KL divergence from the base; speed is timed on tiny models
+        # (tests/cli/test_commands.py): ~35 s of the suite here
+        evaluation = ["--no-latency", *(EVAL[:2] if scheme == "w4a16" else EVAL)]
         args = ["quantize", "smollm2-135m", "-o", out, "--scheme", scheme, *extra, *evaluation, "--json"]
-        proc = run_cli(*args, fresh=scheme == "w4a16")
+        proc = run_cli(*args)
         runs[scheme] = (out, json.loads(proc.stdout))
     return runs
 
@@ -64,59 +64,57 @@ def test_w4a16_report_names_its_protocols(smol_runs):
     assert r["bits_per_weight"] == pytest.approx(4 + 16 / 64)  # int4 + a bf16 scale per 64
     assert r["perplexity"]["seq_len"] == 512 and r["perplexity"]["tokens"] == EVAL_TOKENS
     assert "pydoc_data" in r["perplexity"]["text"]
-    lat = r["latency"]
-    assert lat["prefill_tokens_per_s"] > 0 and lat["decode_tokens_per_s"] > 0
-    assert lat["batch"] == 1 and "cpu" in lat["device"] and "matmul" in lat["kernel"]
     assert r["peak_rss_bytes"] > r["weights_in_memory_bytes"] > 0
     div = r["divergence"]  # measured 0.394 nats (max 3.26), 70.1% top-1 agreement
     assert div["positions"] == (EVAL_TOKENS // 512) * 511 and 0.05 < div["kl_mean"] < 1.0 < div["kl_max"]
     assert 0.6 < div["top1_agreement"] < 0.95
-    # base and result timed in one process, rounds interleaved: the ratio lies within its own rounds
-    sp, rounds = report["speed"], report["recipe"]["evaluate"]["latency_rounds"]
-    assert sp["rounds"] == rounds == lat["rounds"] == report["base"]["latency"]["rounds"]
-    assert sp["decode_range"][0] <= sp["decode"] <= sp["decode_range"][1]
-    assert lat["decode_range"][0] <= lat["decode_tokens_per_s"] <= lat["decode_range"][1]
 
 
 FRESH = textwrap.dedent("""
     import json, math, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out, texts, tokens = sys.argv[1], json.load(open(sys.argv[2])), int(sys.argv[3])
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    ids = tok("\\n\\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    windows = ids[:tokens].reshape(-1, 512)
-    nll = n = 0
-    with torch.no_grad():
-        for i in range(0, len(windows), 4):
-            x = windows[i:i + 4]
-            logits = model(x).logits[:, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-            n += x[:, 1:].numel()
+    texts, tokens, outs = json.load(open(sys.argv[1])), int(sys.argv[2]), sys.argv[3:]
+    for out in outs:
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        tok = AutoTokenizer.from_pretrained(out)
+        ids = tok("\\n\\n".join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        windows = ids[:tokens].reshape(-1, 512)
+        nll = n = 0
+        with torch.no_grad():
+            for i in range(0, len(windows), 4):
+                x = windows[i:i + 4]
+                logits = model(x).logits[:, :-1].float().flatten(0, 1)
+                nll += float(torch.nn.functional.cross_entropy(logits, x[:, 1:].flatten(), reduction="sum"))
+                n += x[:, 1:].numel()
+        print(math.exp(nll / n))
     assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
-    print(math.exp(nll / n))
 """)
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
-def test_fresh_process_without_compress_reproduces_the_report(smol_runs, tmp_path, scheme):
+def fresh_perplexities(outs, tmp_path) -> list[float]:
+    """Perplexity of each checkpoint on the report's windows, in one new process that never imports compress."""
     from compress.data.text import builtin
 
-    out, report = smol_runs[scheme]
     texts = tmp_path / "texts.json"
     texts.write_text(json.dumps(builtin("evaluation").texts))
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), str(texts), str(EVAL_TOKENS)],
+        [sys.executable, str(script), str(texts), str(EVAL_TOKENS), *map(str, outs)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ppl = float(proc.stdout.strip().splitlines()[-1])
-    assert ppl == pytest.approx(report["result"]["perplexity"]["value"], rel=0.005)
+    return [float(line) for line in proc.stdout.strip().splitlines()[-len(outs) :]]
+
+
+def test_fresh_process_without_compress_reproduces_the_report(smol_runs, tmp_path):
+    schemes = ["w4a16", "fp8"]
+    got = fresh_perplexities([smol_runs[s][0] for s in schemes], tmp_path)
+    for scheme, ppl in zip(schemes, got):
+        assert ppl == pytest.approx(smol_runs[scheme][1]["result"]["perplexity"]["value"], rel=0.005), scheme
 
 
 def test_recipe_replay_gives_the_same_checkpoint(smol_runs, tmp_path):

@@ -55,20 +55,23 @@ def test_quantize_reload_close(tiny_model, tmp_path, arch, scheme):
     assert (out / "recipe.yaml").is_file()
 
 
-FRESH_WEIGHT = """
+FRESH_WEIGHTS = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-model(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward
-torch.save(model.get_submodule(sys.argv[2]).weight.detach(), sys.argv[3])
+name, dest, outs = sys.argv[1], sys.argv[2], sys.argv[3:]
+got = []
+for out in outs:
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model(torch.tensor([[1, 2, 3]]))  # compressed-tensors decompresses on the first forward
+    got.append(model.get_submodule(name).weight.detach())
+torch.save(got, dest)
 assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
 """
 
 
-@pytest.mark.parametrize("scheme,bits", [("w4a16", 4), ("w3a16", 3), ("w2a16", 2)])
-def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path, scheme, bits):
-    """The integers and scales we computed are what transformers rebuilds in a fresh process
-    without compress, bit for bit; the integers are packed densely (bits per weight on disk)."""
+def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
+    """The integers and scales we computed (int4, int3, int2) are what transformers rebuilds in a fresh
+    process without compress, bit for bit; the integers are packed densely (bits per weight on disk)."""
     import subprocess
     import sys
 
@@ -77,28 +80,29 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path, scheme, bits):
     from compress.eval.size import bits_per_weight
     from compress.primitives.qparams import Grid, dequantize, quantize as q, search_range
 
-    src, out = tiny_model("llama"), tmp_path / "out"
-    quantize(src, out, scheme, group_size=32)
-    name = "model.layers.0.mlp.down_proj"
+    src, name, bits = tiny_model("llama"), "model.layers.0.mlp.down_proj", {"w4a16": 4, "w3a16": 3, "w2a16": 2}
     with safe_open(src / "model.safetensors", "pt") as f:
         w = f.get_tensor(name + ".weight")  # [64, 128]
-    grid = Grid(bits, "int", True, 32)
-    scale, zp = search_range(w, grid, w.dtype)  # the default range choice
-    expected = dequantize(q(w, scale, zp, grid), scale, zp)
-    (tmp_path / "fresh.py").write_text(FRESH_WEIGHT)
+    for scheme, b in bits.items():
+        quantize(src, tmp_path / scheme, scheme, group_size=32)
+        with safe_open(tmp_path / scheme / "model.safetensors", "pt") as f:
+            packed = f.get_tensor(name + ".weight_packed")
+        assert packed.dtype == torch.int32 and packed.shape == (64, 128 * b // 32)
+        assert bits_per_weight(tmp_path / scheme, [name]) == b + 16 / 32  # the integers and a bf16 scale per 32
+    (tmp_path / "fresh.py").write_text(FRESH_WEIGHTS)
+    dirs = [str(tmp_path / scheme) for scheme in bits]
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(out), name, str(tmp_path / "w.pt")],
+        [sys.executable, str(tmp_path / "fresh.py"), name, str(tmp_path / "w.pt"), *dirs],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.load(tmp_path / "w.pt")
-    assert got.dtype == expected.dtype and torch.equal(got, expected)
-    with safe_open(out / "model.safetensors", "pt") as f:
-        packed = f.get_tensor(name + ".weight_packed")
-    assert packed.dtype == torch.int32 and packed.shape == (64, 128 * bits // 32)
-    assert bits_per_weight(out, [name]) == bits + 16 / 32  # the integers and a bf16 scale per 32
+    for b, got in zip(bits.values(), torch.load(tmp_path / "w.pt")):
+        grid = Grid(b, "int", True, 32)
+        scale, zp = search_range(w, grid, w.dtype)  # the default range choice
+        expected = dequantize(q(w, scale, zp, grid), scale, zp)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), b
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
