@@ -71,7 +71,7 @@ def test_search_writes_the_smallest_candidate_that_meets_the_budget(tiny_model, 
     out = tmp_path / "out"
     proc = compress(
         "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.01%",
-        "--methods", "rtn", "--group-sizes", "64", "--json",
+        "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "2048", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     found = json.loads(proc.stdout)
@@ -95,7 +95,7 @@ def test_no_candidate_meets_the_budget(tiny_model, tmp_path):
     out = tmp_path / "out"
     proc = compress(
         "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.01%",
-        "--schemes", "w4a16", "--methods", "rtn", "--group-sizes", "64",
+        "--schemes", "w4a16", "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "1024",
     )  # fmt: skip
     msg = assert_one_line_error(proc, 1)
     assert "no candidate met the budget" in msg and "nothing was written" in msg
