@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(PY) benchmarks/quantize_rtn.py
 	$(PY) benchmarks/quantize_calibrated.py
+	$(PY) benchmarks/low_bit.py
 	$(PY) benchmarks/prune.py
 	$(PY) benchmarks/distill.py
 	$(PY) benchmarks/recipes.py

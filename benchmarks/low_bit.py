@@ -71,7 +71,7 @@ def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: 
         *calib,
         "--no-latency",
     )
-    e = cli("eval", str(out), "--baseline", "smollm2-135m", "--eval-dataset", str(domain2), "--no-latency")
+    e = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
     d1, d2 = q["result"]["divergence"], e["result"]["divergence"]
     cells = [
         scheme,

@@ -22,7 +22,8 @@ class Kind:
 
 SCHEMES: dict[str, Kind] = {
     "w4a16": Kind(4, "int", None, grouped=True, default_group=128),
-    # Fewer levels want smaller groups: the defaults are measured in benchmarks/RESULTS.md (low-bit section).
+    # Fewer levels want smaller groups. These defaults are a choice, not yet a measurement: benchmarks/low_bit.py
+    # compares group sizes on two text domains.
     "w3a16": Kind(3, "int", None, grouped=True, default_group=64),
     "w2a16": Kind(2, "int", None, grouped=True, default_group=32),
     "w8a16": Kind(8, "int", None, grouped=True, default_group=None),
