@@ -87,8 +87,9 @@ def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: 
         f"{q['result']['bytes_on_disk'] / 2**20:.1f}",
         f"{q['stages'][0]['seconds']:.0f}",
     ]
-    print("| " + " | ".join(cells) + " |", flush=True)
-    return "| " + " | ".join(cells) + " |", q["base"], e["base"]
+    line = "| " + " | ".join(cells) + " |"
+    print(line, flush=True)
+    return line, q["base"], e["base"]
 
 
 def main() -> None:

@@ -52,21 +52,21 @@ def _lm_eval():
     return lm_eval
 
 
-def _manager(tmp: Path, names: list[str]):
-    """lm-eval's task index with compress's built-in tasks added (YAML written with the data's path).
-    Indexing lm-eval's own ~15k task files takes 10.7 s here: only done when a name is not built in."""
+def _manager(tmp: Path, lm_eval_tasks: bool):
+    """A task index holding compress's built-in tasks (YAML written with the data's path), and lm-eval's
+    own when asked: indexing its ~15k task files takes 10.7 s here, so only when a name is not built in."""
     from lm_eval.tasks import TaskManager
 
     for name, data in BUILTIN.items():
         (tmp / f"{name}.yaml").write_text(_YAML.format(name=name, data=DATA / data))
-    return TaskManager(include_path=str(tmp), include_defaults=not set(names) <= set(BUILTIN), verbosity="ERROR")
+    return TaskManager(include_path=str(tmp), include_defaults=lm_eval_tasks, verbosity="ERROR")
 
 
 @functools.cache
 def _known() -> frozenset[str]:
     """Every task name lm-eval knows (indexed once a process)."""
     with tempfile.TemporaryDirectory(prefix="compress-tasks-") as tmp:
-        return frozenset(_manager(Path(tmp), ["<all>"]).all_tasks)
+        return frozenset(_manager(Path(tmp), lm_eval_tasks=True).all_tasks)
 
 
 def check(names: list[str], model_task: str) -> None:
@@ -94,7 +94,7 @@ def run(model: torch.nn.Module, tokenizer, names: list[str], limit: int | None =
         out = lm_eval.simple_evaluate(
             model=lm,
             tasks=list(names),
-            task_manager=_manager(Path(tmp), names),
+            task_manager=_manager(Path(tmp), lm_eval_tasks=not set(names) <= set(BUILTIN)),
             limit=limit,
             num_fewshot=0,
             log_samples=False,
