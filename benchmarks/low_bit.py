@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/low_bit.py [--samples 64] [--runs w3a16:64:gptq,...] [--no-write]
 
+A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50).
+
 Each run is `compress quantize` (perplexity and KL divergence against the base on the built-in
 held-out pages) followed by `compress eval --baseline` of the same checkpoint on a second domain
 the calibration never saw: Debian's license texts (`/usr/share/common-licenses`, copied to .txt),
@@ -54,8 +56,9 @@ def change(m: dict, base: dict) -> str:
     return f"{(m['perplexity']['value'] / base['perplexity']['value'] - 1) * 100:+.1f}%"
 
 
-def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
-    out = tmp / f"{scheme}-{group}-{method}"
+def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
+    scheme, group, method, *options = spec.split(":")
+    out = tmp / spec.replace(":", "_").replace("=", "-")
     calib = ["--samples", str(samples)] if method != "rtn" else []
     q = cli(
         "quantize",
@@ -69,6 +72,7 @@ def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: 
         "--method",
         method,
         *calib,
+        *options,
         "--no-latency",
     )
     e = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
@@ -76,7 +80,7 @@ def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: 
     cells = [
         scheme,
         group,
-        method,
+        " ".join([method, *options]),
         f"{q['result']['perplexity']['value']:.2f} ({change(q['result'], q['base'])})",
         f"{d1['kl_mean']:.3f}",
         f"{d1['top1_agreement']:.1%}",
@@ -95,21 +99,22 @@ def row(scheme: str, group: str, method: str, samples: int, tmp: Path, domain2: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--runs", default=RUNS, help="scheme:group:method, comma-separated")
+    ap.add_argument("--runs", default=RUNS, help="scheme:group:method[:option...], comma-separated")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         domain2, desc2 = second_domain(Path(tmp))
         rows = []
         for spec in args.runs.split(","):
-            line, base1, base2 = row(*spec.split(":"), args.samples, Path(tmp), domain2)
+            line, base1, base2 = row(spec, args.samples, Path(tmp), domain2)
             rows.append(line)
     section = "\n".join(
         [
             "## Low-bit weights (`benchmarks/low_bit.py`)",
             "",
-            f"SmolLM2-135M-Instruct, bfloat16 base. Calibration (gptq): {args.samples} samples x 512 tokens of the "
-            f"built-in calibration split. Domain 1: built-in held-out pages, {base1['perplexity']['tokens']} tokens "
+            f"SmolLM2-135M-Instruct, bfloat16 base. Calibration (every method but rtn): {args.samples} samples x 512 "
+            f"tokens of the built-in calibration split. Domain 1: built-in held-out pages, "
+            f"{base1['perplexity']['tokens']} tokens "
             f"(base perplexity {base1['perplexity']['value']:.2f}). Domain 2, never calibrated on: {desc2}, "
             f"{base2['perplexity']['tokens']} tokens (base {base2['perplexity']['value']:.2f}). KL: mean "
             "KL(base || result) per position; top-1: positions whose most likely next token is unchanged. Both "

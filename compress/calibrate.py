@@ -262,6 +262,7 @@ def calibrate_linears(
     treat: Callable[[list[torch.nn.Linear], InputStats], list[R]],
     threads: int = 1,
     prepare: Callable[[Layer], None] | None = None,
+    treat_layer: Callable[[Layer, LayerInputs], dict[str, R] | None] | None = None,
     baseline: Callable[[torch.nn.Module, dict[str, torch.nn.Linear], LayerInputs, list[torch.Tensor]], float]
     | None = None,
     sink: Callable[[dict[str, R]], None] | None = None,
@@ -274,9 +275,11 @@ def calibrate_linears(
     Per decoder layer: `gather(layer, targets)` says which statistics to collect; one pass over
     the calibration batches collects them (and the layer's float outputs, for the error);
     `baseline` measures the error of the method's baseline; `prepare` changes the layer as a
-    whole (smoothing folds); `treat(linears, stats)` changes each group of linears that read
-    one input and returns one result per linear, in `threads` threads (groups are independent);
-    once the layer's new outputs are computed, its results go to `sink` (in-place when none).
+    whole (smoothing folds); `treat_layer(layer, inputs)` may change all its linears at once
+    (tuned rounding against the layer's outputs) and return a result per linear name, else
+    `treat(linears, stats)` changes each group of linears that read one input and returns one
+    result per linear, in `threads` threads (groups are independent); once the layer's new
+    outputs are computed, its results go to `sink` (in-place when none).
     """
     prefix = decoder_prefix(model)
     n_err = next(
@@ -327,11 +330,16 @@ def calibrate_linears(
                     "infinity); the layers before it overflow in this dtype (try --dtype float32)"
                 )
         refs[i] = (ref, baseline(module, targets, head(inputs, len(ref)), ref) if baseline else None)
+        layer = Layer(i, module, targets, stats)
         if prepare:
-            prepare(Layer(i, module, targets, stats))
+            prepare(layer)
+        if treat_layer and (by_name := treat_layer(layer, inputs)) is not None:
+            pending[i] = {own + n: r for n, r in by_name.items()}
+            return
         groups = sorted(
             shared.groups(targets).values(), key=lambda names: -sum(targets[n].weight.numel() for n in names)
         )
+
         def one(names: list[str]) -> list[R]:
             return treat([targets[n] for n in names], stats[names[0]])
 

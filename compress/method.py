@@ -39,5 +39,11 @@ class Method:
         return {k: "searched" if v is None else v for k, v in self.options.model_dump().items()}
 
     @classmethod
+    def time_multiple(cls, stage: Any) -> float:
+        """`--dry-run`'s time for `stage` (this method's stage, with its options) as a multiple of
+        one forward pass over the calibration tokens; `time_factor` unless the options change it."""
+        return cls.time_factor
+
+    @classmethod
     def check(cls, stage: BaseModel) -> None:
         """Raise ValueError when the stage's other fields do not fit this method."""

@@ -231,7 +231,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
         m = st.method_class
         tokens = st.samples * st.seq_len if m.calibrated else 0
         peak = IMPORTS + int(model * (1 + m.working_memory))
-        forward = m.time_factor * forward_seconds(f.linear, tokens, gflops)
+        forward = m.time_multiple(st) * forward_seconds(f.linear, tokens, gflops)
         if isinstance(st, QuantizeStage):
             search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
             after = _after_quantize(f, st)

@@ -128,19 +128,32 @@ def search_range(
     Returns scale and zero point like `compute_qparams`. All ratios are tried at once, on
     chunks of rows.
     """
+    scale, zp, _ = _search(w, grid, scale_dtype, ratios, importance)
+    return scale, zp
+
+
+def search_ratio(
+    w: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[O, G] the range multiplier `search_range` chooses for each group."""
+    return _search(w, grid, scale_dtype, None, importance)[2]
+
+
+def _search(w, grid, scale_dtype, ratios, importance) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     wf = w.float()
     r = (default_ratios(grid) if ratios is None else ratios).float().to(wf.device)  # [R]
     col_w = torch.ones(w.shape[1], device=wf.device) if importance is None else importance.float().to(wf.device)
     g = w.shape[1] if grid.group_size is None else grid.group_size
     rows = max(1, SEARCH_ELEMENTS // (len(r) * w.shape[1]))
-    scales, zps = [], []
+    scales, zps, chosen = [], [], []
     for chunk in wf.split(rows):
         scale, zp = _qparams_for_ratios(grouped(chunk, g), grid, scale_dtype, r)  # [R, O, G]
         err = _group_error(chunk, scale, zp, grid, col_w)  # [R, O, G]
         best = err.argmin(0, keepdim=True)  # [1, O, G]
         scales.append(scale.gather(0, best)[0])
         zps.append(zp.gather(0, best)[0])
-    return torch.cat(scales), torch.cat(zps)
+        chosen.append(r[best[0]])
+    return torch.cat(scales), torch.cat(zps), torch.cat(chosen)
 
 
 SEARCH_ELEMENTS = 1 << 17  # ratios x rows x columns evaluated at once: stays in cache

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.calibrate import Gather, InputStats, Layer
+from compress.calibrate import Gather, InputStats, Layer, LayerInputs
 from compress.method import Method
 from compress.models.arch import Smooth, smooth_maps
 from compress.primitives.qparams import Grid, compute_qparams, quantize, search_range
@@ -39,6 +39,12 @@ class QuantMethod(Method):
 
     def prepare(self, model: torch.nn.Module, layer: Layer) -> None:
         """Change the decoder layer as a whole before its linears are quantized (smoothing)."""
+
+    def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
+        """All of a decoder layer's linears at once, against the layer's outputs on `inputs` (the
+        calibration batches as the layers before produced them): a result per name in
+        `layer.targets`, or None to quantize each group of linears by `quantize`."""
+        return None
 
     def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
         """w [O, I] in the layer's dtype: the rows of every linear that reads one input, stacked

@@ -105,6 +105,7 @@ def quantize_linears(
         device,
         gather=lambda layer, targets: method.gather(model, layer, targets),
         prepare=lambda layer: method.prepare(model, layer),
+        treat_layer=lambda layer, inputs: quantize_layer(method, model, layer, inputs),
         treat=lambda lins, stats: quantize_together(method, lins, stats),
         threads=method.threads,
         baseline=lambda layer, targets, inputs, ref: rtn_error(layer, targets, scheme, inputs, ref),
@@ -121,7 +122,6 @@ def quantize_together(
     method treats rows independently, so this is exact, and GPTQ factors one Hessian for them
     all. The layer keeps the de-quantized weights (its outputs feed the next layer); the
     integers and scales are kept on the CPU."""
-    dtype = lins[0].weight.dtype
     w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
     q, scale, zp = method.quantize(w, stats)
     check_scales(scale, lins)
@@ -129,10 +129,30 @@ def quantize_together(
     for lin in lins:
         rows = slice(row, row + lin.out_features)
         row += lin.out_features
-        lin.weight.data = dequantize(q[rows], scale[rows], zp[rows]).to(dtype)
-        out.append(QuantizedWeight(q[rows].cpu(), scale[rows].cpu(), zp[rows].cpu()))
+        out.append(_keep(lin, q[rows], scale[rows], zp[rows]))
     heap.trim()  # the temporaries' pages go back before the next group's are taken
     return out
+
+
+def quantize_layer(
+    method: QuantMethod, model: torch.nn.Module, layer: calibrate.Layer, inputs: LayerInputs
+) -> dict[str, QuantizedWeight] | None:
+    """A method that treats the decoder layer as a whole (None: it quantizes groups of linears)."""
+    results = method.quantize_layer(model, layer, inputs)
+    if results is None:
+        return None
+    out = {}
+    for name, (q, scale, zp) in results.items():
+        check_scales(scale, [layer.targets[name]], name)
+        out[name] = _keep(layer.targets[name], q, scale, zp)
+    return out
+
+
+def _keep(lin: torch.nn.Linear, q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> QuantizedWeight:
+    """The linear keeps its de-quantized weight (its outputs feed the next layer); the integers and
+    scales go to the CPU."""
+    lin.weight.data = dequantize(q, scale, zp).to(lin.weight.dtype)
+    return QuantizedWeight(q.cpu(), scale.cpu(), zp.cpu())
 
 
 def check_scales(scale: torch.Tensor, lins: list[torch.nn.Linear], name: str | None = None) -> None:

@@ -4,7 +4,7 @@ methods/, one line here, its test."""
 from __future__ import annotations
 
 from compress.quant.method import QuantMethod
-from compress.quant.methods import awq, gptq, hqq, rtn, smoothquant
+from compress.quant.methods import awq, gptq, hqq, rtn, signround, smoothquant
 
 METHODS: dict[str, type[QuantMethod]] = {
     m.name: m
@@ -15,5 +15,6 @@ METHODS: dict[str, type[QuantMethod]] = {
         smoothquant.SmoothQuantGPTQ,
         smoothquant.SmoothQuantRTN,
         hqq.HQQ,
+        signround.SignRound,
     )
 }

@@ -1,0 +1,209 @@
+"""SignRound (Cheng et al., 2023, arXiv 2309.05516, "Optimize weight rounding via signed gradient
+descent"): per decoder layer, learn each weight's rounding offset v in [-0.5, 0.5] and each
+group's range multipliers by signed gradient descent on the layer's output error against its
+float outputs, on the calibration inputs as the already quantized layers produce them.
+
+A weight is stored as q = clamp(round(w / s + v) + z, qmin, qmax) with the group's scale s and
+zero point z taken from its range [min(w, 0) * a, max(w, 0) * b]; v, a and b are what is learnt
+(rounding through a straight-through estimator), so the result is plain integers and scales.
+The multipliers start where the activation-weighted range search puts them (v = 0 is that
+search's round to nearest), and a layer keeps its tuned weights only when they reproduce its
+float outputs on all the calibration batches better than that start did.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from compress.calibrate import Layer, LayerInputs
+from compress.data.calibration import CALIBRATION_BATCH
+from compress.primitives.qparams import Grid, default_ratios, grouped, search_ratio
+from compress.quant.method import Quantized, QuantMethod
+from compress.quant.schemes import SCHEMES
+
+LOWEST_RATIO = 0.5  # a group's range may shrink to half its min/max, as the range search never goes below 0.7
+
+
+class SignRoundOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    signround_steps: int = Field(
+        200, ge=1, le=100_000, description="SignRound: signed-gradient steps per decoder layer"
+    )
+    signround_lr: float | None = Field(
+        None, gt=0, le=1, description="SignRound: step size, decaying linearly to 0 (default: 1 / steps)"
+    )
+    signround_batch: int = Field(
+        8, ge=1, description="SignRound: calibration samples per step (whole calibration batches of 4)"
+    )
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, with the identity's gradient."""
+    return x + (x.round() - x).detach()
+
+
+def fake_quantize(
+    wg: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: Grid, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """wg [O, G, g] float32, offsets v [O, G, g], range multipliers lo, hi [O, G] ->
+    de-quantized weights [O, G, g], integers [O, G, g], scale and zero point [O, G] (float32
+    holding the stored values: the scale is rounded to `scale_dtype`). Differentiable in v, lo, hi."""
+    low = wg.amin(-1).clamp(max=0) * lo  # 0 stays representable
+    high = wg.amax(-1).clamp(min=0) * hi
+    span = grid.qmax - grid.qmin
+    if grid.symmetric:
+        scale = torch.maximum(low.abs(), high) / (span / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / span
+        zp = round_ste((grid.qmin - low / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax))
+    scale = scale.clamp(min=torch.finfo(scale_dtype).eps)
+    scale = scale + (scale.to(scale_dtype).float() - scale).detach()  # as stored
+    q = (round_ste(wg / scale[..., None] + v) + zp[..., None]).clamp(grid.qmin, grid.qmax)
+    return (q - zp[..., None]) * scale[..., None], q, scale, zp
+
+
+class _Rounding:
+    """One linear's learnable rounding: its weights in groups and the parameters being learnt."""
+
+    def __init__(self, w: torch.Tensor, ratio: torch.Tensor, grid: Grid, keep_zeros: bool):
+        self.shape, self.dtype, self.grid = w.shape, w.dtype, grid
+        self.wg = grouped(w.detach().float(), grid.group_size)  # [O, G, g]
+        self.mask = (self.wg != 0).float() if keep_zeros else None  # zeros stay zeros (a pruned model)
+        self.v = torch.zeros_like(self.wg, requires_grad=True)
+        self.lo = ratio.float().clone().requires_grad_(True)
+        # a symmetric grid has one range: both ends scale by `lo`
+        self.hi = self.lo if grid.symmetric else ratio.float().clone().requires_grad_(True)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.v, self.lo] if self.grid.symmetric else [self.v, self.lo, self.hi]
+
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params()]
+
+    def load(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params(), state):
+                p.copy_(s)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        v = self.v if self.mask is None else self.v * self.mask
+        w, q, scale, zp = fake_quantize(self.wg, v, self.lo, self.hi, self.grid, self.dtype)
+        return w.reshape(self.shape), q, scale, zp
+
+    @torch.no_grad()
+    def step(self, lr: float, top: float) -> None:
+        """A signed gradient step; offsets and multipliers stay in their ranges."""
+        self.v.sub_(lr * self.v.grad.sign()).clamp_(-0.5, 0.5)
+        for r in self.params()[1:]:
+            r.sub_(lr * r.grad.sign()).clamp_(LOWEST_RATIO, top)
+        for p in self.params():
+            p.grad = None
+
+    @torch.no_grad()
+    def result(self) -> Quantized:
+        _, q, scale, zp = self.forward()
+        return q.reshape(self.shape).to(torch.int8), scale.to(self.dtype), zp.to(torch.int8)
+
+
+def _float(value):
+    """Calibration kwargs (masks, rotary tables) in float32, as the tuned copy of the layer runs."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, tuple):
+        return tuple(_float(v) for v in value)
+    return value
+
+
+def tune_layer(
+    block: torch.nn.Module,
+    roundings: dict[str, _Rounding],
+    inputs: LayerInputs,
+    steps: int,
+    lr: float,
+    batch: int,
+    top: float,
+) -> dict[str, Quantized]:
+    """Learn every rounding of one decoder layer (`block`: a float32 copy) against the layer's own
+    float outputs on `inputs`; returns each linear's integers, scale and zero point."""
+    hidden = [h.float() for h in inputs.hidden]
+    kwargs = [{k: _float(v) for k, v in kw.items()} for kw in inputs.kwargs]
+
+    def run(h: torch.Tensor, kw: dict, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        out = torch.func.functional_call(block, weights or {}, (h,), kw, strict=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {f"{n}.weight": r.forward()[0] for n, r in roundings.items()}
+
+    with torch.no_grad():
+        refs = [run(h, kw, None) for h, kw in zip(hidden, kwargs)]
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            w = weights()
+            return sum(float((run(h, kw, w) - r).pow(2).sum()) for h, kw, r in zip(hidden, kwargs, refs))
+
+    start = full_loss()
+    initial = {n: r.state() for n, r in roundings.items()}
+    per_step = max(1, math.ceil(batch / hidden[0].shape[0]))  # whole calibration batches
+    order = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(0)).tolist()
+    for step in range(steps):
+        picks = [order[(step * per_step + k) % len(order)] for k in range(min(per_step, len(order)))]
+        w = weights()
+        loss = sum((run(hidden[i], kwargs[i], w) - refs[i]).pow(2).mean() for i in picks) / len(picks)
+        loss.backward()
+        for r in roundings.values():
+            r.step(lr * (1 - step / steps), top)
+    if full_loss() >= start:  # not better than where it started: keep the range-searched rounding
+        for n, r in roundings.items():
+            r.load(initial[n])
+    return {n: r.result() for n, r in roundings.items()}
+
+
+class SignRound(QuantMethod):
+    name = "signround"
+    Options = SignRoundOptions
+    working_memory = 1.5  # a float32 copy of one layer, its activations for a step's batches
+    STEP_COST = 3.0  # one step's forward and backward over a sample, in forwards of that sample
+
+    @classmethod
+    def check(cls, stage) -> None:
+        if SCHEMES[stage.scheme].grid != "int":
+            raise ValueError(f"signround learns the rounding onto an integer grid; {stage.scheme} has none (use rtn)")
+
+    @classmethod
+    def time_multiple(cls, stage) -> float:
+        o = stage.method_options()
+        batch = min(stage.samples, max(o.signround_batch, CALIBRATION_BATCH))
+        return 3 + cls.STEP_COST * o.signround_steps * batch / stage.samples  # + references and both full losses
+
+    def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
+        grid = self.target.grid
+        roundings = {}
+        for name, lin in layer.targets.items():
+            importance = layer.stats[name].mean_square() if self.target.range_search else None
+            if self.target.range_search:
+                ratio = search_ratio(lin.weight, grid, lin.weight.dtype, importance=importance)
+            else:
+                ratio = torch.ones(lin.out_features, lin.in_features // (grid.group_size or lin.in_features))
+            roundings[name] = _Rounding(lin.weight, ratio.to(lin.weight.device), grid, self.target.keep_zeros)
+        block = copy.deepcopy(layer.module).float()
+        block.requires_grad_(False)
+        o = self.options
+        top = float(default_ratios(grid).max())
+        with torch.enable_grad():
+            return tune_layer(
+                block,
+                roundings,
+                inputs,
+                o.signround_steps,
+                o.signround_lr or 1 / o.signround_steps,
+                o.signround_batch,
+                top,
+            )

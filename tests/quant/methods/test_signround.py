@@ -1,0 +1,83 @@
+"""SignRound: layer outputs closer to the float ones than RTN's and GPTQ's, integers in range,
+zeros of a pruned layer kept, the time estimate following its steps, and its options checked."""
+
+import pytest
+import torch
+
+from compress.calibrate import LayerInputs
+from compress.primitives.qparams import Grid, dequantize, search_ratio
+from compress.quant.methods.signround import _Rounding, tune_layer
+from tests.cli.test_errors import assert_one_line_error, compress
+from tests.quant.test_calibrated import run_method
+
+
+def test_signround_beats_rtn_and_gptq_on_layer_outputs(tiny_model):
+    src = tiny_model("llama")
+    _, _, _, _, _, gptq = run_method(src, "gptq")
+    _, layers, _, sch, weights, tuned = run_method(src, "signround", signround_steps=60)
+    assert set(weights) == set(layers)
+    # measured (sym): per layer 0.0346 / 0.0351 against GPTQ's 0.0393 / 0.0428 and RTN's 0.0561 / 0.0687
+    assert sum(e.method for e in tuned) < 0.95 * sum(e.method for e in gptq)
+    assert sum(e.method for e in tuned) < 0.75 * sum(e.rtn for e in tuned)
+    for w in weights.values():
+        assert w.q.dtype == torch.int8 and int(w.q.min()) >= -8 and int(w.q.max()) <= 7
+        assert bool((w.scale > 0).all()) and w.scale.dtype == torch.float32  # the loaded model's dtype
+        assert bool((w.zero_point == 0).all())
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_zeros_stay_zeros_and_the_block_error_never_rises(symmetric):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    with torch.no_grad():
+        for lin in (block[0], block[2]):
+            lin.weight[torch.rand_like(lin.weight) < 0.3] = 0  # a pruned model
+    block.requires_grad_(False)
+    grid = Grid(4, "int", symmetric, 32)
+    inputs = LayerInputs(hidden=list(torch.randn(8, 4, 16, 64).unbind()), kwargs=[{}] * 8)
+
+    def error(results):
+        with torch.no_grad():
+            saved = [block[i].weight.clone() for i in (0, 2)]
+            for i, (q, s, z) in zip((0, 2), results.values()):
+                block[i].weight.copy_(dequantize(q, s, z))
+            err = sum(float((block(h) - r).pow(2).sum()) for h, r in zip(inputs.hidden, refs))
+            for i, w in zip((0, 2), saved):
+                block[i].weight.copy_(w)
+            return err
+
+    refs = [block(h) for h in inputs.hidden]
+    results = {}
+    for steps in (0, 40):
+        roundings = {
+            str(i): _Rounding(block[i].weight, search_ratio(block[i].weight, grid, torch.float32), grid, True)
+            for i in (0, 2)
+        }
+        with torch.enable_grad():
+            results[steps] = tune_layer(block, roundings, inputs, steps, 0.01, 8, 1.0)
+    # measured: 3.26 against 4.44 symmetric; on the asymmetric grid tuning ended above the start (here, and
+    # 10.27 against 10.15 unpruned with lr 1/40), so the range-searched start is kept: equal
+    assert error(results[40]) < 0.8 * error(results[0]) if symmetric else error(results[40]) <= error(results[0])
+    for i, (q, s, z) in zip((0, 2), results[40].values()):
+        zero = block[i].weight == 0
+        assert bool((dequantize(q, s, z)[zero] == 0).all())
+        assert int(q.min()) >= -8 and int(q.max()) <= 7 and int(z.min()) >= -8 and int(z.max()) <= 7
+
+
+def test_dry_run_time_follows_the_steps():
+    from compress.recipe import QuantizeStage
+
+    few = QuantizeStage(scheme="w4a16", method="signround", signround_steps=50)
+    many = QuantizeStage(scheme="w4a16", method="signround", signround_steps=400)
+    assert many.method_class.time_multiple(many) > 6 * few.method_class.time_multiple(few)
+
+
+def test_signround_options_are_checked(tiny_model, tmp_path):
+    src, out = tiny_model("llama"), tmp_path / "o"
+    for args, words in (
+        (["--method", "signround", "--signround-steps", "0"], "signround_steps"),
+        (["--method", "gptq", "--signround-batch", "4"], "belong to method signround"),
+        (["--method", "signround", "--scheme", "fp8"], "integer grid"),
+    ):
+        line = assert_one_line_error(compress("quantize", src, "-o", out, *args, "--no-eval"), 2)
+        assert words in line and not out.exists()
