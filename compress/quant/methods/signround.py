@@ -172,6 +172,13 @@ class SignRound(QuantMethod):
     working_memory = 1.5  # a float32 copy of one layer, its activations for a step's batches
     STEP_COST = 3.0  # one step's forward and backward over a sample, in forwards of that sample
 
+    @property
+    def lr(self) -> float:
+        return self.options.signround_lr or 1 / self.options.signround_steps
+
+    def settings(self) -> dict:
+        return {**self.options.model_dump(), "signround_lr": self.lr}
+
     @classmethod
     def check(cls, stage) -> None:
         if SCHEMES[stage.scheme].grid != "int":
@@ -184,26 +191,16 @@ class SignRound(QuantMethod):
         return 3 + cls.STEP_COST * o.signround_steps * batch / stage.samples  # + references and both full losses
 
     def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
-        grid = self.target.grid
+        grid, o = self.target.grid, self.options
         roundings = {}
         for name, lin in layer.targets.items():
-            importance = layer.stats[name].mean_square() if self.target.range_search else None
             if self.target.range_search:
-                ratio = search_ratio(lin.weight, grid, lin.weight.dtype, importance=importance)
+                ratio = search_ratio(lin.weight, grid, lin.weight.dtype, importance=layer.stats[name].mean_square())
             else:
                 ratio = torch.ones(lin.out_features, lin.in_features // (grid.group_size or lin.in_features))
             roundings[name] = _Rounding(lin.weight, ratio.to(lin.weight.device), grid, self.target.keep_zeros)
         block = copy.deepcopy(layer.module).float()
         block.requires_grad_(False)
-        o = self.options
         top = float(default_ratios(grid).max())
         with torch.enable_grad():
-            return tune_layer(
-                block,
-                roundings,
-                inputs,
-                o.signround_steps,
-                o.signround_lr or 1 / o.signround_steps,
-                o.signround_batch,
-                top,
-            )
+            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch, top)

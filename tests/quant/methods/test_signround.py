@@ -14,7 +14,7 @@ from tests.quant.test_calibrated import run_method
 def test_signround_beats_rtn_and_gptq_on_layer_outputs(tiny_model):
     src = tiny_model("llama")
     _, _, _, _, _, gptq = run_method(src, "gptq")
-    _, layers, _, sch, weights, tuned = run_method(src, "signround", signround_steps=60)
+    loaded, layers, _, sch, weights, tuned = run_method(src, "signround", signround_steps=60)
     assert set(weights) == set(layers)
     # measured (sym): per layer 0.0346 / 0.0351 against GPTQ's 0.0393 / 0.0428 and RTN's 0.0561 / 0.0687
     assert sum(e.method for e in tuned) < 0.95 * sum(e.method for e in gptq)
@@ -81,3 +81,22 @@ def test_signround_options_are_checked(tiny_model, tmp_path):
     ):
         line = assert_one_line_error(compress("quantize", src, "-o", out, *args, "--no-eval"), 2)
         assert words in line and not out.exists()
+
+
+def test_signround_checkpoint_reloads_to_its_weights(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compress.formats.stored import read
+    from tests.formats.test_tiny_models import quantize as quantize_tiny
+
+    src, out = tiny_model("llama"), tmp_path / "out"
+    report = quantize_tiny(src, out, "w4a16", group_size=32, method="signround", signround_steps=5, samples=4)
+    settings = report.stages[0].settings
+    assert settings["method"] == "signround" and settings["signround_steps"] == 5
+    assert settings["signround_lr"] == pytest.approx(1 / 5) and settings["signround_batch"] == 8
+    mine = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    mine(torch.tensor([[1, 2, 3]]))  # transformers de-compresses on the first forward
+    stored = read(out)
+    assert len(stored) == 14
+    for name, w in stored.items():
+        assert torch.equal(mine.get_submodule(name).weight, w.dequantized()), name
