@@ -38,11 +38,17 @@ bench: install
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,
 # used by benchmarks/quantize_calibrated.py and benchmarks/prune.py for side-by-side runs.
-bench-venv: .venv-llmc/.installed
+bench-venv: .venv-llmc/.installed .venv-autoround/.installed
 .venv-llmc/.installed: constraints.txt
 	$(PYTHON) -m venv .venv-llmc
 	.venv-llmc/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0 llmcompressor==0.14.0.1 psutil
 	touch $@
 
+# auto-round (benchmarks/low_bit.py's auto-round rows) too: compressed-tensors writes its llm_compressor format.
+.venv-autoround/.installed: constraints.txt
+	$(PYTHON) -m venv .venv-autoround
+	.venv-autoround/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0 auto-round==0.16.1 compressed-tensors
+	touch $@
+
 clean:
-	rm -rf $(VENV) .venv-llmc demo-out
+	rm -rf $(VENV) .venv-llmc .venv-autoround demo-out

@@ -2,7 +2,10 @@
 
     .venv/bin/python benchmarks/low_bit.py [--samples 64] [--runs w3a16:64:gptq,...] [--no-write]
 
-A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50).
+A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
+scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
+environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
+`compress eval` on both domains.
 
 Each run is `compress quantize` (perplexity and KL divergence against the base on the built-in
 held-out pages) followed by `compress eval --baseline` of the same checkpoint on a second domain
@@ -25,10 +28,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from quantize_calibrated import token_files  # noqa: E402
 from results import write_section  # noqa: E402
 
 RUNS = "w4a16:64:gptq,w3a16:64:rtn,w3a16:64:gptq,w3a16:32:gptq,w2a16:32:rtn,w2a16:32:gptq,w2a16:16:gptq"
 LICENSES = Path("/usr/share/common-licenses")
+HERE = Path(__file__).parent
+AUTOROUND_PY = Path(os.environ.get("AUTOROUND_PYTHON", HERE.parent / ".venv-autoround" / "bin" / "python"))
 
 
 def second_domain(tmp: Path) -> tuple[Path, str]:
@@ -58,6 +64,8 @@ def change(m: dict, base: dict) -> str:
 
 def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
     scheme, group, method, *options = spec.split(":")
+    if method == "auto-round":
+        return autoround_row(scheme, group, *options, samples, tmp, domain2)
     out = tmp / spec.replace(":", "_").replace("=", "-")
     calib = ["--samples", str(samples)] if method != "rtn" else []
     q = cli(
@@ -76,24 +84,48 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
         "--no-latency",
     )
     e = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
-    d1, d2 = q["result"]["divergence"], e["result"]["divergence"]
+    line = table_row(scheme, group, " ".join([method, *options]), q, e, q["stages"][0]["seconds"])
+    return line, q["base"], e["base"]
+
+
+def autoround_row(
+    scheme: str, group: str, steps: str, batch: str, samples: int, tmp: Path, domain2: Path
+) -> tuple[str, dict, dict]:
+    if not AUTOROUND_PY.exists():
+        sys.exit(f"{AUTOROUND_PY} is missing: make auto-round's virtual environment (see benchmarks/autoround.py)")
+    base, calib, _ = token_files(samples, 512, tmp)
+    out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}", scheme[1]
+    cmd = [str(AUTOROUND_PY), str(HERE / "autoround.py"), str(base), str(calib), str(out), bits, group, steps, batch]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode:
+        sys.exit(f"auto-round failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--no-latency")
+    d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
+    line = table_row(scheme, group, f"auto-round {steps} steps, batch {batch}", d1, d2, r["seconds"])
+    return line, d1["base"], d2["base"]
+
+
+def table_row(scheme: str, group: str, method: str, d1: dict, d2: dict, seconds: float) -> str:
+    """One row from the reports on domain 1 (`quantize` or `eval --baseline`) and domain 2 (`eval --baseline`)."""
+    k1, k2 = d1["result"]["divergence"], d2["result"]["divergence"]
     cells = [
         scheme,
         group,
-        " ".join([method, *options]),
-        f"{q['result']['perplexity']['value']:.2f} ({change(q['result'], q['base'])})",
-        f"{d1['kl_mean']:.3f}",
-        f"{d1['top1_agreement']:.1%}",
-        f"{e['result']['perplexity']['value']:.2f} ({change(e['result'], e['base'])})",
-        f"{d2['kl_mean']:.3f}",
-        f"{d2['top1_agreement']:.1%}",
-        f"{q['result']['bits_per_weight']:.2f}",
-        f"{q['result']['bytes_on_disk'] / 2**20:.1f}",
-        f"{q['stages'][0]['seconds']:.0f}",
+        method,
+        f"{d1['result']['perplexity']['value']:.2f} ({change(d1['result'], d1['base'])})",
+        f"{k1['kl_mean']:.3f}",
+        f"{k1['top1_agreement']:.1%}",
+        f"{d2['result']['perplexity']['value']:.2f} ({change(d2['result'], d2['base'])})",
+        f"{k2['kl_mean']:.3f}",
+        f"{k2['top1_agreement']:.1%}",
+        f"{d1['result']['bits_per_weight']:.2f}",
+        f"{d1['result']['bytes_on_disk'] / 2**20:.1f}",
+        f"{seconds:.0f}",
     ]
     line = "| " + " | ".join(cells) + " |"
     print(line, flush=True)
-    return line, q["base"], e["base"]
+    return line
 
 
 def main() -> None:
