@@ -31,7 +31,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quantize_calibrated import token_files  # noqa: E402
 from results import write_section  # noqa: E402
 
-RUNS = "w4a16:64:gptq,w3a16:64:rtn,w3a16:64:gptq,w3a16:32:gptq,w2a16:32:rtn,w2a16:32:gptq,w2a16:16:gptq"
+RUNS = ",".join(
+    [
+        "w4a16:64:gptq",
+        "w4a16:64:signround:--signround-steps=50:--signround-batch=4",
+        "w3a16:64:rtn",
+        "w3a16:64:gptq",
+        "w3a16:32:gptq",
+        "w2a16:32:rtn",
+        "w2a16:32:gptq",
+        "w2a16:16:gptq",
+    ]
+)
 LICENSES = Path("/usr/share/common-licenses")
 HERE = Path(__file__).parent
 AUTOROUND_PY = Path(os.environ.get("AUTOROUND_PYTHON", HERE.parent / ".venv-autoround" / "bin" / "python"))
