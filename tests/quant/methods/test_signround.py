@@ -14,9 +14,10 @@ from tests.quant.test_calibrated import run_method
 def test_signround_beats_rtn_and_gptq_on_layer_outputs(tiny_model):
     src = tiny_model("llama")
     _, _, _, _, _, gptq = run_method(src, "gptq")
-    loaded, layers, _, sch, weights, tuned = run_method(src, "signround", signround_steps=60)
+    loaded, layers, _, sch, weights, tuned = run_method(src, "signround", signround_steps=40)
     assert set(weights) == set(layers)
-    # measured (sym): per layer 0.0346 / 0.0351 against GPTQ's 0.0393 / 0.0428 and RTN's 0.0561 / 0.0687
+    # measured at 40 steps: summed layer error 0.86x GPTQ's and 0.56x RTN's (100 steps: 0.0346 / 0.0351 per layer
+    # against GPTQ's 0.0393 / 0.0428 and RTN's 0.0561 / 0.0687)
     assert sum(e.method for e in tuned) < 0.95 * sum(e.method for e in gptq)
     assert sum(e.method for e in tuned) < 0.75 * sum(e.rtn for e in tuned)
     for w in weights.values():
