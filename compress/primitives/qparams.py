@@ -159,18 +159,23 @@ def _search(w, grid, scale_dtype, ratios, importance) -> tuple[torch.Tensor, tor
 SEARCH_ELEMENTS = 1 << 17  # ratios x rows x columns evaluated at once: stays in cache
 
 
+def range_to_grid(lo: torch.Tensor, hi: torch.Tensor, grid: Grid, rounding=torch.round):
+    """Scale and (float) zero point that map a group's range [lo <= 0, hi >= 0] onto the grid;
+    `rounding` rounds the zero point (a straight-through rounding keeps it differentiable)."""
+    span = grid.qmax - grid.qmin
+    if grid.symmetric or grid.kind == "float":
+        scale = torch.maximum(lo.abs(), hi) / (span / 2)
+        return scale, torch.zeros_like(scale)
+    scale = (hi - lo) / span
+    return scale, rounding((grid.qmin - lo / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax))
+
+
 def _qparams_for_ratios(wg: torch.Tensor, grid: Grid, scale_dtype: torch.dtype, ratios: torch.Tensor):
     """Scale and zero point for every clip ratio at once: wg [O, G, g] -> scale, zp [R, O, G]."""
     clip = ratios[:, None, None]  # [R, 1, 1]
     lo = wg.amin(-1).clamp(max=0) * clip  # 0 must stay representable
     hi = wg.amax(-1).clamp(min=0) * clip
-    span = grid.qmax - grid.qmin
-    if grid.symmetric or grid.kind == "float":
-        scale = torch.maximum(lo.abs(), hi) / (span / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / span
-        zp = (grid.qmin - lo / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax).round()
+    scale, zp = range_to_grid(lo, hi, grid)
     scale = scale.to(scale_dtype)
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).eps), scale)
     return scale, zp.to(torch.int8)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.calibrate import Layer, LayerInputs
 from compress.data.calibration import CALIBRATION_BATCH
-from compress.primitives.qparams import Grid, default_ratios, grouped, search_ratio
+from compress.primitives.qparams import Grid, default_ratios, grouped, range_to_grid, search_ratio
 from compress.quant.method import Quantized, QuantMethod
 from compress.quant.schemes import SCHEMES
 
@@ -47,7 +47,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
-def fake_quantize(
+def tuned_quantize(
     wg: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, grid: Grid, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """wg [O, G, g] float32, offsets v [O, G, g], range multipliers lo, hi [O, G] ->
@@ -55,13 +55,7 @@ def fake_quantize(
     holding the stored values: the scale is rounded to `scale_dtype`). Differentiable in v, lo, hi."""
     low = wg.amin(-1).clamp(max=0) * lo  # 0 stays representable
     high = wg.amax(-1).clamp(min=0) * hi
-    span = grid.qmax - grid.qmin
-    if grid.symmetric:
-        scale = torch.maximum(low.abs(), high) / (span / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (high - low) / span
-        zp = round_ste((grid.qmin - low / scale.clamp(min=1e-12)).clamp(grid.qmin, grid.qmax))
+    scale, zp = range_to_grid(low, high, grid, rounding=round_ste)
     scale = scale.clamp(min=torch.finfo(scale_dtype).eps)
     scale = scale + (scale.to(scale_dtype).float() - scale).detach()  # as stored
     q = (round_ste(wg / scale[..., None] + v) + zp[..., None]).clamp(grid.qmin, grid.qmax)
@@ -93,7 +87,7 @@ class _Rounding:
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         v = self.v if self.mask is None else self.v * self.mask
-        w, q, scale, zp = fake_quantize(self.wg, v, self.lo, self.hi, self.grid, self.dtype)
+        w, q, scale, zp = tuned_quantize(self.wg, v, self.lo, self.hi, self.grid, self.dtype)
         return w.reshape(self.shape), q, scale, zp
 
     @torch.no_grad()
@@ -187,7 +181,7 @@ class SignRound(QuantMethod):
     @classmethod
     def time_multiple(cls, stage) -> float:
         o = stage.method_options()
-        batch = min(stage.samples, max(o.signround_batch, CALIBRATION_BATCH))
+        batch = min(stage.samples, math.ceil(o.signround_batch / CALIBRATION_BATCH) * CALIBRATION_BATCH)  # as tuned
         return 3 + cls.STEP_COST * o.signround_steps * batch / stage.samples  # + references and both full losses
 
     def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
