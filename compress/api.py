@@ -36,6 +36,7 @@ from compress.eval.perplexity import token_windows
 from compress.formats import sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
 from compress.models import load as loading, source as sources
+from compress.models.compute import saved_as
 from compress.models.offload import OnDisk
 from compress.prune import stage as prune_stage
 from compress.quant import stage as quant_stage
@@ -53,6 +54,10 @@ def environment() -> dict[str, str]:
         "cpu": cpu_name(),
         "threads": str(torch.get_num_threads()),
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def is_main_process() -> bool:
@@ -79,6 +84,7 @@ class Written:
     layers: list[str]  # the compressed linears
     base: Path  # the original checkpoint, also when resuming
     records: list  # each stage's StageRecord
+    compute: str  # the dtype the stages computed in, and why when it is not the stored one
 
 
 def run(
@@ -179,6 +185,11 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
         recipe.offload,
         quantized=only_distill,
     )
+    computed = _dtype_name(next(loaded.model.parameters()).dtype)
+    compute = computed
+    if computed != _dtype_name(loaded.dtype):
+        compute = f"{computed}, stored as {_dtype_name(loaded.dtype)} (16-bit matmuls are slow on this CPU)"
+        console.print(f"computing in {compute}")
     if isinstance(loaded.layers, OnDisk):
         loaded.layers.out_dir = tmp  # each quantized layer is written there at once
     compressor = None
@@ -225,7 +236,8 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
     console.print(f"writing {recipe.output} ...")
     shutil.rmtree(tmp / "stages", ignore_errors=True)  # kept for --resume only
     (tmp / ".inputs.json").unlink(missing_ok=True)
-    loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
+    with saved_as(loaded.model, loaded.dtype):
+        loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
     if compressor is not None:
         compressor.update_config(str(tmp))  # + quantization_config
     if done.sparsity is not None:
@@ -238,7 +250,7 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
     loading.copy_sidecars(loaded.checkpoint, tmp)  # recipe.yaml was written at the start (`_same_recipe`)
     task = loaded.task
     del loaded  # the measurements reload from disk, in their own processes
-    return Written(task, done.layers, loading.checkpoint_dir(inputs.src, recipe.dtype), done.records)
+    return Written(task, done.layers, loading.checkpoint_dir(inputs.src, recipe.dtype), done.records, compute)
 
 
 def measure_and_report(
@@ -279,7 +291,7 @@ def measure_and_report(
         stages=written.records,
         base=base,
         result=result,
-        environment=environment(),
+        environment=environment() | {"compute dtype": written.compute},
         notes=_notes(inputs.src, recipe),
         run_peak_rss_bytes=run_peak,
         speed=speed,

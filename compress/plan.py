@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
+import torch
 
 from compress.errors import UsageError
 from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
+from compress.models.compute import compute_dtype
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.quant import schemes
@@ -45,6 +47,7 @@ class Facts:
     head: int  # 0 when tied to the embeddings
     other: int
     dtype_bytes: int
+    compute_bytes: int = 0  # bytes per weight while computing (0: the dtype's; 4 when 16-bit computes in float32)
     linear_bits: float = 0.0  # stored bits per linear weight (0: the dtype's)
     widths: tuple[int, ...] = ()  # input widths of the decoder-layer linears (group sizes must divide them)
     positions: int | None = None  # tokens the model can attend over (max_position_embeddings)
@@ -55,7 +58,7 @@ class Facts:
 
     @property
     def bytes_in_memory(self) -> int:
-        return self.params * self.dtype_bytes
+        return self.params * (self.compute_bytes or self.dtype_bytes)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -174,8 +177,6 @@ def _gguf_facts(path: Path, dtype: str) -> Facts:
 
 def matmul_gflops() -> float:
     """This machine's float32 matmul speed, timed for a fraction of a second."""
-    import torch
-
     a = torch.randn(512, 512)
     a @ a
     n, t0 = 0, time.perf_counter()
@@ -262,6 +263,9 @@ def make(recipe: Recipe, src: Source, teachers: list[Source], dest: Path, gflops
     """gflops: the machine's matmul speed when the caller has timed it already (plans of many
     candidates share one probe)."""
     base = facts(src, recipe.dtype)
+    half = torch.bfloat16 if base.dtype_bytes == 2 else torch.float32
+    if compute_dtype(half, recipe.device, 4 * base.params) == torch.float32:
+        base = replace(base, compute_bytes=4)
     notes = []
     if src.is_gguf and not any((cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*/config.json")):
         notes.append("the GGUF is de-quantized to a cached Hugging Face checkpoint first")

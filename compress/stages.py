@@ -15,6 +15,7 @@ from pathlib import Path
 from compressed_tensors.compressors import ModelCompressor
 
 from compress.formats import sparse
+from compress.models.compute import saved_as
 from compress.report.schema import StageRecord
 
 
@@ -51,7 +52,8 @@ def save(root: Path, i: int, kind: str, loaded, done: Done) -> None:
     dest = stage_dir(root, i, kind)
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    loaded.model.save_pretrained(dest)
+    with saved_as(loaded.model, loaded.dtype):
+        loaded.model.save_pretrained(dest)
     loaded.tokenizer.save_pretrained(dest)
     if done.sparsity is not None:
         sparse.record(dest, sparse.carried(done.sparsity) | {"storage": "dense"})

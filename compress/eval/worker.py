@@ -19,6 +19,7 @@ import torch
 
 from compress.eval import divergence, embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
+from compress.models.compute import compute_dtype, float32_bytes, stored_dtype
 from compress.report.schema import Latency, Measurement, Perplexity, Speed
 
 
@@ -59,7 +60,9 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
         load_from = sparse.densify(path, Path(stack.enter_context(tempfile.TemporaryDirectory())) / "dense")
     cls = AutoModelForCausalLM if req["task"] == "causal-lm" else AutoModel
     trust, start = req["trust_remote_code"], time.perf_counter()
-    model = cls.from_pretrained(load_from, trust_remote_code=trust).to(req["device"]).eval()
+    stored = stored_dtype(json.loads((load_from / "config.json").read_text()))
+    dtype = compute_dtype(stored, req["device"], float32_bytes(load_from))  # as compress computes
+    model = cls.from_pretrained(load_from, trust_remote_code=trust, dtype=dtype).to(req["device"]).eval()
     seconds = time.perf_counter() - start
     return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds
 

@@ -17,12 +17,12 @@ from compress import heap
 from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
+from compress.models.compute import DTYPES, compute_dtype, float32_bytes
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.primitives.qparams import GridParams, all_finite
 
 log = logging.getLogger("compress")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Files sentence-transformers needs beside the weights; save_pretrained does not write them.
 SIDECAR_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
 
@@ -44,6 +44,8 @@ class Loaded:
     layers: InMemory | OnDisk = field(default_factory=InMemory)  # where decoder layers live between uses
     # A compressed-tensors input loaded de-quantized (quantized=True): its config and grids.
     quantized: Quantized | None = None
+    # The dtype the result is stored in (scales included); the model may compute in float32 (`models.compute`).
+    dtype: torch.dtype = torch.float32
 
 
 def task_of(architectures: list[str] | None) -> str:
@@ -167,17 +169,21 @@ def load(
     check_device(device)
     if offload and not any(ckpt.glob("*.safetensors")):
         raise UsageError(f"--offload reads layers from safetensors files; {ckpt} has none")
+    stored = resolve_dtype(dtype, config)
+    computed = compute_dtype(stored, device, 0 if offload else float32_bytes(ckpt))  # --offload: a layer at a time
+    if computed != stored:
+        log.info("computing in %s, storing %s (16-bit matmuls are slow on this CPU)", computed, stored)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
         if offload:
-            model = empty_model(cls, config, resolve_dtype(dtype, config), trust_remote_code)
-            layers = OnDisk(model, ckpt, resolve_dtype(dtype, config))
+            model = empty_model(cls, config, computed, trust_remote_code)
+            layers = OnDisk(model, ckpt, computed, stored)
             check_coverage(source.spec, {"missing_keys": layers.missing(model)})
             layers.load_outside_layers(model)
-            return Loaded(model.eval(), tokenizer, task, ckpt, layers)  # moved to the device part by part
+            return Loaded(model.eval(), tokenizer, task, ckpt, layers, dtype=stored)  # moved to the device part by part
         model, info = cls.from_pretrained(
             ckpt,
-            dtype=resolve_dtype(dtype, config),
+            dtype=computed,
             use_safetensors=not allow_pickle,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
@@ -194,7 +200,7 @@ def load(
     model.eval()
     check_finite(source.spec, model)
     heap.own_weights([*model.parameters(), *model.buffers()])
-    return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids and Quantized(*grids))
+    return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids and Quantized(*grids), dtype=stored)
 
 
 def check_coverage(spec: str, info: dict) -> None:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from compress.errors import UsageError
 from compress.models.arch import decoder_layers
+from compress.models.compute import to_stored
 from compress.primitives.qparams import all_finite
 
 INDEX = "model.safetensors.index.json"
@@ -79,8 +80,10 @@ class Checkpoint:
 class OnDisk:
     """Reads each decoder layer from the checkpoint, writes it to `out_dir` once quantized."""
 
-    def __init__(self, model: torch.nn.Module, ckpt: Path, dtype: torch.dtype):
-        self.ckpt, self.dtype = Checkpoint(ckpt), dtype
+    def __init__(self, model: torch.nn.Module, ckpt: Path, dtype: torch.dtype, stored: torch.dtype):
+        """dtype: the layers compute in it; stored: they are written in it."""
+        self.ckpt, self.dtype, self.stored = Checkpoint(ckpt), dtype, stored
+        self.keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())  # left in float32 when written
         self.layers = decoder_layers(model)
         self.prefix = next(n for n, m in model.named_modules() if m is self.layers)
         self.out_dir: Path | None = None  # set once the output directory exists
@@ -112,6 +115,7 @@ class OnDisk:
             raise RuntimeError("OnDisk.release before the output directory exists")
         name = f"model-layer-{i:05d}.safetensors"
         own = f"{self.prefix}.{i}."
+        to_stored(layer, self.stored, self.keep)
         tensors = {own + k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         save_file(tensors, str(self.out_dir / name), metadata={"format": "pt"})
         self.written.update(dict.fromkeys(tensors, name))

@@ -10,17 +10,25 @@ import torch
 
 
 @torch.no_grad()
-def fold(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divide prev's output channels by s and multiply the linears' input columns by s."""
+def fold(
+    prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor, dtype: torch.dtype | None = None
+) -> None:
+    """Divide prev's output channels by s and multiply the linears' input columns by s; the
+    results are rounded to `dtype` (the stored one, when the model computes in float32) and
+    kept in each tensor's own dtype."""
     s = s.float()
+
+    def put(t: torch.Tensor, value: torch.Tensor) -> None:
+        t.data = value.to(dtype or t.dtype).to(t.dtype)
+
     if isinstance(prev, torch.nn.Linear):
-        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+        put(prev.weight, prev.weight.float() / s[:, None])
     else:  # a norm: y = weight * normalized (+ bias)
-        prev.weight.data = (prev.weight.float() / s).to(prev.weight.dtype)
+        put(prev.weight, prev.weight.float() / s)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+        put(prev.bias, prev.bias.float() / s)
     for lin in linears:
-        lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)
+        put(lin.weight, lin.weight.float() * s[None, :])
 
 
 def smoothquant_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

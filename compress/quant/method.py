@@ -19,13 +19,18 @@ Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # integers [O, I], 
 @dataclass(frozen=True)
 class Target:
     """What the stage asks of every method: the weight grid, how activations are quantized
-    (None, "int8", "fp8"), whether zeros must stay zeros (a pruned model), and whether each
-    group's range is searched for least error (else min/max)."""
+    (None, "int8", "fp8"), whether zeros must stay zeros (a pruned model), whether each
+    group's range is searched for least error (else min/max), and the dtype results are stored in."""
 
     grid: Grid
     act: str | None = None
     keep_zeros: bool = False
     range_search: bool = True
+    dtype: torch.dtype | None = None  # the checkpoint's: scales are computed in it (None: the weight's)
+
+    def scale_dtype(self, w: torch.Tensor) -> torch.dtype:
+        """Scales in the stored dtype even when the model computes in float32 (`models.compute`)."""
+        return self.dtype or w.dtype
 
 
 class QuantMethod(Method):
@@ -56,7 +61,7 @@ class QuantMethod(Method):
 def round_weights(w: torch.Tensor, target: Target, importance: torch.Tensor | None = None) -> Quantized:
     """Round to nearest on each group's range: min/max, or searched for the least squared error,
     weighted per input column by `importance` (E[x^2]) when given."""
-    dtype, w = w.dtype, w.float()
+    dtype, w = target.scale_dtype(w), w.float()
     grid = target.grid
     scale, zp = (
         search_range(w, grid, dtype, importance=importance) if target.range_search else compute_qparams(w, grid, dtype)
@@ -65,16 +70,20 @@ def round_weights(w: torch.Tensor, target: Target, importance: torch.Tensor | No
 
 
 def smooth(
-    model: torch.nn.Module, layer: Layer, scale_for: Callable[[Smooth, list[torch.nn.Linear]], torch.Tensor]
+    model: torch.nn.Module,
+    layer: Layer,
+    scale_for: Callable[[Smooth, list[torch.nn.Linear]], torch.Tensor],
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Fold a per-channel scale into the op before each smoothable group of linears (the
-    architecture's norm -> projections maps) and rescale their statistics to match."""
+    architecture's norm -> projections maps), the weights rounded to `dtype` (the stored one),
+    and rescale their statistics to match."""
     device = next(layer.module.parameters()).device
     for m in smooth_maps(model, layer.module):
         if not all(n in layer.targets for n in m.linears):
             continue  # a linear the user kept dense: leave this pair alone
         lins = [layer.targets[n] for n in m.linears]
         s = scale_for(m, lins)
-        fold(layer.module.get_submodule(m.prev), lins, s.to(device))
+        fold(layer.module.get_submodule(m.prev), lins, s.to(device), dtype)
         for st in {id(layer.stats[n]): layer.stats[n] for n in m.linears}.values():
             st.rescale(s)

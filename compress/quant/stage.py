@@ -38,7 +38,7 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     except schemes.SchemeError as exc:
         raise UsageError(str(exc)) from None
     method = stage.method_class(
-        stage.method_options(), Target(scheme.weight, scheme.act, keep_zeros, stage.range_search)
+        stage.method_options(), Target(scheme.weight, scheme.act, keep_zeros, stage.range_search, loaded.dtype)
     )
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
     settings = {

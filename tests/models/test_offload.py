@@ -78,10 +78,13 @@ def test_offload_reloads_in_plain_transformers(tiny_model, tmp_path):
 
 
 def test_offload_keeps_smollm2_out_of_memory(smollm2_dir, tmp_path):
-    """Real model: the quantize stage's peak stays well under the bf16 weights' size."""
+    """Real model: the quantize stage's peak stays well under the weights' size in the dtype they
+    are computed in (float32 on a CPU without fast bf16, where the embeddings alone are 21% of it)."""
     rep = quantize(smollm2_dir, tmp_path / "disk", True, scheme="w8a16", method="rtn")
-    weights = sum(f.stat().st_size for f in smollm2_dir.glob("*.safetensors"))
-    assert rep["stages"][0]["peak_memory_bytes"] < 0.6 * weights
+    weights = sum(f.stat().st_size for f in smollm2_dir.glob("*.safetensors"))  # bf16
+    if rep["environment"]["compute dtype"].startswith("float32"):
+        weights *= 2
+    assert rep["stages"][0]["peak_memory_bytes"] < 0.4 * weights
     with safe_open(str(tmp_path / "disk" / "model-layer-00029.safetensors"), "pt") as h:
         assert h.get_tensor("model.layers.29.mlp.down_proj.weight_packed").dtype == torch.int32
 

@@ -59,7 +59,7 @@ class AWQ(QuantMethod):
                 st.hessian.H.cpu() / 2, st.mean_abs().cpu(), weights, self.target.grid, self.options.awq_grid
             )
 
-        smooth(model, layer, scale)
+        smooth(model, layer, scale, self.target.dtype)
 
     def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
         return round_weights(w, self.target, importance=stats.mean_square())

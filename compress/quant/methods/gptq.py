@@ -34,4 +34,6 @@ class GPTQ(QuantMethod):
     def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
         o, t = self.options, self.target
         keep = w != 0 if t.keep_zeros else None  # a pruned model: GPTQ would refill its zeros
-        return gptq(w, stats.hessian.H, t.grid, w.dtype, o.block_size, o.dampening, o.actorder, t.range_search, keep)
+        return gptq(
+            w, stats.hessian.H, t.grid, t.scale_dtype(w), o.block_size, o.dampening, o.actorder, t.range_search, keep
+        )

@@ -80,4 +80,4 @@ class HQQ(QuantMethod):
     def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
         if self.target.grid.kind != "int":
             return round_weights(w, self.target)  # fp8 has no integer grid to fit: round to nearest
-        return hqq(w, self.target.grid, w.dtype, self.options.hqq_iters)
+        return hqq(w, self.target.grid, self.target.scale_dtype(w), self.options.hqq_iters)

@@ -65,8 +65,9 @@ def tuned_quantize(
 class _Rounding:
     """One linear's learnable rounding: its weights in groups and the parameters being learnt."""
 
-    def __init__(self, w: torch.Tensor, ratio: torch.Tensor, grid: Grid, keep_zeros: bool):
-        self.shape, self.dtype, self.grid = w.shape, w.dtype, grid
+    def __init__(self, w: torch.Tensor, ratio: torch.Tensor, grid: Grid, keep_zeros: bool, dtype: torch.dtype):
+        """dtype: the scales' (the stored dtype)."""
+        self.shape, self.dtype, self.grid = w.shape, dtype, grid
         self.wg = grouped(w.detach().float(), grid.group_size)  # [O, G, g]
         self.mask = (self.wg != 0).float() if keep_zeros else None  # zeros stay zeros (a pruned model)
         self.v = torch.zeros_like(self.wg, requires_grad=True)
@@ -188,11 +189,12 @@ class SignRound(QuantMethod):
         grid, o = self.target.grid, self.options
         roundings = {}
         for name, lin in layer.targets.items():
+            dtype = self.target.scale_dtype(lin.weight)
             if self.target.range_search:
-                ratio = search_ratio(lin.weight, grid, lin.weight.dtype, importance=layer.stats[name].mean_square())
+                ratio = search_ratio(lin.weight, grid, dtype, importance=layer.stats[name].mean_square())
             else:
                 ratio = torch.ones(lin.out_features, lin.in_features // (grid.group_size or lin.in_features))
-            roundings[name] = _Rounding(lin.weight, ratio.to(lin.weight.device), grid, self.target.keep_zeros)
+            roundings[name] = _Rounding(lin.weight, ratio.to(lin.weight.device), grid, self.target.keep_zeros, dtype)
         block = copy.deepcopy(layer.module).float()
         block.requires_grad_(False)
         top = float(default_ratios(grid).max())

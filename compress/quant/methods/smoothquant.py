@@ -74,7 +74,7 @@ class _Smoothing:
                 return searched_scale(torch.cat(st.samples), weights, grid, act)
             return smoothquant_scales(st.absmax.cpu(), weights, alpha)
 
-        smooth(model, layer, scale)
+        smooth(model, layer, scale, self.target.dtype)
 
 
 class SmoothQuantGPTQ(_Smoothing, GPTQ):

@@ -51,7 +51,9 @@ def test_zeros_stay_zeros_and_the_block_error_never_rises(symmetric):
     results = {}
     for steps in (0, 40):
         roundings = {
-            str(i): _Rounding(block[i].weight, search_ratio(block[i].weight, grid, torch.float32), grid, True)
+            str(i): _Rounding(
+                block[i].weight, search_ratio(block[i].weight, grid, torch.float32), grid, True, torch.float32
+            )
             for i in (0, 2)
         }
         with torch.enable_grad():

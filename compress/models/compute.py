@@ -1,0 +1,94 @@
+"""The dtype a model computes in, apart from the dtype its weights are stored in.
+
+A CPU without native bfloat16 (no AVX512-BF16 or AMX) multiplies 16-bit matrices through
+conversions: on an AVX2 EPYC, bf16 F.linear ran 15 GFLOP/s against float32's 96, which made
+every calibration and evaluation pass 6x slower than it needs to be. There the model computes
+in float32, which holds every 16-bit value exactly; scales are still computed in the stored
+dtype and the checkpoint is written in it (`to_stored`), so the output has the same size and
+the same kind of numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HALF = (torch.bfloat16, torch.float16)
+SLOWER = 2.0  # 16-bit matmuls this many times slower than float32 compute in float32 (6x on AVX2; <1x with AMX)
+MEMORY_SHARE = 0.4  # float32 weights may take this share of the available memory, else compute as stored
+OVERRIDE = "COMPRESS_COMPUTE_DTYPE"  # "stored": compute in the stored dtype (to measure the difference)
+
+
+@functools.cache
+def half_is_slow(dtype: torch.dtype) -> bool:
+    """Time one [256, 1024] x [1024, 1024] product in `dtype` and in float32 (best of 5 each)."""
+
+    def best(dt: torch.dtype) -> float:
+        x, w = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+        torch.nn.functional.linear(x, w)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(dtype) > SLOWER * best(torch.float32)
+
+
+def compute_dtype(stored: torch.dtype, device: str, float32_bytes: int) -> torch.dtype:
+    """float32 for 16-bit weights on a CPU where 16-bit matmuls are slow and float32 weights fit
+    (`float32_bytes`) in `MEMORY_SHARE` of the available memory; else the stored dtype."""
+    if stored not in HALF or device != "cpu" or os.environ.get(OVERRIDE) == "stored":
+        return stored
+    if float32_bytes > MEMORY_SHARE * psutil.virtual_memory().available:
+        return stored
+    return torch.float32 if half_is_slow(stored) else stored
+
+
+def stored_dtype(config: dict) -> torch.dtype:
+    """The dtype a checkpoint's config.json names (float32 when it names none)."""
+    return DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)
+
+
+def float32_bytes(ckpt: Path) -> int:
+    """An upper bound of a checkpoint's weights in float32: its safetensors files, 16-bit assumed."""
+    return 2 * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
+
+
+@torch.no_grad()
+def to_stored(model: torch.nn.Module, stored: torch.dtype, keep: set[str] | None = None) -> list[torch.Tensor]:
+    """Round the float32 tensors of a model computed in float32 to the stored dtype, in place
+    (before it is saved); modules the architecture keeps in float32 (`keep`, by default the
+    model's `_keep_in_fp32_modules`) stay so."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if keep is None else keep
+    cast = []
+    for mod_name, module in model.named_modules():
+        if keep & set(mod_name.split(".")):
+            continue
+        saved = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in saved:
+            if t.dtype == torch.float32 and stored != torch.float32 and name not in module._non_persistent_buffers_set:
+                t.data = t.data.to(stored)
+                cast.append(t)
+    return cast
+
+
+@contextlib.contextmanager
+def saved_as(model: torch.nn.Module, stored: torch.dtype):
+    """The model in its stored dtype while it is saved, in float32 again after (its values
+    rounded as saved, so a run resumed from the save computes on what this one goes on with)."""
+    cast = to_stored(model, stored)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t in cast:
+                t.data = t.data.float()
