@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -59,8 +60,12 @@ def stored_dtype(config: dict) -> torch.dtype:
 
 
 def float32_bytes(ckpt: Path) -> int:
-    """An upper bound of a checkpoint's weights in float32: its safetensors files, 16-bit assumed."""
-    return 2 * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
+    """An upper bound of a checkpoint's weights in float32: its safetensors files, every byte
+    taken to hold weights of the fewest bits it stores (16, or a quantization config's)."""
+    config = json.loads((Path(ckpt) / "config.json").read_text()) if (Path(ckpt) / "config.json").is_file() else {}
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    bits = min([16, *((g.get("weights") or {}).get("num_bits", 16) for g in groups.values())])
+    return 32 // bits * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
 
 
 @torch.no_grad()
