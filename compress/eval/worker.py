@@ -60,8 +60,9 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
         load_from = sparse.densify(path, Path(stack.enter_context(tempfile.TemporaryDirectory())) / "dense")
     cls = AutoModelForCausalLM if req["task"] == "causal-lm" else AutoModel
     trust, start = req["trust_remote_code"], time.perf_counter()
-    stored = stored_dtype(json.loads((load_from / "config.json").read_text()))
-    dtype = compute_dtype(stored, req["device"], float32_bytes(load_from))  # as compress computes
+    config = json.loads((load_from / "config.json").read_text())
+    stored = stored_dtype(config.get("dtype") or config.get("torch_dtype"))
+    dtype = compute_dtype(stored, req["device"], float32_bytes(load_from, config.get("quantization_config")))
     model = cls.from_pretrained(load_from, trust_remote_code=trust, dtype=dtype).to(req["device"]).eval()
     seconds = time.perf_counter() - start
     return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds

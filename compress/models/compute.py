@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -54,33 +53,41 @@ def compute_dtype(stored: torch.dtype, device: str, float32_bytes: int) -> torch
     return torch.float32 if half_is_slow(stored) else stored
 
 
-def stored_dtype(config: dict) -> torch.dtype:
-    """The dtype a checkpoint's config.json names (float32 when it names none)."""
-    return DTYPES.get(config.get("dtype") or config.get("torch_dtype"), torch.float32)
+def stored_dtype(named: str | torch.dtype | None) -> torch.dtype:
+    """The dtype a checkpoint's config names (`dtype` or `torch_dtype`; float32 when none)."""
+    if isinstance(named, torch.dtype):
+        return named
+    return DTYPES.get(named, torch.float32)
 
 
-def float32_bytes(ckpt: Path) -> int:
+def float32_bytes(ckpt: Path, quantization_config: dict | None) -> int:
     """An upper bound of a checkpoint's weights in float32: its safetensors files, every byte
-    taken to hold weights of the fewest bits it stores (16, or a quantization config's)."""
-    config = json.loads((Path(ckpt) / "config.json").read_text()) if (Path(ckpt) / "config.json").is_file() else {}
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    taken to hold weights of the fewest bits it stores (16, or its quantization config's)."""
+    groups = (quantization_config or {}).get("config_groups") or {}
     bits = min([16, *((g.get("weights") or {}).get("num_bits", 16) for g in groups.values())])
     return 32 // bits * sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
+
+
+def kept_in_float32(model: torch.nn.Module) -> set[str]:
+    """Names of the modules the architecture keeps in float32 whatever the model's dtype."""
+    return set(getattr(model, "_keep_in_fp32_modules", None) or ())
 
 
 @torch.no_grad()
 def to_stored(model: torch.nn.Module, stored: torch.dtype, keep: set[str] | None = None) -> list[torch.Tensor]:
     """Round the float32 tensors of a model computed in float32 to the stored dtype, in place
-    (before it is saved); modules the architecture keeps in float32 (`keep`, by default the
-    model's `_keep_in_fp32_modules`) stay so."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if keep is None else keep
+    (before it is saved); modules the architecture keeps in float32 (`keep`, by default
+    `kept_in_float32(model)`) stay so. Returns the tensors it rounded."""
+    if stored == torch.float32:
+        return []
+    keep = kept_in_float32(model) if keep is None else keep
     cast = []
     for mod_name, module in model.named_modules():
         if keep & set(mod_name.split(".")):
             continue
         saved = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         for name, t in saved:
-            if t.dtype == torch.float32 and stored != torch.float32 and name not in module._non_persistent_buffers_set:
+            if t.dtype == torch.float32 and name not in module._non_persistent_buffers_set:
                 t.data = t.data.to(stored)
                 cast.append(t)
     return cast

@@ -17,7 +17,7 @@ from compress import heap
 from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
-from compress.models.compute import DTYPES, compute_dtype, float32_bytes
+from compress.models.compute import DTYPES, compute_dtype, float32_bytes, stored_dtype
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.primitives.qparams import GridParams, all_finite
@@ -57,10 +57,7 @@ def task_of(architectures: list[str] | None) -> str:
 def resolve_dtype(name: str, config: object) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(found, str):
-        found = DTYPES.get(found)
-    return found if isinstance(found, torch.dtype) else torch.float32
+    return stored_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
 
 
 def check_safetensors(path: Path) -> None:
@@ -170,9 +167,8 @@ def load(
     if offload and not any(ckpt.glob("*.safetensors")):
         raise UsageError(f"--offload reads layers from safetensors files; {ckpt} has none")
     stored = resolve_dtype(dtype, config)
-    computed = compute_dtype(stored, device, 0 if offload else float32_bytes(ckpt))  # --offload: a layer at a time
-    if computed != stored:
-        log.info("computing in %s, storing %s (16-bit matmuls are slow on this CPU)", computed, stored)
+    bound = 0 if offload else float32_bytes(ckpt, qc if isinstance(qc, dict) else None)  # --offload: a layer at a time
+    computed = compute_dtype(stored, device, bound)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
         if offload:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from compress.errors import UsageError
 from compress.models.arch import decoder_layers
-from compress.models.compute import to_stored
+from compress.models.compute import kept_in_float32, to_stored
 from compress.primitives.qparams import all_finite
 
 INDEX = "model.safetensors.index.json"
@@ -83,7 +83,7 @@ class OnDisk:
     def __init__(self, model: torch.nn.Module, ckpt: Path, dtype: torch.dtype, stored: torch.dtype):
         """dtype: the layers compute in it; stored: they are written in it."""
         self.ckpt, self.dtype, self.stored = Checkpoint(ckpt), dtype, stored
-        self.keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())  # left in float32 when written
+        self.keep = kept_in_float32(model)  # left in float32 when a layer is written
         self.layers = decoder_layers(model)
         self.prefix = next(n for n, m in model.named_modules() if m is self.layers)
         self.out_dir: Path | None = None  # set once the output directory exists

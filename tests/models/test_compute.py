@@ -37,17 +37,15 @@ def test_compute_dtype_policy(slow_half, monkeypatch):
 
 def test_float32_bytes_bounds_quantized_checkpoints(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
-    assert compute.float32_bytes(tmp_path) == 2000
-    q = {"quantization_config": {"config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}
-    (tmp_path / "config.json").write_text(json.dumps(q))
-    assert compute.float32_bytes(tmp_path) == 8000  # int4 weights de-quantize to 8x their bytes
+    assert compute.float32_bytes(tmp_path, None) == 2000
+    q = {"config_groups": {"group_0": {"weights": {"num_bits": 4}}}}
+    assert compute.float32_bytes(tmp_path, q) == 8000  # int4 weights de-quantize to 8x their bytes
 
 
 def test_stored_dtype_from_config():
-    assert compute.stored_dtype({"dtype": "bfloat16"}) == torch.bfloat16
-    assert compute.stored_dtype({"torch_dtype": "float16"}) == torch.float16
-    assert compute.stored_dtype({}) == torch.float32
+    assert compute.stored_dtype("bfloat16") == torch.bfloat16
+    assert compute.stored_dtype(torch.float16) == torch.float16
+    assert compute.stored_dtype(None) == torch.float32
 
 
 class _Net(torch.nn.Module):
