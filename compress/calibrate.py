@@ -72,6 +72,9 @@ class SharedReaders:
 class LayerInputs:
     hidden: list[torch.Tensor]  # per batch: [B, T, H]
     kwargs: list[dict] = field(default_factory=list)  # per batch: mask, rotary embeddings, ...
+    # per batch [B, T, H]: what this layer of the unchanged model outputs, its inputs being the unchanged
+    # model's too (only when the method asked for the float stream: `layer_by_layer(float_stream=True)`)
+    reference: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -141,16 +144,24 @@ def layer_by_layer(
     progress: Callable[[int, int], None] | None = None,
     on_outputs: Callable[[int, list[torch.Tensor]], None] | None = None,
     store: LayerStore | None = None,
+    float_stream: bool = False,
 ) -> None:
     """For each layer: load it (`store`: in memory, or from disk), move it to `device`, call
     `calibrate(i, layer, inputs)` (which quantizes it in place), feed its outputs (also shown
-    to `on_outputs`) to the next layer, and release it."""
+    to `on_outputs`) to the next layer, and release it.
+
+    float_stream: also carry the unchanged model's hidden states along, each layer run on them
+    before it is changed, and hand them to `calibrate` as `inputs.reference` (the target a method
+    that tunes against the model's own outputs aims at, rather than the changed layers' outputs)."""
     store = store or InMemory()
     inputs = capture_inputs(model, batches, device)
+    floats = list(inputs.hidden) if float_stream else None
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         store.load(i, layer)
         layer.to(device)
+        if floats is not None:
+            floats = inputs.reference = run_layer(layer, LayerInputs(floats, inputs.kwargs))
         calibrate(i, layer, inputs)
         inputs.hidden = run_layer(layer, inputs)
         if on_outputs:
@@ -248,7 +259,8 @@ class LayerError:
 
 
 def head(inputs: LayerInputs, n: int) -> LayerInputs:
-    return LayerInputs(inputs.hidden[:n], inputs.kwargs[:n])
+    reference = None if inputs.reference is None else inputs.reference[:n]
+    return LayerInputs(inputs.hidden[:n], inputs.kwargs[:n], reference)
 
 
 @torch.no_grad()
@@ -268,6 +280,7 @@ def calibrate_linears(
     sink: Callable[[dict[str, R]], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     store: LayerStore | None = None,
+    float_stream: bool = False,
 ) -> list[LayerError]:
     """Change `linears` (full names) layer by layer, each layer seeing the inputs the already
     changed layers produce.
@@ -279,7 +292,8 @@ def calibrate_linears(
     (tuned rounding against the layer's outputs) and return a result per linear name, else
     `treat(linears, stats)` changes each group of linears that read one input and returns one
     result per linear, in `threads` threads (groups are independent); once the layer's new
-    outputs are computed, its results go to `sink` (in-place when none).
+    outputs are computed, its results go to `sink` (in-place when none). `float_stream`: see
+    `layer_by_layer`.
     """
     prefix = decoder_prefix(model)
     n_err = next(
@@ -360,7 +374,9 @@ def calibrate_linears(
             sink(pending[i])
         del pending[i]
 
-    layer_by_layer(model, batches, device, calibrate, progress, on_outputs=finished, store=store)
+    layer_by_layer(
+        model, batches, device, calibrate, progress, on_outputs=finished, store=store, float_stream=float_stream
+    )
     missing = set(linears) - done
     if missing:
         raise RuntimeError(f"linears outside the decoder blocks are not calibrated: {sorted(missing)[:3]}")

@@ -30,6 +30,8 @@ class Method:
     working_memory: ClassVar[float] = 1.0
     time_factor: ClassVar[float] = 1.0
     threads: ClassVar[int] = 1  # groups of linears treated at once (independent groups)
+    # the engine also carries the unchanged model's hidden states (`LayerInputs.reference`)
+    float_stream: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel):
         self.options = options

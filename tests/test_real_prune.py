@@ -1,6 +1,7 @@
 """Pruning SmolLM2-135M through the CLI: calibrated methods far ahead of magnitude, exact 2:4
-tensors, sparse storage that is smaller and reads back bit-identical, and structured pruning
-that plain transformers loads with the parameter count the config implies."""
+tensors, sparse storage that is smaller and reads back bit-identical, structured pruning that
+plain transformers loads with the parameter count the config implies, and distillation that heals
+that structured student (the same run: one SmolLM2 prune less in the suite)."""
 
 import json
 
@@ -91,3 +92,15 @@ def test_structured_loads_with_fewer_parameters(runs):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == expected
     assert len(rep["stages"][0]["settings"]["dropped_layers"]) == 6
+
+
+def test_distilling_the_structured_student_lowers_its_perplexity(runs, tmp_path):
+    """The saved (bf16) checkpoint, reloaded by plain transformers, scores what the trained model scored."""
+    student, _ = runs["structured"]
+    args = ["--teacher", "smollm2-135m", "--student", student, "-o", tmp_path / "healed", "--steps", "8"]
+    rep = json.loads(run_cli("distill", *args, "--seq-len", "128", "--no-latency", *EVAL, "--json").stdout)
+    t = rep["stages"][0]["training"]
+    assert t["teacher_perplexity"] < 25 < t["student_perplexity_before"]
+    assert t["student_perplexity_after"] < 0.7 * t["student_perplexity_before"]
+    assert rep["result"]["perplexity"]["value"] == pytest.approx(t["student_perplexity_after"], rel=0.03)
+    assert rep["result"]["parameters"] == rep["base"]["parameters"]  # the student's shape is kept

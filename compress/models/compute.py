@@ -19,11 +19,14 @@ from pathlib import Path
 import psutil
 import torch
 
+from compress.errors import UsageError, printable
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HALF = (torch.bfloat16, torch.float16)
 SLOWER = 2.0  # 16-bit matmuls this many times slower than float32 compute in float32 (6x on AVX2; <1x with AMX)
 MEMORY_SHARE = 0.4  # float32 weights may take this share of the available memory, else compute as stored
-OVERRIDE = "COMPRESS_COMPUTE_DTYPE"  # "stored": compute in the stored dtype (to measure the difference)
+# "stored" or "float32": compute so on any CPU (to measure the difference, or for the same results on every machine)
+OVERRIDE = "COMPRESS_COMPUTE_DTYPE"
 
 
 @functools.cache
@@ -45,9 +48,15 @@ def half_is_slow(dtype: torch.dtype) -> bool:
 
 def compute_dtype(stored: torch.dtype, device: str, float32_bytes: int) -> torch.dtype:
     """float32 for 16-bit weights on a CPU where 16-bit matmuls are slow and float32 weights fit
-    (`float32_bytes`) in `MEMORY_SHARE` of the available memory; else the stored dtype."""
-    if stored not in HALF or device != "cpu" or os.environ.get(OVERRIDE) == "stored":
+    (`float32_bytes`) in `MEMORY_SHARE` of the available memory; else the stored dtype.
+    `COMPRESS_COMPUTE_DTYPE` (`OVERRIDE`) set to "stored" or "float32" decides on a CPU instead."""
+    override = os.environ.get(OVERRIDE)
+    if override not in (None, "", "stored", "float32"):
+        raise UsageError(f'{OVERRIDE}="{printable(override, newlines=False)}": expected "stored" or "float32"')
+    if stored not in HALF or device != "cpu" or override == "stored":
         return stored
+    if override == "float32":
+        return torch.float32
     if float32_bytes > MEMORY_SHARE * psutil.virtual_memory().available:
         return stored
     return torch.float32 if half_is_slow(stored) else stored

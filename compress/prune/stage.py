@@ -129,5 +129,6 @@ def prune_linears(
         gather=lambda layer, lins: method.gather(model, layer, lins),
         treat=lambda lins, stats: [method.prune(lins, stats)] * len(lins),
         threads=method.threads,
+        float_stream=method.float_stream,
         progress=progress,
     )

@@ -108,6 +108,7 @@ def quantize_linears(
         treat_layer=lambda layer, inputs: quantize_layer(method, model, layer, inputs),
         treat=lambda lins, stats: quantize_together(method, lins, stats),
         threads=method.threads,
+        float_stream=method.float_stream,
         baseline=lambda layer, targets, inputs, ref: rtn_error(layer, targets, scheme, inputs, ref),
         sink=sink,
         progress=progress,

@@ -12,6 +12,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 from compress import api
+from compress.errors import UsageError
 from compress.models import compute
 from compress.recipe import validate
 
@@ -33,6 +34,12 @@ def test_compute_dtype_policy(slow_half, monkeypatch):
     monkeypatch.delenv(compute.OVERRIDE)
     monkeypatch.setattr(compute, "half_is_slow", lambda dtype: False)
     assert compute.compute_dtype(torch.bfloat16, "cpu", 10**6) == torch.bfloat16
+    monkeypatch.setenv(compute.OVERRIDE, "float32")  # the same numbers as on a CPU without fast bf16
+    assert compute.compute_dtype(torch.bfloat16, "cpu", 10**6) == torch.float32
+    assert compute.compute_dtype(torch.bfloat16, "cuda", 10**6) == torch.bfloat16
+    monkeypatch.setenv(compute.OVERRIDE, "fp32")
+    with pytest.raises(UsageError, match="expected"):
+        compute.compute_dtype(torch.bfloat16, "cpu", 10**6)
 
 
 def test_float32_bytes_bounds_quantized_checkpoints(tmp_path):
