@@ -9,15 +9,16 @@ from tests.test_real_models import EVAL, fresh_perplexities, run_cli
 
 pytestmark = pytest.mark.real
 
-# (scheme, method) -> max perplexity increase over the base, calibrated on 8 windows of 512 tokens
-# (the suite's time: the benchmarks use the default 64) and scored on 2048 tokens. Measured so:
-# GPTQ +12.4%, AWQ +17.4%, SmoothQuant+GPTQ +1.01% (w8a8 RTN +2.1% here; RTN w4a16 g64 +42.7%).
+# (scheme, method) -> max perplexity increase over the base, calibrated on 4 windows of 512 tokens
+# (the suite's time: the benchmarks use the default 64; 8 windows took 40% longer here) and scored on
+# 2048 tokens. Measured so (float32 compute): GPTQ +14.3%, AWQ +15.4%, SmoothQuant+GPTQ +0.69% (on 8
+# windows: +12.4%, +17.4%, +1.01%; w8a8 RTN +2.1%; RTN w4a16 g64 +42.7%).
 CASES = {
     ("w4a16", "gptq"): 0.20,
     ("w4a16", "awq"): 0.30,
     ("w8a8", "smoothquant+gptq"): 0.015,
 }
-SAMPLES = 8
+SAMPLES = 4
 
 
 @pytest.fixture(scope="module")
