@@ -44,7 +44,8 @@ def test_calibrated_methods_far_ahead_of_magnitude(runs):
     base, magnitude = _ppl(runs["magnitude"][1])
     _, wanda = _ppl(runs["wanda"][1])
     _, sgpt = _ppl(runs["sparsegpt"][1])
-    assert sgpt < wanda < 0.2 * magnitude  # measured so: wanda 29.2, sparsegpt 25.0, magnitude 361 (base 15.17)
+    # measured (float32 compute): wanda 29.2, sparsegpt 25.0, magnitude 361 (base 15.17)
+    assert sgpt < wanda < 0.2 * magnitude
     assert sgpt < 1.75 * base  # 1.65x (1.49x calibrated on 8 samples, 1.42x on 16)
     rep = runs["sparsegpt"][1]
     st = rep["stages"][0]
