@@ -61,7 +61,7 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
     cls = AutoModelForCausalLM if req["task"] == "causal-lm" else AutoModel
     trust, start = req["trust_remote_code"], time.perf_counter()
     config = json.loads((load_from / "config.json").read_text())
-    stored = stored_dtype(config.get("dtype") or config.get("torch_dtype"))
+    stored = stored_dtype(config)
     dtype = compute_dtype(stored, req["device"], float32_bytes(load_from, config.get("quantization_config")))
     model = cls.from_pretrained(load_from, trust_remote_code=trust, dtype=dtype).to(req["device"]).eval()
     seconds = time.perf_counter() - start

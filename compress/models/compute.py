@@ -62,11 +62,12 @@ def compute_dtype(stored: torch.dtype, device: str, float32_bytes: int) -> torch
     return torch.float32 if half_is_slow(stored) else stored
 
 
-def stored_dtype(named: str | torch.dtype | None) -> torch.dtype:
-    """The dtype a checkpoint's config names (`dtype` or `torch_dtype`; float32 when none)."""
-    if isinstance(named, torch.dtype):
-        return named
-    return DTYPES.get(named, torch.float32)
+def stored_dtype(config: dict | object) -> torch.dtype:
+    """The dtype a checkpoint's config names, as config.json's dict or a transformers config
+    (`dtype`, or the older `torch_dtype`; float32 when it names none)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    named = get("dtype") or get("torch_dtype")
+    return named if isinstance(named, torch.dtype) else DTYPES.get(named, torch.float32)
 
 
 def float32_bytes(ckpt: Path, quantization_config: dict | None) -> int:

@@ -57,7 +57,7 @@ def task_of(architectures: list[str] | None) -> str:
 def resolve_dtype(name: str, config: object) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
-    return stored_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    return stored_dtype(config)
 
 
 def check_safetensors(path: Path) -> None:

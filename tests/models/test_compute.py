@@ -50,9 +50,13 @@ def test_float32_bytes_bounds_quantized_checkpoints(tmp_path):
 
 
 def test_stored_dtype_from_config():
-    assert compute.stored_dtype("bfloat16") == torch.bfloat16
-    assert compute.stored_dtype(torch.float16) == torch.float16
-    assert compute.stored_dtype(None) == torch.float32
+    from transformers import LlamaConfig
+
+    assert compute.stored_dtype({"dtype": "bfloat16"}) == torch.bfloat16
+    assert compute.stored_dtype({"torch_dtype": "float16"}) == torch.float16
+    assert compute.stored_dtype({}) == torch.float32
+    assert compute.stored_dtype(LlamaConfig(dtype=torch.float16)) == torch.float16
+    assert compute.stored_dtype(LlamaConfig(dtype="bfloat16")) == torch.bfloat16
 
 
 class _Net(torch.nn.Module):
