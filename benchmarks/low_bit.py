@@ -1,6 +1,7 @@
 """int3 and int2 weights (w3a16, w2a16) on SmolLM2-135M: group size and method, on two text domains.
 
     .venv/bin/python benchmarks/low_bit.py [--samples 64] [--runs w3a16:64:gptq,...] [--no-write]
+        [--section NAME --title TITLE]
 
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
 scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
@@ -144,6 +145,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--runs", default=RUNS, help="scheme:group:method[:option...], comma-separated")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--section", default="low_bit", help="the RESULTS.md section to write (another study: its own)")
+    ap.add_argument("--title", default="Low-bit weights", help="that section's heading")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         domain2, desc2 = second_domain(Path(tmp))
@@ -153,7 +156,7 @@ def main() -> None:
             rows.append(line)
     section = "\n".join(
         [
-            "## Low-bit weights (`benchmarks/low_bit.py`)",
+            f"## {args.title} (`benchmarks/low_bit.py`)",
             "",
             f"SmolLM2-135M-Instruct, bfloat16 base. Calibration (every method but rtn): {args.samples} samples x 512 "
             f"tokens of the built-in calibration split. Domain 1: built-in held-out pages, "
@@ -171,7 +174,7 @@ def main() -> None:
     )
     print(section)
     if not args.no_write:
-        write_section("low_bit", section)
+        write_section(args.section, section)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from compress.eval.latency import cpu_name
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS, peak_rss
 from compress.eval.perplexity import token_windows
-from compress.formats import sparse
+from compress.formats import compressed_tensors as ct_format, sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
 from compress.models import load as loading, source as sources
 from compress.models.compute import saved_as
@@ -239,7 +239,7 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
     with saved_as(loaded.model, loaded.dtype):
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
     if compressor is not None:
-        compressor.update_config(str(tmp))  # + quantization_config
+        ct_format.write_config(compressor, tmp)  # + quantization_config
     if done.sparsity is not None:
         sparse.record(
             tmp, sparse.carried(done.sparsity) | ({"storage": "dense", "format": "dense"} if compressor else {})

@@ -90,7 +90,7 @@ def tiny_model(tmp_path_factory, smollm2_dir, minilm_dir):
 
 @pytest.fixture(scope="session")
 def quantized(tiny_model, tmp_path_factory):
-    """Factory: (arch, scheme, group_size) -> a compress checkpoint of a tiny random model
+    """Factory: (arch, scheme, group_size, symmetric) -> a compress checkpoint of a tiny random model
     (scheme None: the tiny model itself)."""
     from rich.console import Console
 
@@ -100,18 +100,20 @@ def quantized(tiny_model, tmp_path_factory):
     quiet = Console(file=open(os.devnull, "w"))
     made: dict[tuple, Path] = {}
 
-    def make(arch: str, scheme: str | None, group_size="auto") -> Path:
+    def make(arch: str, scheme: str | None, group_size="auto", symmetric=True) -> Path:
         if scheme is None:
             return tiny_model(arch)
-        key = (arch, scheme, group_size)
+        key = (arch, scheme, group_size, symmetric)
         if key not in made:
-            out = tmp_path_factory.mktemp("q") / f"{arch}-{scheme}-{group_size}"
+            out = tmp_path_factory.mktemp("q") / f"{arch}-{scheme}-{group_size}{'' if symmetric else '-asym'}"
             recipe = validate(
                 {
                     "model": str(tiny_model(arch)),
                     "output": str(out),
                     "evaluate": {"enabled": False},
-                    "stages": [{"stage": "quantize", "scheme": scheme, "group_size": group_size}],
+                    "stages": [
+                        {"stage": "quantize", "scheme": scheme, "group_size": group_size, "symmetric": symmetric}
+                    ],
                 }
             )
             api.run(recipe, quiet)

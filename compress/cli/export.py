@@ -80,7 +80,9 @@ def _summary_line(format: str, s: dict) -> str:
     c = s["check"]
     if format == "gguf":
         return (
-            f"GGUF: {s['tensors']} tensors ({s['exact']} carried over exactly, {s['requantized']} re-quantized); "
+            f"GGUF: {s['tensors']} tensors ({s['exact']} carried over"
+            + (" exactly" if not s["rounded_scales"] else f", {s['rounded_scales']} block values rounded to float16")
+            + f", {s['requantized']} re-quantized); "
             f"read back: {c['verdict']}"
         )
     agree = (

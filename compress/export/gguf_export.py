@@ -2,10 +2,11 @@
 
 Where our grid is exactly a GGUF block type the values carry over: symmetric int8 with
 groups that are multiples of 32 (or per channel) is Q8_0 (scale d, 32 int8), symmetric int4
-likewise is Q4_0 (d, 32 codes q + 8); a group of 64 is two blocks with the same d. The
-block scale d is float16, so a stored scale that float16 cannot hold exactly is rounded:
-counted and reported. Anything else (fp8, asymmetric grids, groups that are not multiples
-of 32) is re-quantized to Q8_0 from its de-quantized values, with the error it costs.
+likewise is Q4_0 (d, 32 codes q + 8), int4 with zero points is Q4_1 (d, minimum m, 32 codes);
+a group of 64 is two blocks with the same d. The block scale d (and m) is float16, so a value
+float16 cannot hold exactly is rounded: counted and reported. Anything else (fp8, asymmetric
+int8, groups that are not multiples of 32) is re-quantized to Q8_0 from its de-quantized
+values, with the error it costs.
 Unquantized weights keep their dtype (bf16/f16/f32); norms are f32.
 """
 
@@ -51,7 +52,7 @@ class GgufExported:
     tensors: int
     exact: int  # quantized linears carried over as GGUF blocks
     requantized: int
-    rounded_scales: int  # block scales float16 could not hold exactly
+    rounded_scales: int  # block scales (and Q4_1 minimums) float16 could not hold exactly
     types: dict[str, int]
     check: GgufCheck
     notes: list[str] = field(default_factory=list)
@@ -63,32 +64,45 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def q_blocks(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
-    """q [N, K] int8, scale [N, K/32] float32 -> Q8_0 / Q4_0 bytes [N, K/32 * block bytes], and
-    how many scales float16 rounded."""
+def q_blocks(
+    q: np.ndarray, scale: np.ndarray, bits: int, zero_point: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """q [N, K] int8, scale [N, K/32] float32 -> Q8_0 / Q4_0 bytes [N, K/32 * block bytes], or Q4_1 when
+    zero_point [N, K/32] is given; and how many block scales (and Q4_1 minimums) float16 rounded.
+    Q4_1 stores w = d * u + m with u in 0..15: ours is (q - zp) * s with u = q + 8, so d = s and
+    m = -(8 + zp) * s (exact in float32: 8 bits of a bf16 scale times an integer up to 16)."""
     n, k = q.shape
     d = scale.astype(np.float16)
     rounded = int((d.astype(np.float32) != scale).sum())
+    head = [d.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2)]
+    if zero_point is not None:
+        m32 = -(8.0 + zero_point.astype(np.float32)) * scale
+        m = m32.astype(np.float16)
+        rounded += int((m.astype(np.float32) != m32).sum())
+        head.append(m.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2))
     qb = q.reshape(n, k // 32, 32)
     if bits == 8:
         body = qb.view(np.uint8)
-    else:  # Q4_0: byte j holds element j (low nibble) and element j + 16 (high nibble)
+    else:  # Q4_0 / Q4_1: byte j holds element j (low nibble) and element j + 16 (high nibble)
         u = (qb.astype(np.int16) + 8).astype(np.uint8)
         body = u[..., :16] | (u[..., 16:] << 4)
-    blocks = np.concatenate([d.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2), body], axis=-1)
+    blocks = np.concatenate([*head, body], axis=-1)
     return blocks.reshape(n, -1), rounded
 
 
 def exact_type(w: StoredLinear) -> str | None:
     """The GGUF type our grid is exactly, or None. Symmetric int3 and int2 values are int4 values
     on the same scale, so they are Q4_0 exactly (4.5 bits a weight, where their k-quants would be
-    smaller but not exact)."""
+    smaller but not exact); with zero points, int4/3/2 are Q4_1 (5 bits a weight). Asymmetric int8
+    has no GGUF block type."""
     k = w.q.shape[1]
-    if w.kind != "int" or not w.symmetric or w.bits > 8 or k % 32:
+    if w.kind != "int" or w.bits > 8 or k % 32 or (not w.symmetric and w.bits > 4):
         return None
     if w.group_size is not None and w.group_size % 32:
         return None
-    return "Q4_0" if w.bits <= 4 else "Q8_0"
+    if w.bits <= 4:
+        return "Q4_0" if w.symmetric else "Q4_1"
+    return "Q8_0"
 
 
 def export(loaded: Loaded, dest: Path) -> GgufExported:
@@ -175,7 +189,7 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
         )
     if out.rounded_scales:
         out.notes.append(
-            f"{out.rounded_scales} block scales were rounded to float16 (GGUF stores block scales as float16)"
+            f"{out.rounded_scales} block scales or minimums were rounded to float16 (GGUF stores them as float16)"
         )
     if pre == "default":
         out.notes.append(
@@ -195,11 +209,14 @@ def _quantized(
     """dense: s de-quantized (rows permuted like q/scale), for the types that re-quantize."""
     kind = exact_type(s)
     if kind is not None:
-        scale = np.repeat(s.scale.numpy(), (s.group_size or s.q.shape[1]) // 32, axis=1)
+        per_group = (s.group_size or s.q.shape[1]) // 32
+        scale = np.repeat(s.scale.numpy(), per_group, axis=1)
+        zp = np.repeat(s.zero_point.numpy(), per_group, axis=1) if kind == "Q4_1" else None
         q = s.q.numpy()
         if permute_heads:
             q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
-        blocks, rounded = q_blocks(q, scale, 4 if kind == "Q4_0" else 8)
+            zp = None if zp is None else _permute_rows(zp, permute_heads)
+        blocks, rounded = q_blocks(q, scale, 8 if kind == "Q8_0" else 4, zp)
         out.exact += 1
         out.rounded_scales += rounded
         return blocks, kind, rounded == 0

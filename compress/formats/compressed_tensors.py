@@ -23,6 +23,7 @@ from compressed_tensors.quantization import (
 from safetensors import safe_open
 
 from compress.errors import UsageError
+from compress.formats import stored
 from compress.models.arch import TARGETS
 from compress.primitives.qparams import Grid, GridParams, QuantizedWeight, dequantize
 
@@ -83,6 +84,24 @@ def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
     return compressor
 
 
+def write_config(compressor: ModelCompressor, dest: Path) -> None:
+    """Add the quantization_config to dest/config.json. Packed grids with zero points also get
+    `dequantize: true`. Why: compressed-tensors 0.20 builds an empty model's packed layers with the
+    zero point unpacked ([O, G]: its meta-device branch skips the packing), so transformers 5's default
+    load refuses the stored, packed [O*bits/32, G] int32 zero point as a size mismatch (tried: 5.24 with
+    compressed-tensors 0.19 and 0.20.1). With `dequantize`, transformers decompresses each layer while
+    loading, through compressed-tensors' own decompress, which unpacks it; the layers then hold the
+    same dense weights a symmetric checkpoint holds after its first forward. vLLM ignores the key."""
+    compressor.update_config(str(dest))
+    path = Path(dest) / "config.json"
+    config = json.loads(path.read_text())
+    qc = config.get("quantization_config") or {}
+    asymmetric = any(not (g.get("weights") or {}).get("symmetric", True) for g in qc.get("config_groups", {}).values())
+    if qc.get("format") == "pack-quantized" and asymmetric:
+        qc["dequantize"] = True
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
     """A compressed-tensors checkpoint written by us: its quantization config and, per
     quantized linear, the grid with its stored scales and zero points (zeros if symmetric)."""
@@ -106,18 +125,13 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
     grids: dict[str, GridParams] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
+            keys = set(st.keys())
             for key in st.keys():
                 if not key.endswith(".weight_scale"):
                     continue
                 name = key[: -len(".weight_scale")]
                 scale = st.get_tensor(key)
-                zp_key = f"{name}.weight_zero_point"
-                zp = (
-                    st.get_tensor(zp_key).to(torch.int8)
-                    if zp_key in st.keys()
-                    else torch.zeros_like(scale, dtype=torch.int8)
-                )
-                grids[name] = GridParams(grid, scale, zp)
+                grids[name] = GridParams(grid, scale, stored.zero_point(st, keys, name, scale.shape, grid.bits))
     if not grids:
         raise UsageError(f"{ckpt}: no quantized weights (weight_scale) found")
     return config, grids

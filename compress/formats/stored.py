@@ -35,6 +35,18 @@ class StoredLinear:
         return (qg * self.scale.unsqueeze(-1)).reshape(n, k)
 
 
+def zero_point(st, keys: set[str], name: str, scale_shape: torch.Size, bits: int) -> torch.Tensor:
+    """[O, G] int8: one linear's stored zero points (zeros when it has none). pack-quantized grids
+    store them packed along the output rows, int32 (compressed-tensors' layout, which vLLM reads)."""
+    key = f"{name}.weight_zero_point"
+    if key not in keys:
+        return torch.zeros(scale_shape, dtype=torch.int8)
+    zp = st.get_tensor(key)
+    if zp.dtype == torch.int32 and zp.shape != scale_shape:
+        zp = unpack_from_int32(zp, bits, scale_shape, packed_dim=0)
+    return zp.to(torch.int8).reshape(scale_shape)
+
+
 def quantization_config(ckpt: Path) -> dict | None:
     return json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config")
 
@@ -76,11 +88,6 @@ def read(ckpt: Path) -> dict[str, StoredLinear]:
                     q = unpack_from_int32(st.get_tensor(f"{name}.weight_packed"), bits, shape)
                 else:
                     q = st.get_tensor(f"{name}.weight")
-                zp_key = f"{name}.weight_zero_point"
-                zp = (
-                    st.get_tensor(zp_key).to(torch.int8)
-                    if zp_key in keys
-                    else torch.zeros(scale.shape, dtype=torch.int8)
-                )
-                out[name] = StoredLinear(q, scale, zp.reshape(scale.shape), bits, kind, sym, group)
+                zp = zero_point(st, keys, name, scale.shape, bits)
+                out[name] = StoredLinear(q, scale, zp, bits, kind, sym, group)
     return out

@@ -62,11 +62,6 @@ def resolve(name: str, group_size: int | str | None, symmetric: bool, widths: di
         if kind.grid == "float" and not symmetric:
             raise SchemeError("fp8 is symmetric only; drop --no-symmetric")
         return Scheme(name, Grid(kind.bits, kind.grid, symmetric, None), kind.act, "per channel")
-    if kind.bits < 8 and not symmetric:
-        raise SchemeError(
-            f"{name} with --no-symmetric writes packed zero points that transformers 5 with "
-            "compressed-tensors 0.20 cannot load (llm-compressor issue 1618); use symmetric"
-        )
     if gs is None:
         gs = kind.default_group or "channel"
     if gs == "channel":
@@ -98,4 +93,5 @@ def bits_per_weight(name: str, group_size: int | str | None, symmetric: bool, wi
     except SchemeError:
         s = Scheme(name, Grid(SCHEMES[name].bits), None, "")
     g = s.weight.group_size
-    return s.bits + ((16 + (0 if symmetric else 8)) / g if g else 0.0)
+    # a bf16 scale per group, and a zero point packed at the weights' own width (pack-quantized)
+    return s.bits + ((16 + (0 if symmetric else s.bits)) / g if g else 0.0)

@@ -265,7 +265,7 @@ def search_row(i: int, c: Candidate) -> list[str]:
 
 
 def verdict_text(c: Candidate) -> str:
-    """"missed: <gates>", "met (winner, Pareto front)", "skipped: <why>"."""
+    """The verdict as shown: "missed: <gates>", "met (winner, Pareto front)", "skipped: <why>"."""
     marks = ", ".join(x for x, on in (("winner", c.winner), ("Pareto front", c.front)) if on)
     return c.verdict + (f" ({marks})" if marks else "") + (f": {c.reason}" if c.reason else "")
 

@@ -12,6 +12,7 @@ does not use them.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -99,11 +100,30 @@ class Int8Linear(torch.nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def kernel_for(w: StoredLinear, act: str | None) -> tuple[type[torch.nn.Module] | None, str]:
-    """The kernel module for a stored grid, or None and the reason there is none."""
+@functools.cache
+def int_mm_exact(device_type: str) -> bool:
+    """Whether torch._int_mm sums exactly on this device. On x86 CPUs without VNNI, oneDNN multiplies
+    int8 pairs with vpmaddubsw, whose int16 sums saturate: forced so here (ONEDNN_MAX_CPU_ISA=AVX2), the
+    kernel test's outputs of magnitude ~1 came out up to 10 away from the exact product."""
+    a = torch.full((32, 64), 127, dtype=torch.int8, device=device_type)
+    b = torch.full((32, 64), 127, dtype=torch.int8, device=device_type)
+    b[::2] = -128  # [N, K]: every other output channel the most negative
+    try:
+        got = torch._int_mm(a, b.t())
+    except RuntimeError:
+        return False
+    return torch.equal(got.cpu(), (a.double() @ b.double().t()).to(torch.int32).cpu())
+
+
+def kernel_for(
+    w: StoredLinear, act: str | None, device: torch.device = torch.device("cpu")
+) -> tuple[type[torch.nn.Module] | None, str]:
+    """The kernel module for a stored grid on a device, or None and the reason there is none."""
     if w.kind == "float" and act == "fp8" and w.group_size is None:
         return Fp8Linear, "torch._scaled_mm (fp8)"
     if w.kind == "int" and w.bits == 8 and act == "int8" and w.group_size is None and w.symmetric:
+        if not int_mm_exact(device.type):
+            return None, "torch._int_mm saturates on this CPU (no VNNI int8 instructions); de-quantized matmul"
         return Int8Linear, "torch._int_mm (int8)"
     if w.kind == "int" and w.bits == 4 and act is None and w.group_size in INT4_GROUPS:
         if w.q.shape[0] % 16:
@@ -121,7 +141,7 @@ def use_kernels(model: torch.nn.Module, stored: dict[str, StoredLinear], act: st
     """Swap every stored linear for its kernel module (in place); returns the kernel name.
     Layers without a kernel stay de-quantized, with one warning naming why."""
     param = next(model.parameters())
-    kernels = {name: kernel_for(w, act) for name, w in stored.items()}
+    kernels = {name: kernel_for(w, act, param.device) for name, w in stored.items()}
     missing = next(((n, why) for n, (cls, why) in kernels.items() if cls is None), None)
     if missing is not None:
         warnings.warn(f"{missing[0]}: {missing[1]}", stacklevel=2)

@@ -56,6 +56,29 @@ def test_q4_0_layout_matches_gguf_reference():
         assert np.array_equal(gguf.quants.dequantize(blocks, qtype).reshape(8, 96), want)
 
 
+def test_q4_1_layout_matches_gguf_reference():
+    """Zero points: our Q4_1 blocks against gguf's de-quantizer, exact where float16 holds d and m."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-8, 8, size=(8, 96)).astype(np.int8)
+    zp = rng.integers(-8, 8, size=(8, 3)).astype(np.int8)
+    scale = (rng.integers(1, 64, size=(8, 3)) / 1024).astype(np.float32)  # few bits: d and m exact in float16
+    blocks, rounded = gguf_export.q_blocks(q, scale, 4, zp)
+    want = ((q.reshape(8, 3, 32) - zp[..., None]) * scale[..., None]).reshape(8, 96)
+    assert rounded == 0 and blocks.shape == (8, 3 * 20)
+    assert np.array_equal(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1).reshape(8, 96), want)
+
+
+def test_asymmetric_int4_is_q4_1(quantized, tmp_path):
+    ckpt = quantized("llama", "w4a16", 32, symmetric=False)
+    _, out = export(ckpt, tmp_path / "gguf")
+    assert out.exact == out.types["Q4_1"] == len(read(ckpt)) and out.requantized == 0
+    # every tensor whose minimums float16 holds is identical; the rest are within float16's rounding of m
+    assert out.check.max_abs_diff_exact == 0.0
+    assert out.check.requantized_rel_error is None or out.check.requantized_rel_error < 1e-3
+
+
 def test_fp8_is_requantized_with_its_cost(quantized, tmp_path):
     _, out = export(quantized("llama", "fp8"), tmp_path / "gguf")
     assert out.exact == 0 and out.requantized == len(read(quantized("llama", "fp8")))

@@ -70,8 +70,9 @@ assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules
 
 
 def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
-    """The integers and scales we computed (int4, int3, int2) are what transformers rebuilds in a fresh
-    process without compress, bit for bit; the integers are packed densely (bits per weight on disk)."""
+    """The integers and scales we computed (int4, int3, int2; int4 and int8 with zero points) are what transformers
+    rebuilds in a fresh process without compress, bit for bit; the integers (and zero points) are packed
+    densely (bits per weight on disk)."""
     import subprocess
     import sys
 
@@ -80,15 +81,20 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
     from compress.eval.size import bits_per_weight
     from compress.primitives.qparams import Grid, dequantize, quantize as q, search_range
 
-    src, name, bits = tiny_model("llama"), "model.layers.0.mlp.down_proj", {"w4a16": 4, "w3a16": 3, "w2a16": 2}
+    src, name = tiny_model("llama"), "model.layers.0.mlp.down_proj"
+    bits = {"w4a16": 4, "w3a16": 3, "w2a16": 2, "w4a16-asym": 4, "w8a16-asym": 8}
     with safe_open(src / "model.safetensors", "pt") as f:
         w = f.get_tensor(name + ".weight")  # [64, 128]
     for scheme, b in bits.items():
-        quantize(src, tmp_path / scheme, scheme, group_size=32)
+        sym = not scheme.endswith("-asym")
+        quantize(src, tmp_path / scheme, scheme.removesuffix("-asym"), group_size=32, symmetric=sym)
         with safe_open(tmp_path / scheme / "model.safetensors", "pt") as f:
             packed = f.get_tensor(name + ".weight_packed")
+            zp_shape = None if sym else f.get_tensor(name + ".weight_zero_point").shape
         assert packed.dtype == torch.int32 and packed.shape == (64, 128 * b // 32)
-        assert bits_per_weight(tmp_path / scheme, [name]) == b + 16 / 32  # the integers and a bf16 scale per 32
+        assert zp_shape in (None, (64 * b // 32, 128 // 32))  # packed along the rows, as vLLM reads them
+        # the integers, a bf16 scale per 32 and a zero point of b bits per 32
+        assert bits_per_weight(tmp_path / scheme, [name]) == b + (16 + (0 if sym else b)) / 32
     (tmp_path / "fresh.py").write_text(FRESH_WEIGHTS)
     dirs = [str(tmp_path / scheme) for scheme in bits]
     proc = subprocess.run(
@@ -98,11 +104,11 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for b, got in zip(bits.values(), torch.load(tmp_path / "w.pt")):
-        grid = Grid(b, "int", True, 32)
+    for (scheme, b), got in zip(bits.items(), torch.load(tmp_path / "w.pt")):
+        grid = Grid(b, "int", not scheme.endswith("-asym"), 32)
         scale, zp = search_range(w, grid, w.dtype)  # the default range choice
         expected = dequantize(q(w, scale, zp, grid), scale, zp)
-        assert got.dtype == expected.dtype and torch.equal(got, expected), b
+        assert got.dtype == expected.dtype and torch.equal(got, expected), scheme
 
 
 @pytest.mark.parametrize(
@@ -168,3 +174,43 @@ def test_already_quantized_input_is_refused(tiny_model, tmp_path):
     quantize(tiny_model("llama"), tmp_path / "q", "w8a16")
     with pytest.raises(UsageError, match="already quantized"):
         load(resolve(str(tmp_path / "q")))
+
+
+FRESH_LOGITS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+dest, pairs = sys.argv[1], sys.argv[2:]
+ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+got = []
+for base, out in zip(pairs[::2], pairs[1::2]):
+    with torch.no_grad():
+        got.append([AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits for d in (base, out)])
+torch.save(got, dest)
+assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
+"""
+
+
+def test_asymmetric_int4_reloads_in_a_fresh_process(tiny_model, tmp_path):
+    """Zero points packed as vLLM reads them, and `dequantize` in the config so that transformers 5 loads them
+    (compress/formats/compressed_tensors.write_config says why): GPTQ and AWQ on three architectures."""
+    import subprocess
+    import sys
+
+    archs = {"llama": "gptq", "qwen2": "awq", "mistral": "gptq"}
+    pairs = []
+    for arch, method in archs.items():
+        out = tmp_path / arch
+        quantize(tiny_model(arch), out, "w4a16", group_size=32, symmetric=False, method=method, samples=4, seq_len=64)
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["dequantize"] is True and qc["config_groups"]["group_0"]["weights"]["symmetric"] is False
+        pairs += [str(tiny_model(arch)), str(out)]
+    (tmp_path / "fresh.py").write_text(FRESH_LOGITS)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "logits.pt"), *pairs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for arch, (base, got) in zip(archs, torch.load(tmp_path / "logits.pt")):
+        assert torch.isfinite(got).all() and sqnr_db(base, got) > SCHEMES["w4a16"], arch

@@ -44,14 +44,13 @@ def test_rejected_combinations():
         res(scheme="w8a8", group_size=64)
     with pytest.raises(SchemeError, match="symmetric"):
         res(scheme="fp8", symmetric=False)
-    with pytest.raises(SchemeError, match="1618"):
-        res(scheme="w4a16", group_size=64, symmetric=False)
     with pytest.raises(ValueError, match="power of two"):
         QuantizeStage(scheme="w4a16", group_size=100)
 
 
-def test_asymmetric_int8_is_allowed():
-    assert res(scheme="w8a16", symmetric=False).weight.symmetric is False
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "w3a16", "w2a16"])
+def test_asymmetric_grids_are_allowed(scheme):
+    assert res(scheme=scheme, group_size=32, symmetric=False).weight.symmetric is False
 
 
 def test_plan_bits_follow_the_scheme_resolution():
@@ -60,6 +59,7 @@ def test_plan_bits_follow_the_scheme_resolution():
     assert bits_per_weight("w4a16", None, True, [384, 1536]) == 4 + 16 / 128  # the default, 128
     assert bits_per_weight("w8a8", None, True, [576]) == 8
     assert bits_per_weight("w8a16", 32, False, [576]) == 8 + 24 / 32
+    assert bits_per_weight("w4a16", 64, False, [576]) == 4 + 20 / 64  # the zero point packed at 4 bits
 
 
 @pytest.mark.parametrize("scheme,bits,group", [("w3a16", 3, 32), ("w2a16", 2, 32)])
@@ -68,6 +68,4 @@ def test_low_bit_schemes(scheme, bits, group):
     assert s.weight.bits == bits and s.weight.group_size == group and s.act is None
     assert res(scheme=scheme, group_size=64).weight.group_size == 64
     assert s.weight.qmin == -(2 ** (bits - 1)) and s.weight.qmax == 2 ** (bits - 1) - 1
-    with pytest.raises(SchemeError, match="1618"):  # packed zero points, as int4
-        res(scheme=scheme, symmetric=False)
     assert bits_per_weight(scheme, None, True, [576, 1536]) == bits + 16 / group
