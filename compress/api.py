@@ -36,6 +36,7 @@ from compress.eval.perplexity import token_windows
 from compress.formats import compressed_tensors as ct_format, sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
 from compress.models import load as loading, source as sources
+from compress.models.arch import max_positions
 from compress.models.compute import saved_as
 from compress.models.offload import OnDisk
 from compress.prune import stage as prune_stage
@@ -104,6 +105,7 @@ def run(
     _check_gates_fit(recipe, the_plan.base.task)
     tasks.check(recipe.evaluate.tasks if recipe.evaluate.enabled else [], the_plan.base.task)
     _check_lengths(recipe, the_plan.base)
+    recipe = _fit_positions(recipe, the_plan.base.positions, console)
     if dry_run:
         return the_plan
     plan.check(the_plan)
@@ -197,7 +199,8 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
         done.sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
     spec, heldout = recipe.evaluate, None
     if inputs.teachers and inputs.texts is not None and loaded.task == "causal-lm":
-        heldout = token_windows(loaded.tokenizer, inputs.texts.texts, spec.seq_len, spec.max_tokens)
+        limit = max_positions(loaded.model.config) or spec.seq_len
+        heldout = token_windows(loaded.tokenizer, inputs.texts.texts, min(spec.seq_len, limit), spec.max_tokens)
     teacher_of = iter(inputs.teachers[sum(isinstance(s, DistillStage) for s in recipe.stages[: done.count]) :])
     for i, stage in enumerate(recipe.stages[done.count :], done.count):
         with PeakRSS() as peak:
@@ -239,7 +242,7 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
     with saved_as(loaded.model, loaded.dtype):
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
     if compressor is not None:
-        ct_format.write_config(compressor, tmp)  # + quantization_config
+        ct_format.write_config(compressor, tmp, loaded.model)  # + quantization_config
     if done.sparsity is not None:
         sparse.record(
             tmp, sparse.carried(done.sparsity) | ({"storage": "dense", "format": "dense"} if compressor else {})
@@ -347,6 +350,23 @@ def _check_lengths(recipe: Recipe, base: plan.Facts) -> None:
             f"evaluate.prompt_len {spec.prompt_len} + evaluate.new_tokens {spec.new_tokens} = "
             f"{spec.prompt_len + spec.new_tokens} positions; the model takes at most {limit}"
         )
+
+
+def _fit_positions(recipe: Recipe, limit: int | None, console: Console) -> Recipe:
+    """Calibration and training windows no longer than the model's positions (OPT-350m has 2048, some small
+    models 256; a longer window indexes past the position embeddings), each shortening said. The evaluation
+    windows are fitted where they are measured (eval/worker.py), which notes it in the report."""
+    if not limit or all(s.seq_len <= limit for s in recipe.stages):
+        return recipe
+    stages = []
+    for i, s in enumerate(recipe.stages):
+        if s.seq_len > limit:
+            console.print(
+                f"note: stage {i} ({s.stage}): windows of {s.seq_len} tokens shortened to the model's {limit}"
+            )
+            s = s.model_copy(update={"seq_len": limit})
+        stages.append(s)
+    return recipe.model_copy(update={"stages": stages})
 
 
 def _check_gates_fit(recipe: Recipe, task: str) -> None:

@@ -19,6 +19,7 @@ import torch
 from compress.errors import UsageError
 from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
+from compress.models import arch
 from compress.models.compute import compute_dtype
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
@@ -142,7 +143,7 @@ def facts(src: Source, dtype: str) -> Facts:
         vocab=cfg.get("vocab_size") or 1,
         dtype_bytes=d,
         widths=tuple(sorted(widths)),
-        positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"),
+        positions=arch.max_positions(cfg),
         **counts,
     )
 

@@ -36,8 +36,39 @@ def tiny_config(arch: str, vocab: int):
             num_hidden_layers=2,
             num_attention_heads=4,
             word_embed_proj_dim=64,
+            max_position_embeddings=256,  # fewer than the 512-token windows: they must be shortened
             architectures=["OPTForCausalLM"],
         )
+    if arch in ("qwen3", "gemma", "gemma2", "starcoder2"):
+        cls = {"qwen3": tf.Qwen3Config, "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config}.get(
+            arch, tf.Starcoder2Config
+        )
+        extra = {"head_dim": 16} if arch.startswith("gemma") else {}
+        name = {"qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2", "starcoder2": "Starcoder2"}[arch]
+        return cls(vocab_size=vocab, **TINY, **extra, architectures=[f"{name}ForCausalLM"])
+    if arch == "gpt_neox":  # its output layer is `embed_out` on disk, `lm_head` in transformers 5
+        return tf.GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            architectures=["GPTNeoXForCausalLM"],
+        )
+    if arch == "falcon":  # its own Linear subclass, FalconLinear
+        return tf.FalconConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            architectures=["FalconForCausalLM"],
+        )
+    if arch == "mixtral":
+        return tf.MixtralConfig(
+            vocab_size=vocab, **TINY, num_local_experts=4, num_experts_per_tok=2, architectures=["MixtralForCausalLM"]
+        )
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
     if arch == "bert":

@@ -19,7 +19,7 @@ from compress.export import onnx_decoder, onnx_export
 from compress.export.onnx_export import MODEL_FILE
 from compress.formats.gguf_meta import arch_int
 from compress.formats.stored import activation_kind, quantization_config, read
-from compress.models import load as loading, source as sources
+from compress.models import arch, load as loading, source as sources
 from compress.runtime import loop, ort
 from compress.runtime.llama_cpp import LlamaCppDecoder
 from compress.runtime.torch_decoder import TorchDecoder
@@ -143,10 +143,7 @@ def context_length(spec: str) -> int | None:
     config = path / "config.json"
     if not config.is_file():
         return None
-    cfg = json.loads(config.read_text())
-    cfg = cfg.get("text_config", cfg)
-    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_sequence_length")
-    return int(limit) if isinstance(limit, int) else None
+    return arch.max_positions(json.loads(config.read_text()))
 
 
 def open_subject(

@@ -19,6 +19,7 @@ import torch
 
 from compress.eval import divergence, embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
+from compress.models.arch import max_positions
 from compress.models.compute import compute_dtype, float32_bytes, stored_dtype
 from compress.report.schema import Latency, Measurement, Perplexity, Speed
 
@@ -80,11 +81,17 @@ def _measure(
         "load_seconds": load_s,
     }
     if req["task"] == "causal-lm":
-        windows = perplexity.token_windows(tok, texts, spec["seq_len"], spec["max_tokens"])
+        seq_len, limit = spec["seq_len"], max_positions(model.config)
+        windows = perplexity.token_windows(tok, texts, min(seq_len, limit or seq_len), spec["max_tokens"])
         ppl = perplexity.perplexity(model, windows)
-        out["perplexity"] = Perplexity(
-            value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel()
-        ).model_dump()
+        fitted = Perplexity(value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel())
+        if limit and seq_len > limit:  # a longer window would index past the position embeddings
+            fitted = fitted.model_copy(
+                update={
+                    "protocol": f"{fitted.protocol}; windows of {seq_len} shortened to the model's {limit} positions"
+                }
+            )
+        out["perplexity"] = fitted.model_dump()
         prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
     else:
         windows = None

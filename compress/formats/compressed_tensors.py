@@ -80,24 +80,35 @@ def finish(model: torch.nn.Module, quantized: set[str]) -> ModelCompressor:
     if found != quantized:
         raise RuntimeError(f"compressed-tensors holds {len(found)} quantized layers, we quantized {len(quantized)}")
     compressor = ModelCompressor.from_pretrained_model(model)
+    # compressed-tensors writes the ignore list in checkpoint names (GPT-NeoX's `lm_head` is `embed_out` on disk),
+    # but transformers matches it against the loaded model's names: with only `embed_out` listed, it quantized
+    # lm_head on reload (a shape error for w8a16, NaN logits for fp8). Both names, so either reader finds its own.
+    qc = compressor.quantization_config
+    dense = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in found]
+    qc.ignore = list(qc.ignore or []) + [n for n in dense if n not in (qc.ignore or [])]
     compressor.compress_model(model, skip_compressed=True)
     return compressor
 
 
-def write_config(compressor: ModelCompressor, dest: Path) -> None:
-    """Add the quantization_config to dest/config.json. Packed grids with zero points also get
-    `dequantize: true`. Why: compressed-tensors 0.20 builds an empty model's packed layers with the
-    zero point unpacked ([O, G]: its meta-device branch skips the packing), so transformers 5's default
-    load refuses the stored, packed [O*bits/32, G] int32 zero point as a size mismatch (tried: 5.24 with
-    compressed-tensors 0.19 and 0.20.1). With `dequantize`, transformers decompresses each layer while
-    loading, through compressed-tensors' own decompress, which unpacks it; the layers then hold the
-    same dense weights a symmetric checkpoint holds after its first forward. vLLM ignores the key."""
+def write_config(compressor: ModelCompressor, dest: Path, model: torch.nn.Module) -> None:
+    """Add the quantization_config to dest/config.json. Packed checkpoints that transformers cannot build in packed
+    form also get `dequantize: true`, so that it de-quantizes each layer while loading (compressed-tensors' own
+    decompress) instead. Met on transformers 5.24 with compressed-tensors 0.20.1 (and 0.19): zero points, which
+    compressed-tensors lays out unpacked ([O, G]) in an empty model, so the stored packed [O*bits/32, G] int32 ones
+    are refused as a size mismatch; and architectures whose weight init reads `.weight` of every layer of their own
+    Linear subclass (Falcon's FalconLinear: "has no attribute 'weight'"). Not set otherwise: that path multiplies
+    integers by the stored bf16 scales in bf16 even for a float32 load, while the packed path is exact in float32.
+    vLLM ignores the key and reads the packed tensors as the format defines them."""
     compressor.update_config(str(dest))
     path = Path(dest) / "config.json"
     config = json.loads(path.read_text())
     qc = config.get("quantization_config") or {}
     asymmetric = any(not (g.get("weights") or {}).get("symmetric", True) for g in qc.get("config_groups", {}).values())
-    if qc.get("format") == "pack-quantized" and asymmetric:
+    subclassed = any(
+        isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear and hasattr(m, "quantization_scheme")
+        for m in model.modules()
+    )
+    if qc.get("format") == "pack-quantized" and (asymmetric or subclassed):
         qc["dequantize"] = True
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -12,6 +12,15 @@ from compress.errors import UsageError
 TARGETS = ["Linear"]
 
 
+def max_positions(config) -> int | None:
+    """Tokens the model can attend over (its position embeddings), from a config object or config.json's
+    dict (a multimodal config's `text_config`); None when it states none."""
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    cfg = cfg.get("text_config") or cfg
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("max_sequence_length")
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def output_layer_names(model: torch.nn.Module) -> list[str]:
     """Names of the output projection (lm_head or its equivalent), kept in full precision."""
     get = getattr(model, "get_output_embeddings", None)
@@ -44,6 +53,22 @@ def quant_targets(model: torch.nn.Module, extra_ignore: list[str]) -> tuple[dict
     return targets, ignore
 
 
+def unreached_weights(model: torch.nn.Module) -> tuple[float, list[str]]:
+    """The share of the decoder layers' weight elements held outside nn.Linear layers (a mixture of experts'
+    fused 3-D expert tensors), which no linear-layer method reaches, and those tensors' names within a layer."""
+    total, outside, names = 0, 0, set()
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    for layer in decoder_layers(model):
+        for name, p in layer.named_parameters():
+            if p.dim() < 2:
+                continue  # norms and biases
+            total += p.numel()
+            if id(p) not in linear_weights:
+                outside += p.numel()
+                names.add(name)
+    return (outside / total if total else 0.0), sorted(names)
+
+
 @dataclass(frozen=True)
 class Smooth:
     """`prev`'s output feeds every linear in `linears` (names relative to a decoder layer), so
@@ -73,20 +98,40 @@ SMOOTH_MAPS: dict[str, tuple[Smooth, ...]] = {
         Smooth("input_layernorm", ("self_attn.qkv_proj",)),
         Smooth("post_attention_layernorm", ("mlp.gate_up_proj",)),
     ),
+    # Fused q/k/v; their MLPs pass through GELU, which does not commute with a scale (no h_to_4h -> 4h_to_h).
+    "gpt_neox": (
+        Smooth("input_layernorm", ("attention.query_key_value",)),
+        Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    ),
+    "bloom": (
+        Smooth("input_layernorm", ("self_attention.query_key_value",)),
+        Smooth("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    ),
 }
+
+
+def _falcon_maps(config) -> tuple[Smooth, ...]:
+    """Falcon's norms depend on its config: one norm before parallel attention and MLP (7B), one per branch
+    (`ln_attn`, `ln_mlp`: the new decoder architecture of 40B+), or a norm before each in sequence."""
+    qkv, mlp = "self_attention.query_key_value", "mlp.dense_h_to_4h"
+    if getattr(config, "new_decoder_architecture", False) and getattr(config, "num_ln_in_parallel_attn", 2) == 2:
+        return (Smooth("ln_attn", (qkv,)), Smooth("ln_mlp", (mlp,)))
+    if getattr(config, "new_decoder_architecture", False) or getattr(config, "parallel_attn", True):
+        return (Smooth("input_layernorm", (qkv, mlp)),)
+    return (Smooth("input_layernorm", (qkv,)), Smooth("post_attention_layernorm", (mlp,)))
 
 
 def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
     """The mappings of this architecture whose shapes fit (v_proj -> o_proj needs as many
     value channels as attention outputs, which grouped-query attention does not have)."""
     kind = getattr(model.config, "model_type", type(model).__name__)
-    if kind not in SMOOTH_MAPS:
+    if kind not in SMOOTH_MAPS and kind != "falcon":
         raise UsageError(
             f"{kind}: AWQ and SmoothQuant need to know which norms feed which projections, and there is "
-            f"no adapter for it (have: {', '.join(sorted(SMOOTH_MAPS))}); use --method gptq or rtn"
+            f"no adapter for it (have: {', '.join(sorted([*SMOOTH_MAPS, 'falcon']))}); use --method gptq or rtn"
         )
     maps = []
-    for m in SMOOTH_MAPS[kind]:
+    for m in _falcon_maps(model.config) if kind == "falcon" else SMOOTH_MAPS[kind]:
         prev = layer.get_submodule(m.prev)
         width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
         if all(layer.get_submodule(n).in_features == width for n in m.linears):
@@ -96,7 +141,14 @@ def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The repeated blocks of a transformers model (decoder layers, or encoder layers)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer", "bert.encoder.layer"):
+    for path in (
+        "model.layers",
+        "model.decoder.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "encoder.layer",
+        "bert.encoder.layer",
+    ):
         node = model
         for part in path.split("."):
             node = getattr(node, part, None)

@@ -51,11 +51,20 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
     text, errors, warnings = None, [], []
+    share, outside = arch.unreached_weights(model)
+    if share > 0.01:
+        warnings.append(
+            f"{share:.0%} of the decoder layers' weights are not linear layers and stay unquantized "
+            f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}; mixture-of-experts experts are not "
+            "supported yet)"
+        )
+        console.print(f"[yellow]warning:[/] {warnings[-1]}")
     config = ct_format.config_for(scheme.weight, scheme.act, ignore)
     batches = None
     settings.update(method.settings())
     if method.calibrated:
-        batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console)
+        batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console)
+        warnings += calibration_warnings
     with progress_bar(console, f"{stage.method}: decoder layers") as update:
         errors = quantize_linears(
             model,
