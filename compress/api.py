@@ -25,7 +25,7 @@ from rich.console import Console
 
 import compress
 from compress import plan, stages
-from compress.data import text as textdata
+from compress.data import generated, text as textdata
 from compress.distill import stage as distill_stage
 from compress.errors import UsageError
 from compress.eval import size, tasks
@@ -147,8 +147,9 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
         raise UsageError("--resume continues a recipe of several stages or with a distill stage; this one has neither")
     if resume and not resumable(staging_dir(dest)):
         console.print(f"nothing to resume in {staging_dir(dest)}: starting from the beginning")
-    for stage in recipe.stages:  # every text exists and is readable
-        if stage.reads_text:
+    for stage in recipe.stages:  # every text exists and is readable (generated text is sampled when it is used)
+        sampled = stage.dataset == generated.NAME and not isinstance(stage, DistillStage)
+        if stage.reads_text and not sampled:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None

@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from compress.models import source as sources  # noqa: E402
 from compress.models.load import checkpoint_dir  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TINY = dict(SMALL, num_key_value_heads=2)  # grouped-query attention where the architecture has it
 
 
 def tiny_config(arch: str, vocab: int):
@@ -47,14 +48,7 @@ def tiny_config(arch: str, vocab: int):
         name = {"qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2", "starcoder2": "Starcoder2"}[arch]
         return cls(vocab_size=vocab, **TINY, **extra, architectures=[f"{name}ForCausalLM"])
     if arch == "gpt_neox":  # its output layer is `embed_out` on disk, `lm_head` in transformers 5
-        return tf.GPTNeoXConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            architectures=["GPTNeoXForCausalLM"],
-        )
+        return tf.GPTNeoXConfig(vocab_size=vocab, **SMALL, architectures=["GPTNeoXForCausalLM"])
     if arch == "falcon":  # its own Linear subclass, FalconLinear
         return tf.FalconConfig(
             vocab_size=vocab,
@@ -72,14 +66,7 @@ def tiny_config(arch: str, vocab: int):
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
     if arch == "bert":
-        return tf.BertConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            architectures=["BertModel"],
-        )
+        return tf.BertConfig(vocab_size=vocab, **SMALL, architectures=["BertModel"])
     raise ValueError(arch)
 
 

@@ -40,6 +40,11 @@ def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
     """`builtin`, a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
     if dataset == "builtin":
         return builtin(split)
+    if dataset == "generated":
+        raise UsageError(
+            "dataset 'generated' is sampled from the model for calibration (quantize, prune); evaluation and "
+            "training read text from files, the built-in pages or the hub"
+        )
     path = Path(dataset).expanduser()
     if path.is_dir() and (path / "dataset_info.json").exists() or path.is_dir() and (path / "state.json").exists():
         texts = _from_saved_dataset(path, text_column)

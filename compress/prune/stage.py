@@ -42,7 +42,7 @@ def _structured(stage: PruneStage, method, loaded: Loaded, device, console) -> S
     shown = ", ".join(f"{k}={v}" for k, v in method.settings().items())
     console.print(f"prune: structured ({shown})")
     batches, text, warnings = (
-        calibration.batches(stage, loaded.tokenizer, console) if method.needs_data() else (None, None, [])
+        calibration.batches(stage, loaded.tokenizer, console, loaded.model) if method.needs_data() else (None, None, [])
     )
     with progress_bar(console, "importance: decoder layers") as update:
         settings = method.run(model, batches, device, update)
@@ -74,7 +74,7 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
     batches = None
     settings.update(method.settings())
     if method.calibrated:
-        batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console)
+        batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
     with progress_bar(console, f"{stage.method}: decoder layers") as update:
         errors = prune_linears(model, targets, method, batches, device, update)
     if nm and not all(n_of_m_holds(m.weight, *nm) for m in targets.values()):

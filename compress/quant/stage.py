@@ -63,7 +63,7 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     batches = None
     settings.update(method.settings())
     if method.calibrated:
-        batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console)
+        batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
         warnings += calibration_warnings
     with progress_bar(console, f"{stage.method}: decoder layers") as update:
         errors = quantize_linears(

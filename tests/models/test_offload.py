@@ -82,7 +82,9 @@ def test_offload_keeps_smollm2_out_of_memory(smollm2_dir, tmp_path):
     """Real model: the quantize stage's peak stays well under the weights' size in the dtype they
     are computed in (float32 on a CPU without fast bf16; the embeddings alone are 21% of it)."""
     # its own process: in this one, the tests before it left the heap larger (peak 230 MB after them, 168 MB alone).
-    # Measured: 168 MB of 538 (float32 compute, AVX2 EPYC), 141 MB of 269 (bf16 compute, AVX512-BF16 EPYC)
+    # Measured: 168 MB of 538 (float32 compute, AVX2 EPYC), 141 MB of 269 (bf16 compute, AVX512-BF16 EPYC); the
+    # same bf16 command three times in a row later: 139, 161 and 162 MB, and 175 MB inside a full suite run. The
+    # whole model in memory would be above 1.0x: 0.75x leaves that noise room and still fails if offload breaks.
     args = ["quantize", smollm2_dir, "-o", tmp_path / "disk", "--offload", "--scheme", "w8a16", "--method", "rtn"]
     proc = compress(*args, "--no-eval", "--json", fresh=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -90,7 +92,7 @@ def test_offload_keeps_smollm2_out_of_memory(smollm2_dir, tmp_path):
     weights = sum(f.stat().st_size for f in smollm2_dir.glob("*.safetensors"))  # bf16
     if rep["environment"]["compute dtype"].startswith("float32"):
         weights *= 2
-    assert rep["stages"][0]["peak_memory_bytes"] < 0.6 * weights
+    assert rep["stages"][0]["peak_memory_bytes"] < 0.75 * weights
     with safe_open(str(tmp_path / "disk" / "model-layer-00029.safetensors"), "pt") as h:
         assert h.get_tensor("model.layers.29.mlp.down_proj.weight_packed").dtype == torch.int32
 
