@@ -46,3 +46,6 @@ def test_generated_text_bad_inputs(tiny_model, tmp_path):
     assert "samples" in line and not (tmp_path / "a").exists()
     line = assert_one_line_error(compress("eval", src, "--dataset", "generated", "--no-latency"), 2)
     assert "sampled from the model for calibration" in line
+    args = ["--method", "gptq", "--group-size", "32", "--dataset", "generated", "--samples", "2", "--offload"]
+    line = assert_one_line_error(compress("quantize", src, "-o", tmp_path / "b", *args, "--no-eval"), 2)
+    assert "drop --offload" in line and not (tmp_path / "b").exists()
