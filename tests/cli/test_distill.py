@@ -159,11 +159,14 @@ def test_pruned_student_keeps_its_zeros(tiny_model, tmp_path):
     )
 
 
-def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_model, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_model, tmp_path, symmetric):
+    """The student's grid (scales, and packed zero points when asymmetric) is kept; its integers train."""
     from transformers import AutoModelForCausalLM
 
     teacher = tiny_model("llama")
-    ok(compress("quantize", teacher, "-o", tmp_path / "q", "--scheme", "w4a16", "--group-size", "32", "--no-eval"))
+    sym = "--symmetric" if symmetric else "--no-symmetric"
+    ok(compress("quantize", teacher, "-o", tmp_path / "q", "--scheme", "w4a16", "--group-size", "32", sym, "--no-eval"))
     rep = json.loads(
         ok(
             compress(
@@ -188,8 +191,10 @@ def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_m
     assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 32
     q0, q1 = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert q0.keys() == q1.keys()
-    scales = [k for k in q0 if k.endswith("weight_scale")]
+    scales = [k for k in q0 if k.endswith(("weight_scale", "weight_zero_point"))]
     assert scales and all(torch.equal(q0[k], q1[k]) for k in scales)  # the grid is the checkpoint's own
+    assert any(k.endswith("weight_zero_point") for k in q0) is not symmetric
+    assert cfg["quantization_config"].get("dequantize", False) is not symmetric  # so transformers loads zero points
     assert any(not torch.equal(q0[k], q1[k]) for k in q0 if k.endswith("weight_packed"))  # the integers moved
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers reloads it
     ids = torch.randint(0, 1000, (1, 16))
