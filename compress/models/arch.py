@@ -58,7 +58,11 @@ def unreached_weights(model: torch.nn.Module) -> tuple[float, list[str]]:
     fused 3-D expert tensors), which no linear-layer method reaches, and those tensors' names within a layer."""
     total, outside, names = 0, 0, set()
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    for layer in decoder_layers(model):
+    try:
+        layers = decoder_layers(model)
+    except UsageError:  # a layout we do not know: nothing to say (data-free methods still run on its linears)
+        return 0.0, []
+    for layer in layers:
         for name, p in layer.named_parameters():
             if p.dim() < 2:
                 continue  # norms and biases

@@ -49,3 +49,6 @@ def test_generated_text_bad_inputs(tiny_model, tmp_path):
     args = ["--method", "gptq", "--group-size", "32", "--dataset", "generated", "--samples", "2", "--offload"]
     line = assert_one_line_error(compress("quantize", src, "-o", tmp_path / "b", *args, "--no-eval"), 2)
     assert "drop --offload" in line and not (tmp_path / "b").exists()
+    args = ["--scheme", "w8a8", "--method", "smoothquant+rtn", "--dataset", "generated", "--samples", "2", "--no-eval"]
+    line = assert_one_line_error(compress("quantize", tiny_model("bert"), "-o", tmp_path / "c", *args), 2)
+    assert "causal language model" in line and not (tmp_path / "c").exists()
