@@ -38,7 +38,11 @@ out = SafeConsole()
 Model = Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or built-in: smollm2-135m, minilm-l6")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (must not exist unless --overwrite)")]
 Dataset = Annotated[
-    str, typer.Option(help="Calibration text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")
+    str,
+    typer.Option(
+        help="Calibration text: 'builtin', 'generated' (sampled from the model), a .txt/.jsonl/.parquet path or "
+        "folder, or a hub dataset"
+    ),
 ]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text in .jsonl/.parquet/hub datasets")]
 Samples = Annotated[int, typer.Option(help="Calibration samples")]
