@@ -200,8 +200,8 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
         done.sparsity = sparse.info(loaded.checkpoint)  # a pruned input keeps its zeros
     spec, heldout = recipe.evaluate, None
     if inputs.teachers and inputs.texts is not None and loaded.task == "causal-lm":
-        limit = max_positions(loaded.model.config) or spec.seq_len
-        heldout = token_windows(loaded.tokenizer, inputs.texts.texts, min(spec.seq_len, limit), spec.max_tokens)
+        positions = max_positions(loaded.model.config)
+        heldout = token_windows(loaded.tokenizer, inputs.texts.texts, spec.seq_len, spec.max_tokens, positions)
     teacher_of = iter(inputs.teachers[sum(isinstance(s, DistillStage) for s in recipe.stages[: done.count]) :])
     for i, stage in enumerate(recipe.stages[done.count :], done.count):
         with PeakRSS() as peak:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,4 +77,4 @@ def windows(
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file({"ids": ids.contiguous()}, tmp)
     os.replace(tmp, path)
-    return ids, f"{desc} ({seconds:.0f} s to generate on {device.type}; cached in {Path(path).parent})"
+    return ids, f"{desc} ({seconds:.0f} s to generate on {device.type}; cached in {path.parent})"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from compress.data import generated
 from compress.errors import CompressError, UsageError
 
 Split = Literal["calibration", "evaluation"]
@@ -40,9 +41,9 @@ def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
     """`builtin`, a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
     if dataset == "builtin":
         return builtin(split)
-    if dataset == "generated":
+    if dataset == generated.NAME:
         raise UsageError(
-            "dataset 'generated' is sampled from the model for calibration (quantize, prune); evaluation and "
+            f"dataset {generated.NAME!r} is sampled from the model for calibration (quantize, prune); evaluation and "
             "training read text from files, the built-in pages or the hub"
         )
     path = Path(dataset).expanduser()

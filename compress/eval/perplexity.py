@@ -10,9 +10,12 @@ from compress.data.tokens import windows
 from compress.errors import UsageError
 
 
-def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
-    """[N, L] windows; L is seq_len, or max_tokens when fewer tokens than one window are asked."""
-    seq_len = min(seq_len, max_tokens)
+def token_windows(
+    tokenizer, texts: list[str], seq_len: int, max_tokens: int, positions: int | None = None
+) -> torch.Tensor:
+    """[N, L] windows; L is seq_len, or max_tokens when fewer tokens than one window are asked, or the
+    model's `positions` when it attends over fewer (a longer window indexes past its position embeddings)."""
+    seq_len = min(seq_len, max_tokens, positions or seq_len)
     out = windows(tokenizer, texts, seq_len, max_tokens)
     if len(out) == 0:
         raise UsageError(f"evaluation text is shorter than one window of {seq_len} tokens")

@@ -82,16 +82,14 @@ def _measure(
     }
     if req["task"] == "causal-lm":
         seq_len, limit = spec["seq_len"], max_positions(model.config)
-        windows = perplexity.token_windows(tok, texts, min(seq_len, limit or seq_len), spec["max_tokens"])
+        windows = perplexity.token_windows(tok, texts, seq_len, spec["max_tokens"], limit)
         ppl = perplexity.perplexity(model, windows)
-        fitted = Perplexity(value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel())
-        if limit and seq_len > limit:  # a longer window would index past the position embeddings
-            fitted = fitted.model_copy(
-                update={
-                    "protocol": f"{fitted.protocol}; windows of {seq_len} shortened to the model's {limit} positions"
-                }
-            )
-        out["perplexity"] = fitted.model_dump()
+        protocol = Perplexity.model_fields["protocol"].default
+        if limit and seq_len > limit:
+            protocol += f"; windows of {seq_len} shortened to the model's {limit} positions"
+        out["perplexity"] = Perplexity(
+            value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel(), protocol=protocol
+        ).model_dump()
         prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
     else:
         windows = None
