@@ -55,13 +55,23 @@ assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules
 """
 
 
-@pytest.fixture(scope="module")
-def reloaded(tiny_model, tmp_path_factory):
-    """Every architecture x scheme quantized (w4a16 in groups of 32), then all of them and their bases reloaded by
-    plain transformers in one fresh process without compress: outputs on the same token ids."""
+def fresh_outputs(jobs: dict[str, dict[str, str]], root: Path) -> dict[str, torch.Tensor]:
+    """{arch: {key: checkpoint}} -> {"arch/key": outputs}, every checkpoint loaded by plain transformers in one
+    fresh process without compress, on the same token ids."""
     import subprocess
     import sys
 
+    (root / "fresh.py").write_text(FRESH_OUTPUTS)
+    cmd = [sys.executable, str(root / "fresh.py"), json.dumps(jobs), str(root / "out.pt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(root / "out.pt")
+
+
+@pytest.fixture(scope="module")
+def reloaded(tiny_model, tmp_path_factory):
+    """Every architecture x scheme quantized (w4a16 in groups of 32), then all of them and their bases reloaded
+    (`fresh_outputs`)."""
     root = tmp_path_factory.mktemp("reload")
     jobs = {}
     for arch in ARCHS:
@@ -70,11 +80,7 @@ def reloaded(tiny_model, tmp_path_factory):
             out = root / f"{arch}-{scheme}"
             quantize(tiny_model(arch), out, scheme, group_size=32 if scheme == "w4a16" else "auto")
             jobs[arch][scheme] = str(out)
-    (root / "fresh.py").write_text(FRESH_OUTPUTS)
-    cmd = [sys.executable, str(root / "fresh.py"), json.dumps(jobs), str(root / "out.pt")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return jobs, torch.load(root / "out.pt")
+    return jobs, fresh_outputs(jobs, root)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -213,44 +219,21 @@ def test_already_quantized_input_is_refused(tiny_model, tmp_path):
         load(resolve(str(tmp_path / "q")))
 
 
-FRESH_LOGITS = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-dest, pairs = sys.argv[1], sys.argv[2:]
-ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-got = []
-for base, out in zip(pairs[::2], pairs[1::2]):
-    with torch.no_grad():
-        got.append([AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits for d in (base, out)])
-torch.save(got, dest)
-assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules)
-"""
-
-
 def test_asymmetric_int4_reloads_in_a_fresh_process(tiny_model, tmp_path):
     """Zero points packed as vLLM reads them, and `dequantize` in the config so that transformers 5 loads them
     (compress/formats/compressed_tensors.write_config says why): GPTQ and AWQ on three architectures."""
-    import subprocess
-    import sys
-
     archs = {"llama": "gptq", "qwen2": "awq", "mistral": "gptq"}
-    pairs = []
+    jobs = {}
     for arch, method in archs.items():
         out = tmp_path / arch
         quantize(tiny_model(arch), out, "w4a16", group_size=32, symmetric=False, method=method, samples=4, seq_len=64)
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         assert qc["dequantize"] is True and qc["config_groups"]["group_0"]["weights"]["symmetric"] is False
-        pairs += [str(tiny_model(arch)), str(out)]
-    (tmp_path / "fresh.py").write_text(FRESH_LOGITS)
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "fresh.py"), str(tmp_path / "logits.pt"), *pairs],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for arch, (base, got) in zip(archs, torch.load(tmp_path / "logits.pt")):
-        assert torch.isfinite(got).all() and sqnr_db(base, got) > SCHEMES["w4a16"], arch
+        jobs[arch] = {"base": str(tiny_model(arch)), "asym": str(out)}
+    got = fresh_outputs(jobs, tmp_path)
+    for arch in archs:
+        out = got[f"{arch}/asym"]
+        assert torch.isfinite(out).all() and sqnr_db(got[f"{arch}/base"], out) > SCHEMES["w4a16"], arch
 
 
 def test_windows_fit_the_model_positions(tiny_model, tmp_path):
