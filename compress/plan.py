@@ -8,6 +8,7 @@ records estimate against measurement) and scale with parameters, tokens and widt
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
 from compress.models import arch
 from compress.models.compute import compute_dtype
+from compress.models.experts import COUNT_KEYS as EXPERT_COUNT_KEYS
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.quant import schemes
@@ -52,6 +54,8 @@ class Facts:
     linear_bits: float = 0.0  # stored bits per linear weight (0: the dtype's)
     widths: tuple[int, ...] = ()  # input widths of the decoder-layer linears (group sizes must divide them)
     positions: int | None = None  # tokens the model can attend over (max_position_embeddings)
+    experts: int = 0  # of `linear`, parameters in a mixture of experts' experts
+    n_experts: int = 0  # experts per MoE layer
 
     @property
     def params(self) -> int:
@@ -133,6 +137,8 @@ def facts(src: Source, dtype: str) -> Facts:
     widths: set[int] = set()
     for name, entry in head.items():
         _classify(name, entry["shape"], counts, widths)
+    in_experts = sum(math.prod(e["shape"]) for n, e in head.items() if ".experts." in n and len(e["shape"]) == 2)
+    n_experts = next((cfg[k] for k in EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), 0)
     stored = {v["dtype"] for v in head.values()}
     d = DTYPE_BYTES.get(dtype) or (4 if "F32" in stored else 2)
     return Facts(
@@ -144,6 +150,8 @@ def facts(src: Source, dtype: str) -> Facts:
         dtype_bytes=d,
         widths=tuple(sorted(widths)),
         positions=arch.max_positions(cfg),
+        experts=in_experts,
+        n_experts=n_experts,
         **counts,
     )
 
@@ -193,6 +201,11 @@ def forward_seconds(params: int, tokens: int, gflops: float) -> float:
 
 
 def _after_prune(f: Facts, st: PruneStage) -> Facts:
+    if st.method == "experts" and f.n_experts:
+        keep = st.experts_keep
+        kept = round(f.n_experts * keep) if isinstance(keep, float) and keep < 1 else int(keep)
+        gone = int(f.experts * (1 - kept / f.n_experts))
+        return replace(f, linear=f.linear - gone, experts=f.experts - gone, n_experts=kept)
     if st.method != "structured":
         if st.storage == "sparse":
             kept = 1 - st.share

@@ -61,6 +61,25 @@ def tiny_config(arch: str, vocab: int):
         return tf.MixtralConfig(
             vocab_size=vocab, **TINY, num_local_experts=4, num_experts_per_tok=2, architectures=["MixtralForCausalLM"]
         )
+    if arch in ("qwen2_moe", "qwen3_moe"):  # experts of 32 (groups of 32 fit); Qwen2-MoE adds a shared expert
+        cls = tf.Qwen2MoeConfig if arch == "qwen2_moe" else tf.Qwen3MoeConfig
+        extra = {"shared_expert_intermediate_size": 64} if arch == "qwen2_moe" else {}
+        name = "Qwen2Moe" if arch == "qwen2_moe" else "Qwen3Moe"
+        return cls(
+            vocab_size=vocab, **TINY, **extra, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+            architectures=[f"{name}ForCausalLM"],
+        )  # fmt: skip
+    if arch == "deepseek_v3":  # multi-head latent attention; its first layer dense, the second a MoE
+        return tf.DeepseekV3Config(
+            vocab_size=vocab, **SMALL, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=32,
+            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, architectures=["DeepseekV3ForCausalLM"],
+        )  # fmt: skip
+    if arch == "gpt_oss":  # experts with biases and a clamped activation: a layout compress does not unfuse
+        return tf.GptOssConfig(
+            vocab_size=vocab, **dict(TINY, intermediate_size=64), head_dim=16, num_local_experts=4,
+            num_experts_per_tok=2, architectures=["GptOssForCausalLM"],
+        )  # fmt: skip
     if arch == "bloom":
         return tf.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=2, n_head=4, architectures=["BloomForCausalLM"])
     if arch == "gpt2":

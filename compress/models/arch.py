@@ -8,6 +8,7 @@ import torch
 from compressed_tensors.utils.match import is_match, match_named_modules
 
 from compress.errors import UsageError
+from compress.models.experts import Experts
 
 TARGETS = ["Linear"]
 
@@ -39,10 +40,13 @@ def check_supported(model: torch.nn.Module) -> None:
         )
 
 
-def quant_targets(model: torch.nn.Module, extra_ignore: list[str]) -> tuple[dict[str, torch.nn.Linear], list[str]]:
-    """Linear layers to quantize (compressed-tensors' own matching) and the ignore list used."""
+def quant_targets(
+    model: torch.nn.Module, extra_ignore: list[str], routers: list[str] = ()
+) -> tuple[dict[str, torch.nn.Linear], list[str]]:
+    """Linear layers to quantize (compressed-tensors' own matching) and the ignore list used: the output layer and a
+    mixture of experts' routers stay in full precision."""
     check_supported(model)
-    ignore = output_layer_names(model) + list(extra_ignore)
+    ignore = output_layer_names(model) + list(routers) + list(extra_ignore)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for pattern in extra_ignore:
         if not any(is_match(n, m, pattern) for n, m in linears):
@@ -73,6 +77,18 @@ def unreached_weights(model: torch.nn.Module) -> tuple[float, list[str]]:
     return (outside / total if total else 0.0), sorted(names)
 
 
+def unreached_note(model: torch.nn.Module) -> str | None:
+    """A warning when over 1% of the decoder layers' weights are outside linear layers (experts in a layout
+    `experts.unfuse` does not know), which no method reaches."""
+    share, outside = unreached_weights(model)
+    if share <= 0.01:
+        return None
+    return (
+        f"{share:.0%} of the decoder layers' weights are not linear layers and stay as they are "
+        f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}; experts in this layout are not supported yet)"
+    )
+
+
 @dataclass(frozen=True)
 class Smooth:
     """`prev`'s output feeds every linear in `linears` (names relative to a decoder layer), so
@@ -88,10 +104,20 @@ _LLAMA = (
     Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     Smooth("mlp.up_proj", ("mlp.down_proj",)),
 )
+# A mixture of experts' MLP input also feeds its router, which a fold would have to rescale: only attention, each
+# expert's up -> down (`_expert_maps`) and the dense or shared MLPs are smoothed.
+_SHARED = (Smooth("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",)),)
 SMOOTH_MAPS: dict[str, tuple[Smooth, ...]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "mixtral": _LLAMA[:2],
+    "qwen3_moe": _LLAMA[:2],
+    "qwen2_moe": _LLAMA[:2] + _SHARED,
+    "deepseek_v3": (  # latent attention (no map); its first layers dense
+        *_LLAMA[2:],
+        Smooth("mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",)),
+    ),
     "opt": (
         Smooth("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         Smooth("self_attn.v_proj", ("self_attn.out_proj",)),
@@ -135,12 +161,25 @@ def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
             f"no adapter for it (have: {', '.join(sorted([*SMOOTH_MAPS, 'falcon']))}); use --method gptq or rtn"
         )
     maps = []
-    for m in _falcon_maps(model.config) if kind == "falcon" else SMOOTH_MAPS[kind]:
+    names = {n for n, _ in layer.named_modules()}
+    for m in (*(_falcon_maps(model.config) if kind == "falcon" else SMOOTH_MAPS[kind]), *_expert_maps(layer)):
+        if m.prev not in names or not all(n in names for n in m.linears):
+            continue  # a dense layer's map in a mixture-of-experts layer, or the other way round
         prev = layer.get_submodule(m.prev)
         width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
         if all(layer.get_submodule(n).in_features == width for n in m.linears):
             maps.append(m)
     return maps
+
+
+def _expert_maps(layer: torch.nn.Module) -> list[Smooth]:
+    """Each expert's up -> down (per-expert linears, `experts.unfuse`)."""
+    return [
+        Smooth(f"{name}.{e}.{ex.names.up}", (f"{name}.{e}.{ex.names.down}",))
+        for name, m in layer.named_modules()
+        if isinstance(m, Experts)
+        for e, ex in enumerate(m)
+    ]
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

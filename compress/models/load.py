@@ -18,6 +18,7 @@ from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
 from compress.models.compute import DTYPES, compute_dtype, float32_bytes, stored_dtype
+from compress.models.experts import fused_modules
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.primitives.qparams import GridParams, all_finite
@@ -173,6 +174,8 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=trust_remote_code)
         if offload:
             model = empty_model(cls, config, computed, trust_remote_code)
+            if fused_modules(model):  # their checkpoint names are per expert, the model's fused
+                raise UsageError(f"{source.spec}: --offload does not read mixture-of-experts layers yet; drop it")
             layers = OnDisk(model, ckpt, computed, stored)
             check_coverage(source.spec, {"missing_keys": layers.missing(model)})
             layers.load_outside_layers(model)

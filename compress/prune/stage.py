@@ -11,7 +11,7 @@ from rich.console import Console
 from compress import calibrate
 from compress.data import calibration
 from compress.errors import UsageError
-from compress.models import arch
+from compress.models import arch, experts
 from compress.models.load import Loaded
 from compress.primitives.masks import n_of_m_holds
 from compress.prune.method import PruneMethod, Target
@@ -40,7 +40,7 @@ def _structured(stage: PruneStage, method, loaded: Loaded, device, console) -> S
     model = loaded.model
     method.check_model(model)
     shown = ", ".join(f"{k}={v}" for k, v in method.settings().items())
-    console.print(f"prune: structured ({shown})")
+    console.print(f"prune: {stage.method} ({shown})")
     batches, text, warnings = (
         calibration.batches(stage, loaded.tokenizer, console, loaded.model) if method.needs_data() else (None, None, [])
     )
@@ -60,7 +60,8 @@ def _structured(stage: PruneStage, method, loaded: Loaded, device, console) -> S
 
 def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device, console) -> StageResult:
     model, nm, share = loaded.model, stage.nm, stage.share
-    targets, ignore = arch.quant_targets(model, stage.ignore)
+    routers = experts.unfuse(model)  # per-expert linears, so the experts are pruned like any linear
+    targets, ignore = arch.quant_targets(model, stage.ignore, routers)
     if nm:
         odd = next((n for n, lin in targets.items() if lin.in_features % nm[1]), None)
         if odd:
@@ -73,9 +74,12 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
     text, warnings, errors = None, [], []
     batches = None
     settings.update(method.settings())
+    if note := arch.unreached_note(model):
+        console.print(f"[yellow]warning:[/] {note}")
     if method.calibrated:
         batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
-    with progress_bar(console, f"{stage.method}: decoder layers") as update:
+    warnings = [note] * bool(note) + warnings
+    with progress_bar(console, f"{stage.method}: decoder layers") as update, experts.calibrating(model):
         errors = prune_linears(model, targets, method, batches, device, update)
     if nm and not all(n_of_m_holds(m.weight, *nm) for m in targets.values()):
         raise RuntimeError(f"pruned weights break the {stage.pattern} pattern")
@@ -91,6 +95,7 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
         warnings=warnings,
         layer_errors=[LayerError(layer=e.layer, method=e.method) for e in errors],
         layer_sparsity=[{"layer": n, "sparsity": float((m.weight == 0).float().mean())} for n, m in targets.items()],
+        expert_tokens=experts.routed_tokens(model, len(batches or [])) or None,
     )
     sparsity = {
         "method": stage.method,

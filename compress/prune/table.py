@@ -4,7 +4,7 @@ one line here, its test."""
 from __future__ import annotations
 
 from compress.prune.method import PruneMethod
-from compress.prune.methods import magnitude, sparsegpt, structured, wanda
+from compress.prune.methods import experts, magnitude, sparsegpt, structured, wanda
 
 METHODS: dict[str, type[PruneMethod]] = {
     m.name: m
@@ -13,5 +13,6 @@ METHODS: dict[str, type[PruneMethod]] = {
         wanda.Wanda,
         sparsegpt.SparseGPT,
         structured.Structured,
+        experts.Experts,
     )
 }

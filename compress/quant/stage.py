@@ -15,7 +15,7 @@ from compress.calibrate import LayerInputs
 from compress.data import calibration
 from compress.errors import CompressError, UsageError
 from compress.formats import compressed_tensors as ct_format
-from compress.models import arch
+from compress.models import arch, experts
 from compress.models.load import Loaded
 from compress.models.offload import InMemory, LayerStore, OnDisk
 from compress.primitives.qparams import QuantizedWeight, dequantize, fake_quantize
@@ -30,13 +30,17 @@ from compress.stages import StageResult
 def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, keep_zeros: bool) -> StageResult:
     model = loaded.model
     start = time.perf_counter()
-    layers, ignore = arch.quant_targets(model, stage.ignore)
+    moe = bool(experts.fused_modules(model))
+    routers = experts.unfuse(model)  # per-expert linears, so every method reaches the experts
+    layers, ignore = arch.quant_targets(model, stage.ignore, routers)
     try:
         scheme = schemes.resolve(
             stage.scheme, stage.group_size, stage.symmetric, {n: m.in_features for n, m in layers.items()}
         )
     except schemes.SchemeError as exc:
         raise UsageError(str(exc)) from None
+    if moe:
+        experts.check_loadable(scheme.weight.symmetric, scheme.act)
     method = stage.method_class(
         stage.method_options(), Target(scheme.weight, scheme.act, keep_zeros, stage.range_search, loaded.dtype)
     )
@@ -51,21 +55,16 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
     text, errors, warnings = None, [], []
-    share, outside = arch.unreached_weights(model)
-    if share > 0.01:
-        warnings.append(
-            f"{share:.0%} of the decoder layers' weights are not linear layers and stay unquantized "
-            f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}; mixture-of-experts experts are not "
-            "supported yet)"
-        )
-        console.print(f"[yellow]warning:[/] {warnings[-1]}")
+    if note := arch.unreached_note(model):
+        warnings.append(note)
+        console.print(f"[yellow]warning:[/] {note}")
     config = ct_format.config_for(scheme.weight, scheme.act, ignore)
     batches = None
     settings.update(method.settings())
     if method.calibrated:
         batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
         warnings += calibration_warnings
-    with progress_bar(console, f"{stage.method}: decoder layers") as update:
+    with progress_bar(console, f"{stage.method}: decoder layers") as update, experts.calibrating(model):
         errors = quantize_linears(
             model,
             layers,
@@ -77,6 +76,13 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
             store=loaded.layers,
             progress=update,
         )
+    routed = experts.routed_tokens(model, len(batches or []))
+    if routed:
+        idle = sum(c == 0 for counts in routed.values() for c in counts)
+        console.print(
+            f"experts: {sum(len(c) for c in routed.values())} in {len(routed)} layers, each calibrated on every token; "
+            f"{idle} got no routed token"
+        )
     record = StageRecord(
         stage="quantize",
         settings=settings,
@@ -86,6 +92,7 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         calibration=text,
         layer_errors=[LayerError(layer=e.layer, rtn=e.rtn, method=e.method) for e in errors],
         warnings=warnings,
+        expert_tokens=routed or None,
     )
     return StageResult(record, sorted(layers), compressor=ct_format.finish(model, set(layers)))
 

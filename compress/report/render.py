@@ -183,6 +183,28 @@ def layer_table(report: Report) -> list[str]:
     return out
 
 
+def expert_table(report: Report) -> list[str]:
+    """Per mixture-of-experts layer, how the router spread the calibration tokens over its experts."""
+    out: list[str] = []
+    for s in report.stages:
+        if not s.expert_tokens:
+            continue
+        out += [
+            f"## Experts ({s.stage})",
+            "",
+            "Calibration tokens the router sent to each expert. Every expert was calibrated on every token (only the "
+            "routed tokens' outputs count), so an expert the text rarely reaches still has its statistics.",
+            "",
+            "| layer | experts | tokens routed: min | median | max | experts with none |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, counts in s.expert_tokens.items():
+            c = sorted(counts)
+            out.append(f"| {name} | {len(c)} | {c[0]} | {c[len(c) // 2]} | {c[-1]} | {sum(x == 0 for x in c)} |")
+        out.append("")
+    return out
+
+
 def sparsity_table(report: Report) -> list[str]:
     rows = [e for s in report.stages for e in s.layer_sparsity]
     if not rows:
@@ -308,6 +330,7 @@ def markdown(report: Report, plot: str | None = None) -> str:
         "",
         *layer_table(report),
         *sparsity_table(report),
+        *expert_table(report),
         *training_section(report, plot),
         "## Environment",
         "",

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 6  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+SCHEMA_VERSION = 7  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
 # 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
-# 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base)
+# 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base);
+# 7: `expert_tokens` (per-expert routed calibration tokens of a mixture of experts)
 
 
 class Frozen(BaseModel):
@@ -142,6 +143,9 @@ class StageRecord(Frozen):
     layer_sparsity: list[dict[str, Any]] = []  # prune: per linear, the share of zero weights
     training: Training | None = None  # distill
     warnings: list[str] = []
+    # mixture of experts: per experts module, the calibration tokens the router sent each expert (every expert was
+    # calibrated on every token; these show which ones the text exercises)
+    expert_tokens: dict[str, list[int]] | None = None
     # Peak resident memory of the process while the stage ran, above what it used before
     # the model was loaded: the model plus the stage's working memory.
     peak_memory_bytes: int | None = None
