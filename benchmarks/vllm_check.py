@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,8 @@ PROMPTS = [
 # name -> (model, compress arguments); "tiny-*" models are made here
 JOBS = {
     "base bf16": ("smollm2", None),
-    "w4a16 g128 (GPTQ)": ("smollm2", ["quantize", "--scheme", "w4a16", "--group-size", "128", "--method", "gptq"]),
-    "w4a16 g128 asymmetric": ("smollm2", ["quantize", "--scheme", "w4a16", "--group-size", "128", "--no-symmetric"]),
+    "w4a16 g64 (GPTQ)": ("smollm2", ["quantize", "--scheme", "w4a16", "--group-size", "64", "--method", "gptq"]),
+    "w4a16 g64 asymmetric": ("smollm2", ["quantize", "--scheme", "w4a16", "--group-size", "64", "--no-symmetric"]),
     "w8a16": ("smollm2", ["quantize", "--scheme", "w8a16"]),
     "w8a8 (int8 acts)": ("smollm2", ["quantize", "--scheme", "w8a8"]),
     "fp8": ("smollm2", ["quantize", "--scheme", "fp8"]),
@@ -98,13 +99,25 @@ def vllm_tokens(path: Path, prompts: list[list[int]], n: int) -> dict:
         env=env,
         timeout=900,
     )
-    Path(f"{path}.vllm.log").write_text(proc.stderr)
+    Path(f"{path}.vllm.log").write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    reason = next((ln for ln in reversed(err) if "Error" in ln or "error" in ln), err[-1] if err else "no output")
-    return {"error": reason.strip()[:300]}
+    return {"error": root_cause(proc.stdout + "\n" + proc.stderr)}
+
+
+GENERIC = ("Engine core initialization failed", "WorkerProc initialization failed", "EngineCore failed to start")
+
+
+def root_cause(log: str) -> str:
+    """The first specific exception in vLLM's output (its worker processes log the root cause; the main process
+    only says that a worker failed), with the reasons listed under it."""
+    lines = [re.sub(r"^\(\w+ pid=\d+\) \w+ [\d-]+ [\d:]+ \[[^]]+\] ?", "", ln) for ln in log.splitlines()]
+    for i, ln in enumerate(lines):
+        if re.match(r"^\w*(Error|Exception): ", ln) and not any(g in ln for g in GENERIC):
+            reasons = [r.strip() for r in lines[i + 1 : i + 5] if "cannot implement" in r or "not supported" in r]
+            return " ".join([ln.strip(), *reasons])[:400]
+    return next((ln.strip() for ln in reversed(lines) if ln.strip()), "no output")[:400]
 
 
 def agreement(want: list[list[int]], got: list[list[int]]) -> tuple[int, int, str]:
@@ -149,15 +162,18 @@ def main() -> None:
             run = [str(ROOT / ".venv" / "bin" / "compress"), cmd[0], str(src), "-o", str(path), *cmd[1:], "--no-eval"]
             done = subprocess.run(run, capture_output=True, text=True)
             if done.returncode:
-                rows.append((name, "compress failed", "-", done.stderr.strip().splitlines()[-1][:200]))
+                rows.append((name, "compress failed", "-", "", done.stderr.strip().splitlines()[-1][:200]))
+                print(" | ".join(rows[-1]), flush=True)
                 continue
         want = transformers_tokens(path, prompts, args.tokens)
         got = vllm_tokens(path, prompts, args.tokens)
         if "error" in got:
-            rows.append((name, "refused", "-", got["error"]))
+            rows.append((name, "refused", "-", "", got["error"]))
         else:
             same, total, first = agreement(want, got["tokens"])
-            rows.append((name, "yes", f"{same}/{total}", f"first difference: {first}" if first else ""))
+            text = tok.decode(got["tokens"][0]).replace("\n", " ").replace("|", "/").strip()[:48]
+            note = f"first difference: {first}" if first else ""
+            rows.append((name, "yes", f"{same}/{total}", f"`{PROMPTS[0]}` -> `{text}`", note))
         print(" | ".join(rows[-1]), flush=True)
     body = "\n".join(
         [
@@ -170,8 +186,8 @@ def main() -> None:
             "tiny random MoE models (2 layers, SmolLM2's tokenizer) for the experts. Greedy decoding through other "
             "kernels parts ways after a near tie; the agreement counts tokens up to the first difference.",
             "",
-            "| checkpoint | vLLM loads it | tokens equal to transformers' | note |",
-            "|---|---|---|---|",
+            "| checkpoint | vLLM loads it | tokens equal to transformers' | vLLM's greedy text | note |",
+            "|---|---|---|---|---|",
             *[f"| {' | '.join(r)} |" for r in rows],
         ]
     )

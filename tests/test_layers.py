@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "compress"
 LAYERS = [
     ["compress", "compress.errors", "compress.heap"],
     ["compress.primitives"],
-    ["compress.models.arch", "compress.models.source", "compress.data"],
+    ["compress.models.arch", "compress.models.experts", "compress.models.source", "compress.data"],
     ["compress.formats"],
     ["compress.models"],
     ["compress.runtime"],

@@ -91,6 +91,8 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     """Write DIR/model.onnx with the tokenizer and config beside it, then check it."""
     if opts.lm_head_bits and loaded.task != "causal-lm":
         raise UsageError("--lm-head-bits quantizes a decoder's output layer; this model is an encoder")
+    if loaded.task == "causal-lm":
+        onnx_decoder.check_supported(loaded.model.config)  # before its stored layers are looked up by name
     stored = stored_mod.read(loaded.checkpoint)
     opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
     exact_reference(loaded, stored, opts.act_int8)

@@ -121,6 +121,8 @@ def test_encoder(quantized, tmp_path):
 def test_unsupported_architecture(quantized, tmp_path):
     with pytest.raises(UsageError, match="decoders of type"):
         export(quantized("phi3", None), tmp_path / "onnx")
+    with pytest.raises(UsageError, match="this model is 'qwen3_moe'"):  # refused before its experts are looked up
+        export(quantized("qwen3_moe", "w4a16", group_size=32), tmp_path / "moe")
 
 
 def test_encoder_padding_mask(quantized, tmp_path):
