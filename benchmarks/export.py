@@ -30,6 +30,9 @@ MODELS = [
     ("w8a8", ["--scheme", "w8a8"], []),
     ("w8a16 exact", None, ["--accuracy-level", "0"]),  # same checkpoint as w8a16
     ("w4a16 + int4 output layer", None, ["--lm-head-bits", "4"]),  # same checkpoint as w4a16
+    # SmolLM2 ties its output layer to the embedding: one quantized table serves both
+    ("w4a16 + int8 embedding = output layer", None, ["--embed-bits", "8"]),
+    ("w4a16 + int4 embedding = output layer", None, ["--embed-bits", "4"]),
 ]
 
 

@@ -36,6 +36,13 @@ def export(
         Optional[int],
         typer.Option(help="ONNX: also quantize the output layer (round to nearest, blocks of 32) to 4 or 8 bits"),
     ] = None,
+    embed_bits: Annotated[
+        Optional[int],
+        typer.Option(
+            help="ONNX: store the input embedding quantized (round to nearest, blocks of 32) to 4 or 8 bits; a tied "
+            "output layer shares it"
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -49,10 +56,11 @@ def export(
         raise UsageError(f"--format must be onnx or gguf, got {format!r}")
     if accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise UsageError(f"--accuracy-level must be 0..4, got {accuracy_level}")
-    if lm_head_bits not in (None, 4, 8):
-        raise UsageError(f"--lm-head-bits must be 4 or 8, got {lm_head_bits}")
-    if lm_head_bits and format != "onnx":
-        raise UsageError("--lm-head-bits applies to --format onnx")
+    for option, bits in (("--lm-head-bits", lm_head_bits), ("--embed-bits", embed_bits)):
+        if bits not in (None, 4, 8):
+            raise UsageError(f"{option} must be 4 or 8, got {bits}")
+        if bits and format != "onnx":
+            raise UsageError(f"{option} applies to --format onnx")
     src = sources.resolve(model, allow_pickle)
     dest = output or Path(f"{src.path.name.removesuffix('.gguf')}-{format}")
     check_output(dest, overwrite, [src.path])
@@ -62,7 +70,8 @@ def export(
     with atomic_dir(dest, overwrite) as tmp:
         err.print(f"exporting to {format} ...")
         if format == "onnx":
-            done = onnx_export.export(loaded, tmp, onnx_decoder.Options(accuracy_level, lm_head_bits), threads)
+            opts = onnx_decoder.Options(accuracy_level, lm_head_bits, embed_bits=embed_bits)
+            done = onnx_export.export(loaded, tmp, opts, threads)
             summary = onnx_export.as_dict(done)
         else:
             summary = asdict(gguf_export.export(loaded, tmp))

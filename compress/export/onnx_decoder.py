@@ -12,6 +12,7 @@ checkpoint's own integers; the rest is float32.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from compress.export.onnx_graph import (
     Graph,
     NBits,
     concat_nbits,
+    gather_nbits,
     matmul_dense,
     matmul_nbits,
     nbits_block,
@@ -42,6 +44,7 @@ class Options:
     accuracy_level: int | None = None  # MatMulNBits: 0/1 float32 math (exact), 4 int8 activations; None: see `resolved`
     lm_head_bits: int | None = None  # quantize the output layer (round to nearest) to 4 or 8 bits
     act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
+    embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
 
 
 @dataclass
@@ -61,7 +64,7 @@ def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
     if opts.accuracy_level is not None:
         return opts
     bits = {w.bits for w in stored.values() if w.kind == "int"}
-    return Options(4 if bits == {8} else 0, opts.lm_head_bits, opts.act_int8)
+    return dataclasses.replace(opts, accuracy_level=4 if bits == {8} else 0)
 
 
 def check_supported(config) -> None:
@@ -154,9 +157,15 @@ def rotary_caches(model: torch.nn.Module, max_positions: int) -> tuple[np.ndarra
 
 
 def build(
-    model: torch.nn.Module, stored: dict[str, StoredLinear], opts: Options, head: NBits | None = None
+    model: torch.nn.Module,
+    stored: dict[str, StoredLinear],
+    opts: Options,
+    head: NBits | None = None,
+    table: NBits | None = None,
 ) -> onnx.ModelProto:
-    """head: the rounded output layer when opts.lm_head_bits (default: `quantized_output_layer`)."""
+    """head: the rounded output layer when opts.lm_head_bits (default: `quantized_output_layer`); table: the rounded
+    input embedding when opts.embed_bits (default: `quantized_table` of it). A head that is the table (a tied model)
+    is stored once."""
     cfg = model.config
     check_supported(cfg)
     n_layers, hidden, vocab = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
@@ -177,7 +186,9 @@ def build(
         )
         for i in range(n_layers)
     ]
-    embed = g.const("model.embed_tokens.weight", model.get_input_embeddings().weight.detach().float().numpy())
+    if opts.embed_bits:
+        table = table or quantized_table(model.get_input_embeddings().weight, opts.embed_bits, "--embed-bits")
+    embed = None if table else g.const("model.embed_tokens.weight", _weight(model.get_input_embeddings()))
     cos, sin = rotary_caches(model, max_pos)
     cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
@@ -187,7 +198,7 @@ def build(
     seqlens_k = g.op("Cast", [g.op("Sub", [summed, one])], to=onnx.TensorProto.INT32)
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), one], axis=0)], to=onnx.TensorProto.INT32)
 
-    x = g.op("Gather", [embed, ids], axis=0)  # [B, S, H]
+    x = gather_nbits(g, ids, "model.embed_tokens", table) if table else g.op("Gather", [embed, ids], axis=0)
     residual, pending = x, None  # pending: the block output still to be added to the residual
     for i in range(n_layers):
         p = f"model.layers.{i}"
@@ -229,33 +240,61 @@ def build(
     norm = g.const("model.norm.weight", _vec(model, "model.norm"))
     h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, norm], outs=1, domain=MS, epsilon=eps)
     g.output(
-        _lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts, head), "logits", FLOAT, ["batch", "seq", vocab]
+        _lm_head(g, model, stored, h, ids, embed, vocab, hidden, opts, head, table),
+        "logits",
+        FLOAT,
+        ["batch", "seq", vocab],
     )
     return g.model(f"{cfg.model_type}-decoder")
 
 
-def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
-    """The output layer rounded to nearest on `bits`, blocks of 32 (when they fit)."""
-    w = model.get_output_embeddings().weight.detach().float().numpy()
+def quantized_table(weight: torch.Tensor, bits: int, option: str) -> NBits:
+    """A [rows, hidden] table (output layer, embedding) rounded to nearest on `bits`, blocks of 32 (when they fit)."""
+    w = weight.detach().float().numpy()
     block = 32 if w.shape[1] % 32 == 0 else nbits_block(w.shape[1], None)
     if block is None:
-        raise UsageError(f"--lm-head-bits: no MatMulNBits block length divides the hidden size {w.shape[1]}")
+        raise UsageError(f"{option}: no MatMulNBits block length divides the hidden size {w.shape[1]}")
     return rtn_nbits(w, bits, block)
 
 
+def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
+    return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits")
+
+
+def tied(model: torch.nn.Module) -> bool:
+    """The output layer is the input embedding (one tensor)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _weight(module: torch.nn.Module) -> np.ndarray:
+    return module.weight.detach().float().numpy()
+
+
 def _lm_head(
-    g: Graph, model, stored, h: str, ids: str, embed: str, vocab: int, hidden: int, opts: Options, rounded: NBits | None
+    g: Graph,
+    model,
+    stored,
+    h: str,
+    ids: str,
+    embed: str | None,
+    vocab: int,
+    hidden: int,
+    opts: Options,
+    rounded: NBits | None,
+    table: NBits | None,
 ) -> str:
     if opts.lm_head_bits:
-        return matmul_nbits(
-            g, h, "lm_head", rounded or quantized_output_layer(model, opts.lm_head_bits), opts.accuracy_level
-        )
+        rounded = rounded or quantized_output_layer(model, opts.lm_head_bits)
+        name = "model.embed_tokens" if rounded is table else "lm_head"  # the same initializers as the embedding's
+        return matmul_nbits(g, h, name, rounded, opts.accuracy_level)
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
     if name in stored:
         return _apply(g, h, "lm_head", _linear(model, stored, name), opts)
-    tied = head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    weight = embed if tied else g.const("lm_head.weight", head.weight.detach().float().numpy())
+    if tied(model) and embed is None:
+        raise UsageError("a tied output layer shares the quantized embedding: give it the same bits")
+    weight = embed if tied(model) else g.const("lm_head.weight", _weight(head))
     # Gemm reads the [V, H] matrix transposed in place: a tied output layer shares the embedding.
     flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], dtype=np.int64))])
     logits = g.op("Gemm", [flat, weight], transB=1)

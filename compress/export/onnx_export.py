@@ -54,6 +54,7 @@ class Exported:
     act_int8: bool
     check: Check
     notes: list[str]
+    embed_bits: int | None = None  # the input embedding stored quantized (GatherBlockQuantized)
 
 
 def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
@@ -76,9 +77,9 @@ def activations_int8(ckpt: Path) -> bool:
     return stored_mod.activation_kind(stored_mod.quantization_config(ckpt)) == "int8"
 
 
-def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options, head=None) -> onnx.ModelProto:
+def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options, head=None, table=None) -> onnx.ModelProto:
     if loaded.task == "causal-lm":
-        return onnx_decoder.build(loaded.model, stored, opts, head)
+        return onnx_decoder.build(loaded.model, stored, opts, head, table)
     return onnx_encoder.build(loaded.model, stored, opts)
 
 
@@ -89,16 +90,34 @@ def write(model: onnx.ModelProto, dest: Path) -> None:
 
 def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int) -> Exported:
     """Write DIR/model.onnx with the tokenizer and config beside it, then check it."""
-    if opts.lm_head_bits and loaded.task != "causal-lm":
-        raise UsageError("--lm-head-bits quantizes a decoder's output layer; this model is an encoder")
+    if (opts.lm_head_bits or opts.embed_bits) and loaded.task != "causal-lm":
+        raise UsageError("--lm-head-bits and --embed-bits apply to decoders; this model is an encoder")
     if loaded.task == "causal-lm":
         onnx_decoder.check_supported(loaded.model.config)  # before its stored layers are looked up by name
     stored = stored_mod.read(loaded.checkpoint)
     opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
     exact_reference(loaded, stored, opts.act_int8)
-    head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits) if opts.lm_head_bits else None
-    graph = build(loaded, stored, opts, head)
-    if head is not None:  # the reference multiplies by the same rounded output layer (untied from the embedding)
+    table = head = None
+    if opts.embed_bits:
+        embedding = loaded.model.get_input_embeddings().weight
+        table = onnx_decoder.quantized_table(embedding, opts.embed_bits, "--embed-bits")
+    if table is not None and onnx_decoder.tied(loaded.model):  # one tensor in the model: one table in the file
+        if opts.lm_head_bits not in (None, opts.embed_bits):
+            raise UsageError(
+                f"this model ties its output layer to the embedding: --lm-head-bits {opts.lm_head_bits} and "
+                f"--embed-bits {opts.embed_bits} would store it twice; give one width"
+            )
+        opts, head = dataclasses.replace(opts, lm_head_bits=opts.embed_bits), table
+    elif opts.lm_head_bits:
+        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
+    graph = build(loaded, stored, opts, head, table)
+    # the reference multiplies by the same rounded tables (an untied output layer becomes its own tensor)
+    if table is not None:
+        embed = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(table)), requires_grad=False)
+        loaded.model.get_input_embeddings().weight = embed
+        if head is table:
+            loaded.model.get_output_embeddings().weight = embed
+    if head is not None and head is not table:
         loaded.model.get_output_embeddings().weight = torch.nn.Parameter(
             torch.from_numpy(dequantize_nbits(head)), requires_grad=False
         )
@@ -148,7 +167,16 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             "bit-exact to the checkpoint)"
         )
     chk = check(loaded, dest / MODEL_FILE, threads)
-    exp = Exported(dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes)
+    if table is not None:
+        shared = " and shared with the tied output layer (stored once)" if head is table else ""
+        notes.append(
+            f"input embedding rounded to nearest on {opts.embed_bits} bits (blocks of {table.block}), read by "
+            f"GatherBlockQuantized{shared}"
+        )
+    exp = Exported(
+        dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes,
+        opts.embed_bits,
+    )  # fmt: skip
     _verify(exp)
     (dest / "export.json").write_text(json.dumps(as_dict(exp), indent=2) + "\n")
     return exp

@@ -180,6 +180,27 @@ def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bia
     )
 
 
+def gather_nbits(g: Graph, ids: str, name: str, w: NBits) -> str:
+    """Rows of a quantized table [N, K] (an embedding) at `ids` [B, S] -> [B, S, K]: GatherBlockQuantized on
+    MatMulNBits' own B [N, K/block, block*bits/8] and scales (same initializer names as `matmul_nbits(..., name,
+    w)`), so a tied output layer stores the table once. Symmetric codes (the op's default zero point, as
+    MatMulNBits')."""
+    if w.zero_points is not None:
+        raise ValueError("gather_nbits takes symmetric tables")
+    blocks = np.array([w.n, w.k // w.block, 1], dtype=np.int64)
+    scales = g.op("Reshape", [g.const(f"{name}.scales", w.scales), g.const(f"{name}.scales_blocks", blocks)])
+    rows = g.op(
+        "GatherBlockQuantized",
+        [g.const(f"{name}.qweight", w.packed), ids, scales],
+        domain=MS,
+        bits=w.bits,
+        block_size=w.block,
+        gather_axis=0,
+        quantize_axis=2,
+    )  # [B, S, K/block, block]
+    return g.op("Reshape", [rows, g.const(f"{name}.rows_shape", np.array([0, 0, w.k], dtype=np.int64))])
+
+
 def matmul_dense(g: Graph, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
     """weight [N, K] as stored by torch; ONNX MatMul wants [K, N]."""
     y = g.op("MatMul", [x, g.const(f"{name}.weight", weight.T.astype(np.float32))])

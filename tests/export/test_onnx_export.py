@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from compress.errors import UsageError
 from compress.export import onnx_decoder, onnx_export
+from compress.export.onnx_graph import NBits, dequantize_nbits
 from compress.formats.stored import read
 from compress.models.load import load
 from compress.models.source import resolve
@@ -156,3 +157,50 @@ def test_an_export_that_computes_something_else_is_an_error():
         verdict(top1_agreement=0.5)
     with pytest.raises(CompressError, match="hidden states"):
         verdict(min_cosine=0.9)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_embedding_is_exact_to_its_rounding(quantized, tmp_path, bits):
+    """--embed-bits: the embedding is GatherBlockQuantized rows of the rounded table, no float copy is stored, and
+    ONNX Runtime matches PyTorch given the same rounded table (untied output layer: stays float)."""
+    loaded, exp = export(quantized("llama", "w4a16"), tmp_path / "onnx", accuracy_level=0, embed_bits=bits)
+    assert exp.embed_bits == bits and exp.lm_head_bits is None
+    assert exp.check.top1_agreement == 1.0 and exp.check.greedy_equal == exp.check.greedy_of
+    assert exp.check.max_abs_logit_diff < 1e-3 * max(1.0, exp.check.logit_scale)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert "model.embed_tokens.weight" not in inits and "lm_head.weight" in inits
+    weight = loaded.model.get_input_embeddings().weight  # the rounded table the PyTorch reference looks up
+    table = [inits[f"model.embed_tokens.{k}"] for k in ("qweight", "scales")]
+    stored = NBits(*table, None, bits, 32, 64, len(weight))
+    assert np.array_equal(dequantize_nbits(stored), weight.numpy())
+
+
+def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
+    """A model whose output layer is its embedding stores one 4-bit table, read by GatherBlockQuantized and
+    MatMulNBits; another width for the output layer is refused (it would store the table twice)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import tiny_config
+
+    src = tmp_path / "tied"
+    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
+    config = tiny_config("llama", len(tok))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    _, plain = export(src, tmp_path / "plain")
+    _, exp = export(src, tmp_path / "onnx", embed_bits=4)
+    assert exp.lm_head_bits == 4 and any("shared with the tied output layer" in n for n in exp.notes)
+    assert exp.check.top1_agreement == 1.0
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    readers = [n.op_type for n in graph.node if "model.embed_tokens.qweight" in n.input]
+    assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]
+    assert not any(t.name.startswith("lm_head") or t.name == "model.embed_tokens.weight" for t in graph.initializer)
+    table = len(tok) * 64 * 4  # the float32 table the plain export stores once
+    saved = (tmp_path / "plain" / "model.onnx").stat().st_size - (tmp_path / "onnx" / "model.onnx").stat().st_size
+    assert saved > 0.8 * table  # 4 bits + a float32 scale per 32 for 32 bits
+    with pytest.raises(UsageError, match="store it twice"):
+        export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
