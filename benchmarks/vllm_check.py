@@ -62,7 +62,7 @@ JOBS = {
 
 
 def tiny(arch: str, tokenizer_dir: Path, dest: Path) -> Path:
-    """A tiny random model of `arch` (the test suite's configs), SmolLM2's tokenizer, bfloat16."""
+    """A tiny random model of `arch` (the test suite's configs, wider heads), SmolLM2's tokenizer, bfloat16."""
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(ROOT))
@@ -70,8 +70,13 @@ def tiny(arch: str, tokenizer_dir: Path, dest: Path) -> Path:
 
     if not dest.exists():
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = tiny_config(arch, len(tok))
+        # vLLM's CPU attention takes heads of 32 or more (the suite's head_dim 16: "Unsupported CPU attention
+        # configuration"): 2 heads of 64, one key/value head
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads = 128, 2, 1
+        config.head_dim = 64
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok))).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
         model.save_pretrained(dest)
         tok.save_pretrained(dest)
     return dest
