@@ -18,7 +18,7 @@ from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
 from compress.models.compute import DTYPES, compute_dtype, float32_bytes, stored_dtype
-from compress.models.experts import fused_modules
+from compress.models.experts import fused_modules, unfuse
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.primitives.qparams import GridParams, all_finite
@@ -194,6 +194,11 @@ def load(
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+            unfuse(model)  # quantized experts are per-expert linears, as their grids name them
+            modules = dict(model.named_modules())
+            lost = [n for n in grids[1] if not isinstance(modules.get(n), torch.nn.Linear)]
+            if lost:
+                raise UsageError(f"{source.spec}: {len(lost)} quantized layers are not linear layers here ({lost[0]})")
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CompressError(f"cannot load {source.spec}: {_first_line(exc)}") from None
     model.eval()

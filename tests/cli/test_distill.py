@@ -273,3 +273,31 @@ def test_expert_pruned_student_trains(tiny_model, tmp_path):
     experts = [k for k in after if ".experts." in k]
     assert len(experts) == 2 * 4 * 3 and set(experts) == {k for k in before if ".experts." in k}
     assert all(not torch.equal(before[k], after[k]) for k in experts)
+
+
+def test_quantized_moe_student_stays_quantized(quantized, tiny_model, tmp_path):
+    """A quantized mixture of experts distils through every expert's grid and is saved with every expert quantized
+    again (transformers loads its experts de-quantized and fused; they are unfused to match their grids)."""
+    out = tmp_path / "out"
+    student = quantized("qwen3_moe", "w4a16", group_size=32)
+    rep = json.loads(
+        ok(
+            compress(
+                "distill",
+                "--student",
+                student,
+                "--teacher",
+                tiny_model("qwen3_moe"),
+                "-o",
+                out,
+                "--steps",
+                "2",
+                *FAST,
+                "--json",
+            )
+        ).stdout  # fmt: skip
+    )
+    assert rep["stages"][0]["training"]["fake_quantized"] == 2 * (4 + 8 * 3)  # q/k/v/o and 8 experts x 3, 2 layers
+    stored = load_file(out / "model.safetensors")
+    assert sum(k.endswith(".weight_packed") and ".experts." in k for k in stored) == 2 * 8 * 3
+    assert not any(k.endswith(".weight") and ".experts." in k for k in stored)
