@@ -105,10 +105,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from compress.data import text as textdata
-    from compress.eval import bench, llama_cpp, ort
+    from compress.eval import bench
     from compress.eval.perplexity import perplexity as torch_ppl, token_windows
     from compress.models.load import load
     from compress.models.source import resolve
+    from compress.runtime import llama_cpp, ort
 
     texts = textdata.builtin("evaluation").texts
     ppl: dict[str, tuple[float, float]] = {}  # label -> (PyTorch on the checkpoint, runtime on the export)
