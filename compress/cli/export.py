@@ -75,7 +75,8 @@ def export(
             summary = onnx_export.as_dict(done)
         else:
             summary = asdict(gguf_export.export(loaded, tmp))
-    summary["path"] = str(dest)
+        summary["path"] = str(dest)  # where it lands, not the staging directory the export was written in
+        (tmp / "export.json").write_text(jsonlib.dumps(summary, indent=2) + "\n")
     if json:
         typer.echo(jsonlib.dumps(summary, indent=2))
         return

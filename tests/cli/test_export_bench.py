@@ -12,6 +12,7 @@ def test_export_onnx_then_bench_side_by_side(quantized, tmp_path):
     info = json.loads(proc.stdout)
     assert info["nbits_layers"] == 8 and info["check"]["greedy_equal"] == 16
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "onnx" / "export.json").read_text()) == info  # its path too, not a staging one
     assert "is an ONNX export" in assert_one_line_error(
         compress("quantize", tmp_path / "onnx", "-o", tmp_path / "q"), 2
     )
