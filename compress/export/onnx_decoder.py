@@ -45,6 +45,7 @@ class Options:
     lm_head_bits: int | None = None  # quantize the output layer (round to nearest) to 4 or 8 bits
     act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
     embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
+    head_accuracy_level: int | None = None  # the quantized output layer's MatMulNBits level (None: accuracy_level)
 
 
 @dataclass
@@ -60,11 +61,14 @@ class Linear:
 def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
     """The accuracy level when none is asked: 0 (exact) for 4-bit weights; 4 for 8-bit ones,
     whose float32 path in ONNX Runtime 1.31 runs slower than a float32 MatMul (measured:
-    benchmarks/export.py), while level 4's int8 kernels run faster."""
+    benchmarks/export.py), while level 4's int8 kernels run faster; the same for an 8-bit output layer on its own."""
     if opts.accuracy_level is not None:
         return opts
     bits = {w.bits for w in stored.values() if w.kind == "int"}
-    return dataclasses.replace(opts, accuracy_level=4 if bits == {8} else 0)
+    # an 8-bit output layer at level 0 ran decode at 0.54x PyTorch fp32 (SmolLM2, 8-bit table shared with the
+    # embedding, the rest 4-bit at level 0): level 4 for it, as for 8-bit linears
+    head_level = 4 if opts.lm_head_bits == 8 else None
+    return dataclasses.replace(opts, accuracy_level=4 if bits == {8} else 0, head_accuracy_level=head_level)
 
 
 def check_supported(config) -> None:
@@ -287,7 +291,8 @@ def _lm_head(
     if opts.lm_head_bits:
         rounded = rounded or quantized_output_layer(model, opts.lm_head_bits)
         name = "model.embed_tokens" if rounded is table else "lm_head"  # the same initializers as the embedding's
-        return matmul_nbits(g, h, name, rounded, opts.accuracy_level)
+        level = opts.accuracy_level if opts.head_accuracy_level is None else opts.head_accuracy_level
+        return matmul_nbits(g, h, name, rounded, level)
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)
     if name in stored:

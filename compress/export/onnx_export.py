@@ -55,6 +55,7 @@ class Exported:
     check: Check
     notes: list[str]
     embed_bits: int | None = None  # the input embedding stored quantized (GatherBlockQuantized)
+    head_accuracy_level: int | None = None  # the quantized output layer's own MatMulNBits level, when it differs
 
 
 def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
@@ -95,7 +96,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     if loaded.task == "causal-lm":
         onnx_decoder.check_supported(loaded.model.config)  # before its stored layers are looked up by name
     stored = stored_mod.read(loaded.checkpoint)
-    opts = onnx_decoder.resolved(dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint)), stored)
+    opts = dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint))
     exact_reference(loaded, stored, opts.act_int8)
     table = head = None
     if opts.embed_bits:
@@ -110,6 +111,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         opts, head = dataclasses.replace(opts, lm_head_bits=opts.embed_bits), table
     elif opts.lm_head_bits:
         head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
+    opts = onnx_decoder.resolved(opts, stored)  # after the output layer's width is known
     graph = build(loaded, stored, opts, head, table)
     # the reference multiplies by the same rounded tables (an untied output layer becomes its own tensor)
     if table is not None:
@@ -167,6 +169,12 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             "bit-exact to the checkpoint)"
         )
     chk = check(loaded, dest / MODEL_FILE, threads)
+    if opts.head_accuracy_level is not None:
+        notes.append(
+            f"output layer: {opts.lm_head_bits}-bit MatMulNBits at accuracy_level {opts.head_accuracy_level} (int8 "
+            "activations inside the kernel: ONNX Runtime's 8-bit float32 path is slow), the rest at "
+            f"{opts.accuracy_level}"
+        )
     if table is not None:
         shared = " and shared with the tied output layer (stored once)" if head is table else ""
         notes.append(
@@ -175,7 +183,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         )
     exp = Exported(
         dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes,
-        opts.embed_bits,
+        opts.embed_bits, opts.head_accuracy_level,
     )  # fmt: skip
     _verify(exp)
     (dest / "export.json").write_text(json.dumps(as_dict(exp), indent=2) + "\n")
@@ -186,6 +194,7 @@ def _verify(exp: Exported) -> None:
     """An export that runs but computes something else is an error, not a file."""
     c = exp.check
     exact = (exp.accuracy_level in (0, 1) or exp.nbits_layers == 0) and not exp.act_int8
+    exact = exact and exp.head_accuracy_level in (None, 0, 1)
     if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
         raise CompressError(
             f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})"

@@ -204,3 +204,19 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     assert saved > 0.8 * table  # 4 bits + a float32 scale per 32 for 32 bits
     with pytest.raises(UsageError, match="store it twice"):
         export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
+
+
+def test_an_8_bit_output_layer_runs_at_level_4_by_default(quantized, tmp_path):
+    """ONNX Runtime's 8-bit float32 path is slow: an 8-bit output layer gets level 4 unless a level is asked, the
+    4-bit linears keep level 0 (exact), and the check holds it to the not-exact bar."""
+    _, exp = export(quantized("llama", "w4a16"), tmp_path / "onnx", lm_head_bits=8)
+    assert exp.accuracy_level == 0 and exp.head_accuracy_level == 4
+    assert any("output layer: 8-bit MatMulNBits at accuracy_level 4" in n for n in exp.notes)
+    levels = {
+        n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+        for n in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    assert sorted(levels.values()) == [0] * 8 + [4]
+    _, asked = export(quantized("llama", "w4a16"), tmp_path / "asked", accuracy_level=0, lm_head_bits=8)
+    assert asked.head_accuracy_level is None
