@@ -22,7 +22,7 @@ from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
 from compress.models import arch
 from compress.models.compute import compute_dtype
-from compress.models.experts import COUNT_KEYS as EXPERT_COUNT_KEYS
+from compress.models.experts import expert_count, keep_count
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.quant import schemes
@@ -138,7 +138,7 @@ def facts(src: Source, dtype: str) -> Facts:
     for name, entry in head.items():
         _classify(name, entry["shape"], counts, widths)
     in_experts = sum(math.prod(e["shape"]) for n, e in head.items() if ".experts." in n and len(e["shape"]) == 2)
-    n_experts = next((cfg[k] for k in EXPERT_COUNT_KEYS if isinstance(cfg.get(k), int)), 0)
+    n_experts = (expert_count(cfg) or (None, 0))[1]
     stored = {v["dtype"] for v in head.values()}
     d = DTYPE_BYTES.get(dtype) or (4 if "F32" in stored else 2)
     return Facts(
@@ -202,8 +202,7 @@ def forward_seconds(params: int, tokens: int, gflops: float) -> float:
 
 def _after_prune(f: Facts, st: PruneStage) -> Facts:
     if st.method == "experts" and f.n_experts:
-        keep = st.experts_keep
-        kept = round(f.n_experts * keep) if isinstance(keep, float) and keep < 1 else int(keep)
+        kept = keep_count(f.n_experts, st.experts_keep)
         gone = int(f.experts * (1 - kept / f.n_experts))
         return replace(f, linear=f.linear - gone, experts=f.experts - gone, n_experts=kept)
     if st.method != "structured":

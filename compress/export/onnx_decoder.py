@@ -297,9 +297,10 @@ def _lm_head(
     name = next(n for n, m in model.named_modules() if m is head)
     if name in stored:
         return _apply(g, h, "lm_head", _linear(model, stored, name), opts)
-    if tied(model) and embed is None:
+    shared = tied(model)
+    if shared and embed is None:
         raise UsageError("a tied output layer shares the quantized embedding: give it the same bits")
-    weight = embed if tied(model) else g.const("lm_head.weight", _weight(head))
+    weight = embed if shared else g.const("lm_head.weight", _weight(head))
     # Gemm reads the [V, H] matrix transposed in place: a tied output layer shares the embedding.
     flat = g.op("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], dtype=np.int64))])
     logits = g.op("Gemm", [flat, weight], transB=1)

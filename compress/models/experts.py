@@ -103,6 +103,19 @@ def checkpoint_names(model: nn.Module) -> Names | None:
     return Names(found["gate_up"][0], found["gate_up"][1], found["down"][0])
 
 
+def expert_count(config) -> tuple[str, int] | None:
+    """The key holding a config's expert count and the count (a config object or config.json's dict); None when it
+    states none."""
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    key = next((k for k in COUNT_KEYS if isinstance(cfg.get(k), int)), None)
+    return None if key is None else (key, cfg[key])
+
+
+def keep_count(total: int, keep: float | int) -> int:
+    """`--experts-keep` as a number of experts: a share below 1 (rounded), else a count."""
+    return round(total * keep) if isinstance(keep, float) and keep < 1 else int(keep)
+
+
 def fused_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Fused experts modules (name -> module): exactly the parameters `gate_up_proj` [E, 2I, H] and `down_proj`
     [E, H, I], and an activation. Others (biases, transposed layouts, clamped activations) are not matched."""

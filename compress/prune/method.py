@@ -28,6 +28,12 @@ class Target:
 
 class PruneMethod(Method):
     structured = False  # True: reshapes the model (`run`), no sparsity pattern or storage
+    shrinks = "the tensors themselves shrink"  # a structured method: what goes instead of single weights
+
+    @classmethod
+    def check(cls, stage) -> None:
+        if cls.structured and (stage.pattern != "unstructured" or stage.storage != "dense"):
+            raise ValueError(f"--method {cls.name} takes no pattern or sparse storage: {cls.shrinks}")
 
     def __init__(self, options, target: Target | None = None):
         super().__init__(options)

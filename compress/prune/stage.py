@@ -78,7 +78,7 @@ def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device
         console.print(f"[yellow]warning:[/] {note}")
     if method.calibrated:
         batches, text, warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
-    warnings = [note] * bool(note) + warnings
+    warnings = ([note] if note else []) + warnings
     with progress_bar(console, f"{stage.method}: decoder layers") as update, experts.calibrating(model):
         errors = prune_linears(model, targets, method, batches, device, update)
     if nm and not all(n_of_m_holds(m.weight, *nm) for m in targets.values()):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from compress import calibrate
 from compress.errors import UsageError
 from compress.method import CLI_TEXT
+from compress.models import experts as experts_model
 from compress.models.arch import decoder_layers
 from compress.models.experts import COUNT_KEYS, fused_modules
 from compress.prune.method import PruneMethod
@@ -49,15 +50,15 @@ class ExpertsOptions(BaseModel):
 
 def expert_count(config) -> tuple[str, int]:
     """The config key holding the expert count, and the count."""
-    for key in COUNT_KEYS:
-        if isinstance(getattr(config, key, None), int):
-            return key, getattr(config, key)
-    raise UsageError(f"{config.model_type}: its config states no expert count ({', '.join(COUNT_KEYS)})")
+    counted = experts_model.expert_count(config)
+    if counted is None:
+        raise UsageError(f"{config.model_type}: its config states no expert count ({', '.join(COUNT_KEYS)})")
+    return counted
 
 
 def kept(total: int, top_k: int, keep: float | int) -> int:
     """Experts each layer keeps: a share (rounded) or a count; more than the router's top-k, fewer than all."""
-    n = round(total * keep) if isinstance(keep, float) and keep < 1 else int(keep)
+    n = experts_model.keep_count(total, keep)
     if not top_k <= n < total:
         raise UsageError(
             f"--experts-keep {keep}: the model has {total} experts per layer and routes each token to {top_k}; "
@@ -138,12 +139,13 @@ class Experts(PruneMethod):
     Options = ExpertsOptions
     structured = True
 
+    shrinks = "whole experts go"
+
     @classmethod
     def check(cls, stage) -> None:
         if stage.experts_keep is None:
             raise ValueError("expert pruning needs experts_keep (a share such as 0.5, or a count)")
-        if stage.pattern != "unstructured" or stage.storage != "dense":
-            raise ValueError("expert pruning takes no pattern or sparse storage: whole experts go")
+        super().check(stage)
 
     def settings(self) -> dict:
         return {"experts_keep": self.options.experts_keep}

@@ -258,8 +258,7 @@ class Structured(PruneMethod):
         _at_least_one(stage.drop_layers)
         if stage.drop_layers is None and stage.mlp_keep is None and stage.heads_keep is None:
             raise ValueError("structured pruning needs drop_layers, mlp_keep or heads_keep")
-        if stage.pattern != "unstructured" or stage.storage != "dense":
-            raise ValueError("structured pruning takes no pattern or sparse storage: the tensors themselves shrink")
+        super().check(stage)
 
     def settings(self) -> dict:
         return {k: v for k, v in self.options.model_dump().items() if v is not None}
