@@ -148,8 +148,7 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
     if resume and not resumable(staging_dir(dest)):
         console.print(f"nothing to resume in {staging_dir(dest)}: starting from the beginning")
     for stage in recipe.stages:  # every text exists and is readable (generated text is sampled when it is used)
-        sampled = stage.dataset == generated.NAME and not isinstance(stage, DistillStage)
-        if stage.reads_text and not sampled:
+        if stage.reads_text and stage.dataset != generated.NAME:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
@@ -159,7 +158,8 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
 def read_by(recipe: Recipe, src: sources.Source, teachers: list[sources.Source]) -> list[Path]:
     """The model, the teachers and the local text files the recipe reads."""
     texts = [s.dataset for s in recipe.stages if s.reads_text] + [recipe.evaluate.dataset]
-    local = [Path(d).expanduser() for d in texts if d != "builtin" and Path(d).expanduser().exists()]
+    names = [n for d in texts for n in textdata.parts(d)]
+    local = [Path(n).expanduser() for n in names if n != "builtin" and Path(n).expanduser().exists()]
     return [src.path, *(t.path for t in teachers), *local]
 
 

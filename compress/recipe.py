@@ -200,6 +200,9 @@ class DistillStage(Strict):
     seed: int = TRAIN["seed"]
     dataset: str = "builtin"  # training text; built-in: the calibration half, never the evaluation half
     text_column: str = "text"
+    # Windows of training text: None reads all a text holds, and samples as many windows of `generated` text
+    # (alone or in a mix) as the run reads.
+    samples: int | None = Field(None, ge=1)
 
     reads_text: ClassVar[bool] = True  # its training text
 

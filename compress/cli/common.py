@@ -41,7 +41,7 @@ Dataset = Annotated[
     str,
     typer.Option(
         help="Calibration text: 'builtin', 'generated' (sampled from the model), a .txt/.jsonl/.parquet path or "
-        "folder, or a hub dataset"
+        "folder, a hub dataset, or a mix of them joined by + (builtin+generated: equal shares)"
     ),
 ]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text in .jsonl/.parquet/hub datasets")]
@@ -49,7 +49,11 @@ Samples = Annotated[int, typer.Option(help="Calibration samples")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
 EvalDataset = Annotated[
-    str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")
+    str,
+    typer.Option(
+        help="Evaluation text: 'builtin' (held-out help pages), 'licenses' (license texts no calibration reads), a "
+        ".txt/.jsonl/.parquet path, or a hub dataset"
+    ),
 ]
 EvalTokens = Annotated[int, typer.Option(help="Tokens scored for perplexity")]
 Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Measure base and result")]

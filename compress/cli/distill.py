@@ -44,9 +44,19 @@ def distill(
     ],
     output: Output,
     dataset: Annotated[
-        str, typer.Option(help="Training text: 'builtin', a .txt/.jsonl/.parquet path or folder, or a hub dataset")
+        str,
+        typer.Option(
+            help="Training text: 'builtin', 'generated' (sampled from the teacher), a .txt/.jsonl/.parquet path or "
+            "folder, a hub dataset, or a mix of them joined by + (builtin+generated)"
+        ),
     ] = _stage("dataset"),
     text_column: TextColumn = _stage("text_column"),
+    samples: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Training windows to read (default: all the text holds; generated: as many as the run reads)"
+        ),
+    ] = _stage("samples"),
     steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps (default {DISTILL_STEPS})")] = default(
         DistillStage, "steps"
     ),
@@ -140,6 +150,7 @@ def distill(
         "seed": seed,
         "dataset": dataset,
         "text_column": text_column,
+        "samples": samples,
     }
     recipe = one_stage(
         stage,

@@ -12,7 +12,7 @@ import typer
 
 import compress
 from compress import api
-from compress.cli.common import Kl, Tasks, default, err, out, task_list
+from compress.cli.common import EvalDataset, Kl, Tasks, default, err, out, task_list
 from compress.data import text as textdata
 from compress.eval import size
 from compress.eval.measure import measure
@@ -36,9 +36,7 @@ def _checkpoint(spec: str, allow_pickle: bool) -> tuple[Path, str]:
 def evaluate(
     model: Annotated[str, typer.Argument(help="Checkpoint to measure (directory, .gguf, hub id or built-in alias)")],
     baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to compare against")] = None,
-    dataset: Annotated[
-        str, typer.Option(help="Evaluation text: 'builtin', a .txt/.jsonl/.parquet path, or a hub dataset")
-    ] = default(EvalSpec, "dataset"),
+    dataset: EvalDataset = default(EvalSpec, "dataset"),
     eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = default(EvalSpec, "max_tokens"),
     seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = default(EvalSpec, "seq_len"),
     latency: Annotated[bool, typer.Option("--latency/--no-latency")] = default(EvalSpec, "latency"),

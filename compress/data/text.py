@@ -3,12 +3,21 @@
 Built-in split: Python's `pydoc_data.topics` help pages, distinct pages in the order of their
 sorted topic names; even-numbered pages are calibration text, odd-numbered pages evaluation
 text, so they never overlap.
+
+`licenses`: a second evaluation domain that is neither the help pages nor technical documentation: Debian's
+license texts (/usr/share/common-licenses, on every Debian and Ubuntu system), else Python's own LICENSE.txt (always
+there, 3,000-odd tokens). It is for evaluation only, so no calibration or training run reads it: the text
+compress's defaults were chosen on without ever seeing it.
+
+Several sources joined by `+` (`builtin+generated`) are a mix: equal shares of the windows from each
+(compress/data/calibration.py).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +26,8 @@ from compress.data import generated
 from compress.errors import CompressError, UsageError
 
 Split = Literal["calibration", "evaluation"]
+LICENSES_NAME = "licenses"
+LICENSES = Path("/usr/share/common-licenses")
 
 
 @dataclass(frozen=True)
@@ -37,14 +48,51 @@ def builtin(split: Split) -> Texts:
     return Texts(texts, desc)
 
 
+def licenses() -> Texts:
+    """The license texts, each file cut at blank lines as a .txt file is (sorted by name; links skipped, as
+    Debian's GPL -> GPL-3 links repeat a text)."""
+    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink()) if LICENSES.is_dir() else []
+    if files:
+        texts = [t for f in files for t in f.read_text(errors="replace").split("\n\n") if t.strip()]
+        return Texts(texts, f"licenses: Debian license texts ({LICENSES}, {len(files)} files)")
+    lic = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not lic.is_file():
+        raise UsageError(f"dataset {LICENSES_NAME!r}: neither {LICENSES} nor {lic} exists on this machine")
+    return Texts(
+        [t for t in lic.read_text(errors="replace").split("\n\n") if t.strip()],
+        f"licenses: Python's LICENSE.txt ({lic})",
+    )
+
+
+def parts(dataset: str) -> list[str]:
+    """A mix's sources (`builtin+generated`), or [dataset]. A path that exists is one source, even with a +."""
+    if "+" not in dataset or Path(dataset).expanduser().exists():
+        return [dataset]
+    names = [p.strip() for p in dataset.split("+")]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise UsageError(f"dataset {dataset!r}: a mix names each source once, joined by + (builtin+generated)")
+    return names
+
+
 def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
-    """`builtin`, a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
+    """`builtin`, `licenses` (evaluation), a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
     if dataset == "builtin":
         return builtin(split)
+    if len(parts(dataset)) > 1:
+        if split == "evaluation":
+            raise UsageError(f"evaluation reads one text at a time, not the mix {dataset!r}: evaluate on each")
+        return _mix(parts(dataset), text_column)
+    if dataset == LICENSES_NAME:
+        if split != "evaluation":
+            raise UsageError(
+                f"dataset {LICENSES_NAME!r} is an evaluation domain that no calibration or training reads; "
+                "to calibrate on license texts pass their folder"
+            )
+        return licenses()
     if dataset == generated.NAME:
         raise UsageError(
-            f"dataset {generated.NAME!r} is sampled from the model for calibration (quantize, prune); evaluation and "
-            "training read text from files, the built-in pages or the hub"
+            f"dataset {generated.NAME!r} is sampled from the model for calibration and training (quantize, prune, "
+            "distill); evaluation reads text from files, the built-in pages or the hub"
         )
     path = Path(dataset).expanduser()
     if path.is_dir() and (path / "dataset_info.json").exists() or path.is_dir() and (path / "state.json").exists():
@@ -64,6 +112,14 @@ def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
     if not texts:
         raise UsageError(f"dataset {dataset} holds no text (column {text_column!r})")
     return Texts(texts, f"{dataset} ({len(texts)} texts)")
+
+
+def _mix(names: list[str], text_column: str) -> Texts:
+    """The texts of a mix's file sources (for checking they exist and hold text; calibration.windows takes the
+    shares). Generated text has no texts before it is sampled."""
+    loaded = [load(n, "calibration", text_column) for n in names if n != generated.NAME]
+    texts = [t for x in loaded for t in x.texts]
+    return Texts(texts, " + ".join(x.description for x in loaded))
 
 
 def _from_file(path: Path, column: str) -> list[str]:

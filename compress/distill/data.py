@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from compress.data import text as textdata, tokens
+from compress.data import calibration
 from compress.errors import UsageError
 
 
@@ -35,17 +35,23 @@ class Layout:
 
 
 def load(
-    tokenizer, dataset: str, text_column: str, seq_len: int, layout: Layout, max_windows: int | None = None
+    tokenizer,
+    dataset: str,
+    text_column: str,
+    seq_len: int,
+    layout: Layout,
+    count: int | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> TrainData:
-    """Training text (the built-in text's calibration half: never the evaluation half)."""
-    texts = textdata.load(dataset, "calibration", text_column)
-    wins = tokens.windows(tokenizer, texts.texts, seq_len, (max_windows or 10**9) * seq_len)
+    """Training text (the built-in text's calibration half: never the evaluation half): all the windows a text holds,
+    or `count`; `generated` (alone or in a mix) is sampled from the teacher, `count` windows of it."""
+    wins, desc, warnings = calibration.windows(dataset, text_column, tokenizer, seq_len, count, teacher)
     if len(wins) < layout.per_step:
         raise UsageError(
-            f"training text ({texts.description}) holds {len(wins)} windows of {seq_len} tokens, fewer than one "
+            f"training text ({desc}) holds {len(wins)} windows of {seq_len} tokens, fewer than one "
             f"optimizer step needs ({layout.batch_size} x {layout.grad_accum} accumulation x {layout.world} processes)"
         )
-    return TrainData(wins, f"{texts.description}; {len(wins)} windows x {seq_len} tokens")
+    return TrainData(wins, desc)
 
 
 @lru_cache(maxsize=4)

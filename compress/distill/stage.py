@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from compress.data import generated, text as textdata
 from compress.distill import constraints, data as traindata, trainer
 from compress.distill.losses import layer_map
 from compress.errors import UsageError
@@ -60,6 +61,22 @@ def hidden_map(student: torch.nn.Module, teacher: torch.nn.Module) -> list[int]:
         raise UsageError(f"hidden-state matching: {exc}") from None
 
 
+def training_text(
+    stage: DistillStage, tokenizer, layout: traindata.Layout, steps: int, teacher, accelerator, say
+) -> traindata.TrainData:
+    """The stage's training windows. Generated text (alone or in a mix) is sampled from the teacher: --samples
+    windows, by default as many as the run reads (one pass, no window seen twice); the main process samples it and
+    the others read it back from the cache, so every process trains on the same windows."""
+    sampled = generated.NAME in textdata.parts(stage.dataset)
+    count = stage.samples or (steps * layout.per_step if sampled else None)
+    if sampled and accelerator.is_main_process:
+        say(f"distill: sampling {count} x {stage.seq_len} tokens of training text from the teacher ...")
+        traindata.load(tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout, count, teacher)
+    if sampled:
+        accelerator.wait_for_everyone()
+    return traindata.load(tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout, count, teacher)
+
+
 def run(
     stage: DistillStage,
     student: loading.Loaded,
@@ -82,8 +99,8 @@ def run(
     teacher = loading.load(teacher_src, "float32" if device == "cpu" else recipe_dtype, device, trust_remote_code)
     check_pair(teacher, student)
     model, layout = student.model, traindata.Layout(stage.batch_size, stage.grad_accum, accelerator.num_processes)
-    train = traindata.load(student.tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout)
     steps = stage.total_steps(layout.per_step)
+    train = training_text(stage, student.tokenizer, layout, steps, teacher.model, accelerator, say)
     saved_dtype = next(model.parameters()).dtype
     model.float()  # float32 master weights; autocast (when on) computes in bfloat16
     if not stage.train_embeddings:

@@ -63,7 +63,7 @@ def test_bad_options(tiny_model, tmp_path, args, needle):
 
 
 def test_text_smaller_than_one_batch(tiny_model, tmp_path):
-    (tmp_path / "t.txt").write_text("too short")
+    (tmp_path / "t.txt").write_text("a little text " * 20)  # 1-2 windows of 32 tokens, a step reads 2
     msg = assert_one_line_error(
         compress(
             "distill",

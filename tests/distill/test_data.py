@@ -38,5 +38,9 @@ def test_text_shorter_than_one_step_is_refused(smollm2_dir, tmp_path):
 
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words of text")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    with pytest.raises(UsageError, match="shorter than one sample of 64 tokens"):
+        load(tok, str(tiny), "text", 64, Layout(4, 1))
+    tiny.write_text("a few more words of text " * 30)  # 2 windows of 64 tokens: half a step of 4
     with pytest.raises(UsageError, match="fewer than one optimizer step"):
-        load(AutoTokenizer.from_pretrained(smollm2_dir), str(tiny), "text", 64, Layout(4, 1))
+        load(tok, str(tiny), "text", 64, Layout(4, 1))
