@@ -3,15 +3,17 @@
 Runs inside its own virtual environment (`make bench-venv` makes .venv-llmc: llm-compressor
 pins its own transformers). Called by benchmarks/quantize_calibrated.py and benchmarks/prune.py:
 
-    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json gptq GROUP sym|asym
-    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json sparsegpt SPARSITY unstructured|N:M
+    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json[,EVAL2.json] gptq GROUP sym|asym
+    .venv-llmc/bin/python benchmarks/llmc.py BASE_DIR CALIB.json EVAL.json[,EVAL2.json] sparsegpt SPARSITY unstr...|N:M
 
 CALIB.json and EVAL.json hold token windows made by the caller, so both toolkits see the same
-tokens. Prints one JSON line: perplexity (same windows, same protocol as compress's report:
-each window scored alone, mean token NLL), oneshot seconds, peak memory during oneshot above the process
-before the model was loaded.
+tokens. Prints one JSON line: per evaluation file, perplexity (same windows, same protocol as compress's report:
+each window scored alone, mean token NLL), KL(base || result) per position and top-1 agreement against a copy of the
+base model kept before `oneshot` (compress's protocol, compress/eval/divergence.py); `perplexity` is the first
+file's; oneshot seconds, peak memory during oneshot above the process before the model was loaded.
 """
 
+import copy
 import json
 import math
 import sys
@@ -43,15 +45,25 @@ class PeakRSS:  # the same sampler as compress.eval.memory (compress is not inst
         self._t.join()
 
 
-def perplexity(model, windows: torch.Tensor) -> float:
-    nll, count = 0.0, 0
+def scores(model, base, windows: torch.Tensor) -> dict:
+    nll, count, kls, same = 0.0, 0, [], []
     with torch.no_grad():
         for i in range(0, len(windows), 4):
             x = windows[i : i + 4]
             logits = model(x).logits[:, :-1].float()
+            ref = base(x).logits[:, :-1].float()
             nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
             count += x[:, 1:].numel()
-    return math.exp(nll / count)
+            p, q = torch.log_softmax(ref, -1), torch.log_softmax(logits, -1)
+            kls.append((p.exp() * (p - q)).sum(-1).clamp_min(0.0).flatten())
+            same.append((ref.argmax(-1) == logits.argmax(-1)).flatten())
+    kl = torch.cat(kls).double()
+    return {
+        "perplexity": math.exp(nll / count),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl, 0.99)),
+        "top1_agreement": float(torch.cat(same).float().mean()),
+    }
 
 
 def modifier(method: str, args: list[str]):
@@ -79,9 +91,10 @@ def modifier(method: str, args: list[str]):
 def main() -> None:
     base, calib, evalf, method = sys.argv[1:5]
     calib_ids = json.load(open(calib))
-    eval_ids = torch.tensor(json.load(open(evalf)))
+    evals = [torch.tensor(json.load(open(f))) for f in evalf.split(",")]
     before = psutil.Process().memory_info().rss
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    reference = copy.deepcopy(model).eval()  # the base, for KL; made before oneshot changes the model
     ds = Dataset.from_dict({"input_ids": calib_ids, "attention_mask": [[1] * len(x) for x in calib_ids]})
     recipe, settings = modifier(method, sys.argv[5:])
     peak = PeakRSS()
@@ -95,11 +108,13 @@ def main() -> None:
             num_calibration_samples=len(calib_ids),
         )
         seconds = time.perf_counter() - start
-    peak = peak.bytes - before
+    peak = peak.bytes - before - sum(p.numel() * p.element_size() for p in reference.parameters())
+    domains = [scores(model.eval(), reference, ids) for ids in evals]
     print(
         json.dumps(
             {
-                "perplexity": perplexity(model.eval(), eval_ids),
+                "perplexity": domains[0]["perplexity"],
+                "domains": domains,
                 "seconds": seconds,
                 "peak_rss_above_start": peak,
                 "settings": settings,
