@@ -152,6 +152,8 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
     texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
+    for other in spec.also if spec.enabled else []:
+        textdata.load(other, "evaluation", spec.text_column)  # a bad name stops here, before any stage runs
     return Inputs(src, teachers, texts, staged)
 
 

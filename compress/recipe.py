@@ -232,6 +232,9 @@ class EvalSpec(Strict):
     # file or folder, or a datasets hub name.
     dataset: str = "builtin"
     text_column: str = "text"
+    # Decoders: more evaluation texts, each scored as `dataset` is (perplexity, divergence), e.g. [licenses]: text
+    # of another domain than the calibration's, where a method that fits its calibration text too closely shows it.
+    also: list[str] = []
     seq_len: int = Field(512, ge=16)
     max_tokens: int = Field(8192, ge=64)  # perplexity: tokens scored
     # Decoders: KL divergence and top-1 agreement of the result's next-token distributions against

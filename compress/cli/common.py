@@ -48,6 +48,12 @@ TextColumn = Annotated[str, typer.Option(help="Column holding the text in .jsonl
 Samples = Annotated[int, typer.Option(help="Calibration samples")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sample")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
+EvalAlso = Annotated[
+    list[str],
+    typer.Option(
+        help="Another evaluation text, scored beside the first (perplexity, KL divergence), e.g. 'licenses'; repeatable"
+    ),
+]
 EvalDataset = Annotated[
     str,
     typer.Option(
@@ -151,6 +157,7 @@ def one_stage(
     eval_dataset: str,
     text_column: str,
     eval_tokens: int,
+    eval_also: list[str] | None = None,
     latency: bool,
     tasks: str = "",
     offload: bool = False,
@@ -171,6 +178,7 @@ def one_stage(
             "evaluate": EvalSpec(
                 enabled=evaluate,
                 dataset=eval_dataset,
+                also=eval_also or [],
                 text_column=text_column,
                 max_tokens=eval_tokens,
                 latency=latency,

@@ -10,6 +10,7 @@ import typer
 from compress.cli.common import (
     AllowPickle,
     Device,
+    EvalAlso,
     EvalDataset,
     EvalTokens,
     Evaluate,
@@ -113,6 +114,7 @@ def distill(
     ),
     device: Device = _run("device"),
     eval_dataset: EvalDataset = _eval("dataset"),
+    eval_also: EvalAlso = _eval("also"),
     eval_tokens: EvalTokens = _eval("max_tokens"),
     evaluate: Evaluate = _eval("enabled"),
     latency: Latency = _eval("latency"),
@@ -163,6 +165,7 @@ def distill(
         allow_pickle=allow_pickle,
         evaluate=evaluate,
         eval_dataset=eval_dataset,
+        eval_also=eval_also,
         text_column=text_column,
         eval_tokens=eval_tokens,
         latency=latency,

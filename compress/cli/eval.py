@@ -12,7 +12,7 @@ import typer
 
 import compress
 from compress import api
-from compress.cli.common import EvalDataset, Kl, Tasks, default, err, out, task_list
+from compress.cli.common import EvalAlso, EvalDataset, Kl, Tasks, default, err, out, task_list
 from compress.data import text as textdata
 from compress.eval import size
 from compress.eval.measure import measure
@@ -37,6 +37,7 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="Checkpoint to measure (directory, .gguf, hub id or built-in alias)")],
     baseline: Annotated[Optional[str], typer.Option(help="Checkpoint to compare against")] = None,
     dataset: EvalDataset = default(EvalSpec, "dataset"),
+    also: EvalAlso = default(EvalSpec, "also"),
     eval_tokens: Annotated[int, typer.Option(help="Tokens scored for perplexity")] = default(EvalSpec, "max_tokens"),
     seq_len: Annotated[int, typer.Option(help="Perplexity window length")] = default(EvalSpec, "seq_len"),
     latency: Annotated[bool, typer.Option("--latency/--no-latency")] = default(EvalSpec, "latency"),
@@ -57,6 +58,7 @@ def evaluate(
     loading.check_device(device)
     spec = EvalSpec(
         dataset=dataset,
+        also=also,
         max_tokens=eval_tokens,
         seq_len=seq_len,
         latency=latency,
@@ -66,6 +68,8 @@ def evaluate(
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.load(dataset, "evaluation", spec.text_column)
+    for other in spec.also:
+        textdata.load(other, "evaluation", spec.text_column)  # a bad name stops here, before any measuring
     check_tasks(spec.tasks, task)
     layers = sorted(
         {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import compress
+from compress.data import text as textdata
 from compress.data.text import Texts
 from compress.errors import CompressError
 from compress.eval import tasks
@@ -50,7 +51,8 @@ def measure(
     `reuse` (an untimed base): an earlier run's measurement of the same weights, text, settings
     and versions is read back instead of measured again."""
     alone = not spec.latency and not timed_with and not compared_with  # nothing measured against a baseline
-    key = _key(path, task, spec, texts, layers, device) if reuse and alone else None
+    also = [textdata.load(name, "evaluation", spec.text_column) for name in spec.also] if task == "causal-lm" else []
+    key = _key(path, task, spec, [texts, *also], layers, device) if reuse and alone else None
     if key and (hit := _cached(key, keep_embeddings)):
         return Measured(hit, None, None)
     with tempfile.TemporaryDirectory(prefix="compress-eval-") as tmp:
@@ -60,6 +62,7 @@ def measure(
             "eval": spec.model_dump(),
             "texts": texts.texts,
             "text_desc": texts.description,
+            "also": [{"texts": t.texts, "desc": t.description} for t in also],
             "layers": layers,
             "device": device,
             "trust_remote_code": trust_remote_code,
@@ -149,7 +152,7 @@ def _stop(server: subprocess.Popen) -> None:
     server.stdout.close()
 
 
-def _key(path: Path, task: str, spec: EvalSpec, texts: Texts, layers: list[str], device: str) -> str:
+def _key(path: Path, task: str, spec: EvalSpec, texts: list[Texts], layers: list[str], device: str) -> str:
     """Everything a measurement depends on: the weights (names, sizes, mtimes), the text, the
     settings that change the numbers, the libraries and the threads."""
     import transformers
@@ -161,8 +164,8 @@ def _key(path: Path, task: str, spec: EvalSpec, texts: Texts, layers: list[str],
         "eval": spec.model_dump(
             exclude={"enabled", "latency", "prompt_len", "new_tokens", "latency_rounds", "reuse_base", "kl_divergence"}
         ),
-        "texts": hashlib.sha256("\x00".join(texts.texts).encode()).hexdigest(),
-        "text": texts.description,
+        "texts": [hashlib.sha256("\x00".join(t.texts).encode()).hexdigest() for t in texts],
+        "text": [t.description for t in texts],
         "layers": layers,
         "device": device,
         "threads": torch.get_num_threads(),

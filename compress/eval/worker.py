@@ -34,10 +34,14 @@ def measure(req: dict) -> dict:
         path = Path(req["path"])
         model, tok, seconds = load(path)
         out, prompt, windows = _measure(req, path, model, tok, seconds)
+        others = _other_domains(req, model, tok) if req["task"] == "causal-lm" else []
+        out["domains"] = [{"perplexity": p} for p, _ in others]
         bases = {}  # path -> the baseline model, loaded once for the divergence and the timing
         if req.get("compared_with"):  # after this model's memory was read
             base = bases[req["compared_with"]] = load(Path(req["compared_with"]))[0]
             out["divergence"] = divergence.compare(base, model, windows, req["text_desc"]).model_dump()
+            for domain, (p, wins) in zip(out["domains"], others):
+                domain["divergence"] = divergence.compare(base, model, wins, p["text"]).model_dump()
         if not req["eval"]["latency"]:
             return {"measurement": out, "base_latency": None, "speed": None}
         subjects = [(path, model)]
@@ -69,6 +73,24 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
     return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds
 
 
+def _perplexity(req: dict, model: torch.nn.Module, tok, texts: list[str], desc: str) -> tuple[dict, torch.Tensor]:
+    """Perplexity on the evaluation windows of `texts` (a Perplexity), and the windows."""
+    spec = req["eval"]
+    seq_len, limit = spec["seq_len"], max_positions(model.config)
+    windows = perplexity.token_windows(tok, texts, seq_len, spec["max_tokens"], limit)
+    ppl = perplexity.perplexity(model, windows)
+    protocol = Perplexity.model_fields["protocol"].default
+    if limit and seq_len > limit:
+        protocol += f"; windows of {seq_len} shortened to the model's {limit} positions"
+    measured = Perplexity(value=ppl, text=desc, seq_len=windows.shape[1], tokens=windows.numel(), protocol=protocol)
+    return measured.model_dump(), windows
+
+
+def _other_domains(req: dict, model: torch.nn.Module, tok) -> list[tuple[dict, torch.Tensor]]:
+    """`evaluate.also`: perplexity and windows on each further text, after the memory was read."""
+    return [_perplexity(req, model, tok, t["texts"], t["desc"]) for t in req.get("also", [])]
+
+
 def _measure(
     req: dict, path: Path, model: torch.nn.Module, tok, load_s: float
 ) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
@@ -81,15 +103,7 @@ def _measure(
         "load_seconds": load_s,
     }
     if req["task"] == "causal-lm":
-        seq_len, limit = spec["seq_len"], max_positions(model.config)
-        windows = perplexity.token_windows(tok, texts, seq_len, spec["max_tokens"], limit)
-        ppl = perplexity.perplexity(model, windows)
-        protocol = Perplexity.model_fields["protocol"].default
-        if limit and seq_len > limit:
-            protocol += f"; windows of {seq_len} shortened to the model's {limit} positions"
-        out["perplexity"] = Perplexity(
-            value=ppl, text=req["text_desc"], seq_len=windows.shape[1], tokens=windows.numel(), protocol=protocol
-        ).model_dump()
+        out["perplexity"], windows = _perplexity(req, model, tok, texts, req["text_desc"])
         prompt = windows.flatten()[: spec["prompt_len"]].unsqueeze(0)
     else:
         windows = None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
 from compress.errors import printable
 from compress.eval.latency import NOISY_SPREAD
-from compress.report.schema import Candidate, Measurement, Report
+from compress.report.schema import Candidate, Domain, Measurement, Report
 
 MB = 1024 * 1024
 
@@ -47,6 +50,12 @@ def rows(report: Report) -> list[tuple[str, str, str, str]]:
             ("KL divergence vs base (99th percentile)", lambda m: m.divergence and m.divergence.kl_p99, ".4f", ""),
             ("top-1 agreement with base, %", lambda m: m.divergence and m.divergence.top1_agreement * 100, ".2f", ""),
         ]
+    for i, d in enumerate(r.domains):  # `evaluate.also`: each further text's rows
+        name = domain_name(d.perplexity.text)
+        rows.append((f"perplexity, {name} ({d.perplexity.tokens} tokens)", partial(_ppl, i=i), ".3f", "rel"))
+        if d.divergence:
+            rows.append((f"KL divergence vs base, {name} (mean, nats)", partial(_kl, i=i), ".4f", ""))
+            rows.append((f"top-1 agreement with base, {name}, %", partial(_top1, i=i), ".2f", ""))
     if r.similarity:
         rows.append(("embedding cosine vs base (mean)", lambda m: m.similarity and m.similarity.mean, ".4f", ""))
         rows.append(("embedding cosine vs base (min)", lambda m: m.similarity and m.similarity.min, ".4f", ""))
@@ -93,6 +102,28 @@ def speed_change(report: Report, which: str) -> str:
     return f"{getattr(sp, which):.2f}x ({lo:.2f}-{hi:.2f})"
 
 
+def _domain(m: Measurement, i: int) -> Domain | None:
+    return m.domains[i] if len(m.domains) > i else None
+
+
+def _ppl(m: Measurement, i: int) -> float | None:
+    return (d := _domain(m, i)) and d.perplexity.value
+
+
+def _kl(m: Measurement, i: int) -> float | None:
+    return (d := _domain(m, i)) and d.divergence and d.divergence.kl_mean
+
+
+def _top1(m: Measurement, i: int) -> float | None:
+    return (d := _domain(m, i)) and d.divergence and d.divergence.top1_agreement * 100
+
+
+def domain_name(text: str) -> str:
+    """A short name for an evaluation text: `licenses` for "licenses: Debian license texts (...)", a file's name."""
+    head = text.split(":")[0] if ":" in text.split(" (")[0] else text.split(" (")[0]
+    return Path(head).name[:40] or head[:40]
+
+
 def details(report: Report) -> list[str]:
     r = report.result
     out = [
@@ -114,6 +145,8 @@ def details(report: Report) -> list[str]:
         out.append(
             f"- divergence: {d.positions} positions of the perplexity windows; {d.protocol}; max {d.kl_max:.3f} nats"
         )
+    for d in r.domains:
+        out.append(f"- perplexity, {domain_name(d.perplexity.text)}: {d.perplexity.text}; {d.perplexity.tokens} tokens")
     if r.similarity:
         out.append(f"- similarity: {r.similarity.text}; {r.similarity.texts} texts; {r.similarity.protocol}")
     for name, t in r.tasks.items():

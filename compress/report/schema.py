@@ -6,10 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 7  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+SCHEMA_VERSION = 8  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
 # 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
 # 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base);
-# 7: `expert_tokens` (per-expert routed calibration tokens of a mixture of experts)
+# 7: `expert_tokens` (per-expert routed calibration tokens of a mixture of experts); 8: `domains` (further
+# evaluation texts, `evaluate.also`)
 
 
 class Frozen(BaseModel):
@@ -86,6 +87,13 @@ class TaskScore(Frozen):
     protocol: str = "lm-eval, zero-shot, on the model as loaded by transformers"
 
 
+class Domain(Frozen):
+    """Perplexity (and divergence from the base) on one more evaluation text (`evaluate.also`)."""
+
+    perplexity: Perplexity
+    divergence: Divergence | None = None
+
+
 class Measurement(Frozen):
     path: str
     bytes_on_disk: int
@@ -96,6 +104,7 @@ class Measurement(Frozen):
     similarity: Similarity | None = None
     divergence: Divergence | None = None  # decoders measured against a base
     tasks: dict[str, TaskScore] = {}  # lm-eval task accuracy, by task name
+    domains: list[Domain] = []  # decoders: the same on each of `evaluate.also`'s texts
     latency: Latency | None = None
     peak_rss_bytes: int | None = None  # peak resident memory of the process that loaded and measured it
     weights_in_memory_bytes: int | None = None  # parameters and buffers once loaded

@@ -36,3 +36,28 @@ def test_compare_a_model_with_itself_and_with_a_changed_copy(tiny_model):
         changed.lm_head.weight.add_(torch.randn_like(changed.lm_head.weight) * 0.05)
     got = compare(model, changed, windows, "random tokens", batch_size=2)
     assert 0 < got.kl_mean <= got.kl_p99 <= got.kl_max and got.top1_agreement < 1.0
+
+
+def test_eval_scores_further_texts_beside_the_first(tiny_model, tmp_path):
+    """`--also licenses`: perplexity of base and result and the result's divergence on the second text too, each
+    named in the report; a bad name is one line, before anything is measured."""
+    import json
+
+    from tests.cli.test_errors import assert_one_line_error, compress
+
+    src = tiny_model("llama")
+    out = tmp_path / "q"
+    args = ["--scheme", "w8a16", "--method", "rtn", "--no-eval"]
+    assert compress("quantize", src, "-o", out, *args).returncode == 0
+    proc = compress("eval", out, "--baseline", src, "--also", "licenses", "--no-latency", "--eval-tokens", "256",
+                    "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads(proc.stdout)
+    (base,), (mine,) = rep["base"]["domains"], rep["result"]["domains"]
+    assert mine["perplexity"]["text"].startswith("licenses:") and base["divergence"] is None
+    assert mine["divergence"]["positions"] > 0 and 0 < mine["divergence"]["top1_agreement"] <= 1
+    assert mine["perplexity"]["value"] != rep["result"]["perplexity"]["value"]  # another text, another number
+    table = compress("eval", out, "--baseline", src, "--also", "licenses", "--no-latency", "--eval-tokens", "256")
+    assert "perplexity, licenses" in table.stdout and "KL divergence vs base, licenses" in table.stdout
+    line = assert_one_line_error(compress("eval", out, "--also", str(tmp_path / "missing.txt"), "--no-latency"), 2)
+    assert "missing.txt" in line

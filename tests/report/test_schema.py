@@ -14,6 +14,7 @@ DIGEST = {
     5: "89330804a674aadd0da3d5cf77d7b1f58dd7a393921dc0816789d5ac6bb11a02",  # search candidates
     6: "a7f644ce25788014b836c8fab31aaf2b0300b534de38a0586d401949df6b7fbb",  # divergence (KL, top-1)
     7: "1a2fa4192dc19640632bb068c80d1a6d4ba1ce960d4d7675096641088ae3ef66",  # expert_tokens (mixture of experts)
+    8: "ed61eb1c0eeac43b4bf2a50129ad9e82feeafbd4d844e14963df258d42ed596a",  # domains (evaluate.also)
 }
 
 
