@@ -55,6 +55,8 @@ def ours(name: str, opts: list[str], samples: int, seq_len: int, tmp: Path) -> d
         "--seq-len",
         str(seq_len),
         *latency,
+        "--eval-also",
+        "licenses",
         "--json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -65,8 +67,7 @@ def ours(name: str, opts: list[str], samples: int, seq_len: int, tmp: Path) -> d
     row = {
         "tool": "compress",
         "name": name,
-        "base": base["perplexity"]["value"],
-        "ppl": res["perplexity"]["value"],
+        "domains": domains(rep),
         "seconds": st["seconds"],
         "bytes": res["bytes_on_disk"],
         "base_bytes": base["bytes_on_disk"],
@@ -88,8 +89,20 @@ model: smollm2-135m
 stages:
   - {stage: prune, method: sparsegpt, pattern: "2:4", samples: %(samples)d, seq_len: %(seq_len)d}
   - {stage: quantize, scheme: w4a16, method: gptq, group_size: 64, samples: %(samples)d, seq_len: %(seq_len)d}
-evaluate: {latency: false}
+evaluate: {latency: false, also: [licenses]}
 """
+
+
+def domains(rep: dict) -> list[dict]:
+    """Perplexity (with the base's), KL and top-1 on the held-out pages and on the license texts."""
+    b, r = rep["base"], rep["result"]
+    return [
+        {"base": bp["value"], "ppl": rp["value"], "kl": d["kl_mean"], "top1": d["top1_agreement"]}
+        for bp, rp, d in [
+            (b["perplexity"], r["perplexity"], r["divergence"]),
+            (b["domains"][0]["perplexity"], r["domains"][0]["perplexity"], r["domains"][0]["divergence"]),
+        ]
+    ]
 
 
 def combined(samples: int, seq_len: int, tmp: Path) -> dict:
@@ -115,8 +128,7 @@ def combined(samples: int, seq_len: int, tmp: Path) -> dict:
     return {
         "tool": "compress",
         "name": "recipe: sparsegpt 2:4 -> gptq w4a16 g64 (2:4 checked after reload)",
-        "base": base["perplexity"]["value"],
-        "ppl": res["perplexity"]["value"],
+        "domains": domains(rep),
         "seconds": sum(st["seconds"] for st in rep["stages"]),
         "bytes": res["bytes_on_disk"],
         "base_bytes": base["bytes_on_disk"],
@@ -133,7 +145,7 @@ def dense_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def llmc(sparsity: float, pattern: str, base: Path, calib: Path, ev: Path) -> dict | None:
+def llmc(sparsity: float, pattern: str, base: Path, calib: Path, ev: str) -> dict | None:
     if not LLMC_PY.exists():
         return None
     cmd = [str(LLMC_PY), str(HERE / "llmc.py"), str(base), str(calib), str(ev), "sparsegpt", str(sparsity), pattern]
@@ -146,8 +158,7 @@ def llmc(sparsity: float, pattern: str, base: Path, calib: Path, ev: Path) -> di
     return {
         "tool": "llm-compressor",
         "name": name,
-        "base": None,
-        "ppl": r["perplexity"],
+        "domains": [{"ppl": d["perplexity"], "kl": d["kl_mean"], "top1": d["top1_agreement"]} for d in r["domains"]],
         "seconds": r["seconds"],
         "settings": r["settings"],
     }
@@ -159,40 +170,48 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-llmc", action="store_true")
+    ap.add_argument("--runs", help="only these compress rows, by name, comma list (default: all)")
     args = ap.parse_args()
+    runs = [(n, o) for n, o in RUNS if not args.runs or n in args.runs.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="compress-bench-prune-") as t:
         tmp = Path(t)
         base_dir, calib, ev = token_files(args.samples, args.seq_len, tmp)
-        for name, opts in RUNS:
+        for name, opts in runs:
             rows.append(ours(name, opts, args.samples, args.seq_len, tmp))
             print({k: v for k, v in rows[-1].items() if k != "dir"}, flush=True)
         rows.append(combined(args.samples, args.seq_len, tmp))
         print(rows[-1], flush=True)
-        dense, packed = (
-            next(r for r in rows if r["name"] == n) for n in ("sparsegpt 50%", "sparsegpt 50% --storage sparse")
-        )
-        a, b = dense_weights(dense["dir"]), dense_weights(packed["dir"])
-        identical = a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+        pair = [
+            next((r for r in rows if r["name"] == n), None) for n in ("sparsegpt 50%", "sparsegpt 50% --storage sparse")
+        ]
+        dense, packed = pair
+        identical = None
+        if dense and packed:
+            a, b = dense_weights(dense["dir"]), dense_weights(packed["dir"])
+            identical = a.keys() == b.keys() and all(
+                torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
+            )
         if not args.no_llmc:
             for pattern in ("unstructured", "2:4"):
                 if r := llmc(0.5, pattern, base_dir, calib, ev):
                     rows.append(r)
                     print(r, flush=True)
-    base = rows[0]["base"]
+    bases = [d["base"] for d in rows[0]["domains"]]
     table = [
-        "| tool | method | perplexity | vs base | time s | size on disk vs base | parameters vs base |",
-        "|---|---|---|---|---|---|---|",
+        "| tool | method | ppl 1 (change) | KL 1 | top-1 1 | ppl 2 (change) | KL 2 | top-1 2 | time s | "
+        "size on disk vs base | parameters vs base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         size = f"{r['bytes'] / r['base_bytes']:.3f}x" if "bytes" in r else "-"
         params = f"{r['params'] / r['base_params']:.3f}x" if "params" in r else "-"
-        table.append(
-            f"| {r['tool']} | {r['name']} | {r['ppl']:.3f} | {(r['ppl'] / base - 1) * 100:+.1f}% | {r['seconds']:.0f} "
-            f"| {size} | {params} |"
-        )
-    structured = next(r for r in rows if r["name"].startswith("structured"))
-    speed = structured.get("speedup")
+        cells = [r["tool"], r["name"]]
+        for d, base in zip(r["domains"], bases):
+            cells += [f"{d['ppl']:.3f} ({(d['ppl'] / base - 1) * 100:+.1f}%)", f"{d['kl']:.3f}", f"{d['top1']:.1%}"]
+        table.append("| " + " | ".join([*cells, f"{r['seconds']:.0f}", size, params]) + " |")
+    structured = next((r for r in rows if r["name"].startswith("structured")), None)
+    speed = structured and structured.get("speedup")
     llmc_note = (
         ""
         if LLMC_PY.exists() and not args.no_llmc
@@ -202,20 +221,27 @@ def main() -> None:
         [
             "## Pruning (`benchmarks/prune.py`)",
             "",
-            f"SmolLM2-135M-Instruct (base perplexity {base:.3f}, bfloat16). Calibration: {args.samples} samples x "
+            f"SmolLM2-135M-Instruct, bfloat16. Calibration: {args.samples} samples x "
             f"{args.seq_len} tokens of the "
             "built-in calibration split, the same tokens for both toolkits (llm-compressor's SparseGPTModifier with "
             "its defaults). "
-            "Perplexity: 8192 held-out tokens in windows of 512; compress's rows are measured on the checkpoint "
+            "Two evaluation domains, 8192 tokens each in windows of 512: 1, held-out help pages (base perplexity "
+            f"{bases[0]:.3f}); 2, license texts no calibration reads (`--eval-also licenses`, base {bases[1]:.3f}). "
+            "KL: mean KL(base || result) per position; top-1: positions whose most likely next token is unchanged. "
+            "compress's rows are measured on the checkpoint "
             "reloaded by plain "
             "transformers (sparse storage: densified by compress first), llm-compressor's on its in-memory model after "
             "`oneshot`. "
             f"Time: the prune stage or the `oneshot` call, same run, {os.cpu_count()} CPU cores. Unstructured and 2:4 "
-            f"sparsity stored dense "
-            f"keep the file size; `--storage sparse` (bitmask + values) takes "
-            f"{packed['bytes'] / packed['base_bytes']:.3f}x the bytes "
-            f"of the dense bf16 checkpoint and reads back {'bit-identical to' if identical else 'DIFFERENT from'} the "
-            f"dense run's weights.{llmc_note}",
+            "sparsity stored dense keep the file size"
+            + (
+                f"; `--storage sparse` (bitmask + values) takes {packed['bytes'] / packed['base_bytes']:.3f}x the "
+                f"bytes of the dense bf16 checkpoint and reads back "
+                f"{'bit-identical to' if identical else 'DIFFERENT from'} the dense run's weights"
+                if identical is not None
+                else ""
+            )
+            + f".{llmc_note}",
             "",
             *table,
             "",
@@ -232,7 +258,7 @@ def main() -> None:
         ]
     )
     print(section)
-    if not identical:
+    if identical is False:
         sys.exit("sparse storage did not read back bit-identical")
     if not args.no_write:
         write_section("prune", section)
