@@ -12,6 +12,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _ppl_increases(report: Report) -> list[tuple[float | None, str | None]]:
+    """(relative perplexity increase, text) on the evaluation text and on each of `evaluate.also`'s."""
+    base, res = report.base, report.result
+    if not base or not base.perplexity or not res.perplexity:
+        return []
+    got = [(res.perplexity.value / base.perplexity.value - 1, res.perplexity.text)]
+    for b, r in zip(base.domains, res.domains):
+        got.append((r.perplexity.value / b.perplexity.value - 1, r.perplexity.text))
+    return got
+
+
+def _worst(values: list[tuple[float | None, str | None]]) -> tuple[float | None, str]:
+    """The largest measured value, and (when several texts were measured) which text it was on."""
+    measured = [(v, t) for v, t in values if v is not None]
+    if not measured:
+        return None, ""
+    v, text = max(measured, key=lambda x: x[0])
+    return v, f" on {text.split(';')[0]}" if len(measured) > 1 else ""
+
+
 def check(gates: Gates, report: Report) -> list[GateResult]:
     base, res, out = report.base, report.result, []
 
@@ -27,24 +47,24 @@ def check(gates: Gates, report: Report) -> list[GateResult]:
         )
 
     if gates.max_ppl_increase is not None:
-        v = None
-        if base and base.perplexity and res.perplexity:
-            v = res.perplexity.value / base.perplexity.value - 1
+        v, where = _worst(_ppl_increases(report))
         add(
             "max_ppl_increase",
             gates.max_ppl_increase,
             v,
             v is not None and v <= gates.max_ppl_increase,
-            f"{v:+.2%} (limit {gates.max_ppl_increase:+.2%})" if v is not None else "",
+            f"{v:+.2%}{where} (limit {gates.max_ppl_increase:+.2%})" if v is not None else "",
         )
     if gates.max_kl_divergence is not None:
-        v = res.divergence.kl_mean if res.divergence else None
+        kls = [(res.divergence and res.divergence.kl_mean, res.perplexity and res.perplexity.text)]
+        kls += [(d.divergence and d.divergence.kl_mean, d.perplexity.text) for d in res.domains]
+        v, where = _worst(kls)
         add(
             "max_kl_divergence",
             gates.max_kl_divergence,
             v,
             v is not None and v <= gates.max_kl_divergence,
-            f"{v:.4f} nats (limit {gates.max_kl_divergence})" if v is not None else "",
+            f"{v:.4f} nats{where} (limit {gates.max_kl_divergence})" if v is not None else "",
         )
     if gates.min_embedding_similarity is not None:
         v = res.similarity.mean if res.similarity else None
