@@ -127,6 +127,20 @@ class QuantizeBase(MethodStage):
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scheme_defaults(cls, data: Any) -> Any:
+        """A stage that names no method or symmetry gets its scheme's (compress/quant/schemes.py), so a written
+        recipe holds what ran."""
+        if isinstance(data, dict) and data.get("scheme") in SCHEMES:
+            kind = SCHEMES[data["scheme"]]
+            data = {**data}
+            if data.get("method") is None:
+                data["method"] = kind.default_method
+            if data.get("symmetric") is None:
+                data["symmetric"] = kind.default_symmetric
+        return data
+
     @field_validator("group_size")
     @classmethod
     def _positive(cls, v: GroupSize | None) -> GroupSize | None:
@@ -166,7 +180,7 @@ class PruneBase(MethodStage):
         return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
 
 
-QuantizeStage = with_options(QuantizeBase, quant_table.METHODS, default="rtn")
+QuantizeStage = with_options(QuantizeBase, quant_table.METHODS, default=None)  # None: the scheme's
 PruneStage = with_options(PruneBase, prune_table.METHODS, default=None)
 
 

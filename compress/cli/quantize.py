@@ -53,12 +53,13 @@ def quantize(
         Optional[str], typer.Option(help="Weights per scale: 32, 64, 128 (w4a16 default), 'channel' or 'auto'")
     ] = _stage("group_size"),
     symmetric: Annotated[
-        bool, typer.Option("--symmetric/--no-symmetric", help="Symmetric weight grid (zero point 0)")
-    ] = _stage("symmetric"),
+        Optional[bool],
+        typer.Option("--symmetric/--no-symmetric", help="Symmetric weight grid (zero point 0); default: the scheme's"),
+    ] = None,
     ignore: Annotated[
         Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep unquantized; repeatable")
     ] = None,
-    method: Annotated[str, typer.Option(help=method_help(METHODS))] = _stage("method"),
+    method: Annotated[Optional[str], typer.Option(help=method_help(METHODS) + "; default: the scheme's")] = None,
     dataset: Dataset = _stage("dataset"),
     text_column: TextColumn = _stage("text_column"),
     samples: Samples = _stage("samples"),

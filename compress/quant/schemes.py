@@ -18,6 +18,8 @@ class Kind:
     act: str | None  # None, "int8" or "fp8": dynamic per-token activations
     grouped: bool  # takes --group-size (else one scale per output channel)
     default_group: int | None  # None: per channel
+    default_method: str = "rtn"  # when a recipe or command names none
+    default_symmetric: bool = True
 
 
 SCHEMES: dict[str, Kind] = {
