@@ -22,13 +22,21 @@ class Kind:
     default_symmetric: bool = True
 
 
+# Default method and grid of the 4- to 2-bit schemes, chosen on text the calibration never saw (benchmarks/
+# RESULTS.md "Calibrated quantization", SmolLM2 w4a16 g64, 64 samples of the built-in pages; license texts): GPTQ
+# with zero points +22.2% perplexity there (KL 0.289) against symmetric GPTQ's +28.5% (0.351) and RTN's +50.1%
+# (0.562), for 0.06 more bits a weight. AWQ with zero points is lower still (+20.2%, 0.230) but needs a per-
+# architecture adapter (it refuses BERT, Gemma, ...); GPTQ reads any linear layer. With three bits zero points
+# halve GPTQ's increase there ("Asymmetric against symmetric int4": +203% -> +108%). Cost: GPTQ calibrates
+# (SmolLM2: about a minute on 2 CPU cores), and transformers de-quantizes grids with zero points while loading.
+LOW_BIT = {"default_method": "gptq", "default_symmetric": False}
 SCHEMES: dict[str, Kind] = {
-    "w4a16": Kind(4, "int", None, grouped=True, default_group=128),
+    "w4a16": Kind(4, "int", None, grouped=True, default_group=128, **LOW_BIT),
     # Fewer levels want smaller groups (benchmarks/low_bit.py, SmolLM2 GPTQ, 16 samples): int3 g32 +54.7% / +143%
     # perplexity on held-out pages / license texts against g64's +79.3% / +318%, for 0.25 more bits a weight.
     # int2 is unusable either way there (g32 +1163% / +28826%, g16 +1683% / +8685%): 32 stays, exact in GGUF Q4_0.
-    "w3a16": Kind(3, "int", None, grouped=True, default_group=32),
-    "w2a16": Kind(2, "int", None, grouped=True, default_group=32),
+    "w3a16": Kind(3, "int", None, grouped=True, default_group=32, **LOW_BIT),
+    "w2a16": Kind(2, "int", None, grouped=True, default_group=32, **LOW_BIT),
     "w8a16": Kind(8, "int", None, grouped=True, default_group=None),
     "w8a8": Kind(8, "int", "int8", grouped=False, default_group=None),
     "fp8": Kind(8, "float", "fp8", grouped=False, default_group=None),
