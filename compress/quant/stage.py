@@ -21,6 +21,7 @@ from compress.models.offload import InMemory, LayerStore, OnDisk
 from compress.primitives.qparams import QuantizedWeight, dequantize, fake_quantize
 from compress.quant import schemes
 from compress.quant.method import QuantMethod, Target
+from compress.quant.methods.rtn import RTN
 from compress.recipe import QuantizeStage
 from compress.report.progress import progress_bar
 from compress.report.schema import LayerError, StageRecord
@@ -64,6 +65,12 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     if method.calibrated:
         batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
         warnings += calibration_warnings
+        if outside := outside_blocks(model, layers):
+            warnings.append(
+                f"{', '.join(outside)}: outside the repeated blocks, where {stage.method} has no calibration inputs; "
+                "rounded to nearest on the same grid"
+            )
+            console.print(f"[yellow]warning:[/] {warnings[-1]}")
     with progress_bar(console, f"{stage.method}: decoder layers") as update, experts.calibrating(model):
         errors = quantize_linears(
             model,
@@ -114,9 +121,10 @@ def quantize_linears(
     if not method.calibrated:
         _without_data(model, layers, method, sink, store or InMemory())
         return []
-    return calibrate.calibrate_linears(
+    outside = outside_blocks(model, layers)
+    errors = calibrate.calibrate_linears(
         model,
-        layers,
+        {n: m for n, m in layers.items() if n not in outside},
         batches,
         device,
         gather=lambda layer, targets: method.gather(model, layer, targets),
@@ -130,6 +138,16 @@ def quantize_linears(
         progress=progress,
         store=store,
     )
+    if outside:  # the layer-by-layer pass gives them no inputs: round to nearest on the same grid
+        _without_data(model, {n: layers[n] for n in outside}, RTN(RTN.Options(), method.target), sink, InMemory())
+    return errors
+
+
+def outside_blocks(model: torch.nn.Module, layers: dict[str, torch.nn.Linear]) -> list[str]:
+    """The linears to quantize that sit outside the repeated blocks (BERT's pooler): calibrated methods see no
+    inputs for them, so they are rounded to nearest."""
+    prefix = arch.decoder_prefix(model)
+    return sorted(n for n in layers if not n.startswith(f"{prefix}."))
 
 
 def quantize_together(

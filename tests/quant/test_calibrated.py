@@ -105,6 +105,19 @@ def test_actorder_groups_round_trip_through_saved_checkpoint(tiny_model, tmp_pat
         assert torch.equal(reloaded.get_submodule(name).weight, dequantize(qw.q, qw.scale, qw.zero_point))
 
 
+def test_linears_outside_the_blocks_are_rounded_to_nearest(tiny_model):
+    """BERT's pooler reads no calibration input in the layer-by-layer pass: GPTQ quantizes the encoder layers,
+    the pooler is rounded to nearest on the same grid (what RTN alone gives it), and every linear is written."""
+    from compress.quant.method import round_weights
+    from compress.quant.methods.rtn import RTN
+
+    loaded, layers, _, sch, weights, errors = run_method(tiny_model("bert"), "gptq")
+    assert "pooler.dense" in layers and set(weights) == set(layers) and len(errors) == 2
+    want = round_weights(loaded.model.get_submodule("pooler.dense").weight, Target(sch.weight, sch.act))
+    assert torch.equal(weights["pooler.dense"].q, want[0])
+    assert torch.equal(weights["pooler.dense"].scale, want[1])
+
+
 def test_no_adapter_is_a_clear_error(tiny_model):
     with pytest.raises(UsageError, match="no adapter"):
         run_method(tiny_model("bert"), "awq")
