@@ -109,7 +109,6 @@ def test_linears_outside_the_blocks_are_rounded_to_nearest(tiny_model):
     """BERT's pooler reads no calibration input in the layer-by-layer pass: GPTQ quantizes the encoder layers,
     the pooler is rounded to nearest on the same grid (what RTN alone gives it), and every linear is written."""
     from compress.quant.method import round_weights
-    from compress.quant.methods.rtn import RTN
 
     loaded, layers, _, sch, weights, errors = run_method(tiny_model("bert"), "gptq")
     assert "pooler.dense" in layers and set(weights) == set(layers) and len(errors) == 2
