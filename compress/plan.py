@@ -236,7 +236,12 @@ def _after_prune(f: Facts, st: PruneStage) -> Facts:
 
 def _after_quantize(f: Facts, st: QuantizeStage) -> Facts:
     widths = f.widths or (f.hidden, f.intermediate)
-    return replace(f, linear_bits=schemes.bits_per_weight(st.scheme, st.group_size, st.symmetric, widths))
+    return replace(
+        f,
+        linear_bits=schemes.bits_per_weight(
+            st.scheme, st.group_size, schemes.symmetric_for(st.scheme, st.symmetric, bool(f.experts)), widths
+        ),
+    )
 
 
 def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePlan, Facts]:

@@ -115,7 +115,8 @@ class QuantizeBase(MethodStage):
     scheme: Literal[SCHEME_NAMES]  # type: ignore[valid-type]
     # None: the scheme's default (128 for w4a16, per channel otherwise).
     group_size: GroupSize | None = None
-    symmetric: bool = True
+    # None: the scheme's default (schemes.symmetric_for: zero points for 4 bits and fewer, except experts).
+    symmetric: bool | None = None
     # Choose each group's range to minimize the weight's squared error (else min/max).
     range_search: bool = True
     # Calibration (methods that read data): text, and how many windows of how many tokens.
@@ -130,15 +131,10 @@ class QuantizeBase(MethodStage):
     @model_validator(mode="before")
     @classmethod
     def _scheme_defaults(cls, data: Any) -> Any:
-        """A stage that names no method or symmetry gets its scheme's (compress/quant/schemes.py), so a written
-        recipe holds what ran."""
-        if isinstance(data, dict) and data.get("scheme") in SCHEMES:
-            kind = SCHEMES[data["scheme"]]
-            data = {**data}
-            if data.get("method") is None:
-                data["method"] = kind.default_method
-            if data.get("symmetric") is None:
-                data["symmetric"] = kind.default_symmetric
+        """A stage that names no method gets its scheme's (compress/quant/schemes.py), so a written recipe holds
+        what ran."""
+        if isinstance(data, dict) and data.get("scheme") in SCHEMES and data.get("method") is None:
+            data = {**data, "method": SCHEMES[data["scheme"]].default_method}
         return data
 
     @field_validator("group_size")

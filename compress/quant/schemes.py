@@ -56,6 +56,14 @@ class Scheme:
         return self.weight.bits
 
 
+def symmetric_for(name: str, asked: bool | None, experts: bool) -> bool:
+    """The grid's symmetry: as asked, else the scheme's default; a mixture of experts defaults to symmetric, as
+    transformers cannot load experts with zero points (models/experts.check_loadable)."""
+    if asked is not None:
+        return asked
+    return True if experts else SCHEMES[name].default_symmetric
+
+
 def fitting_groups(widths) -> list[int]:
     """The candidate group sizes that divide every width (a dict of widths or an iterable)."""
     ws = list(widths.values()) if isinstance(widths, dict) else list(widths)

@@ -35,8 +35,9 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     routers = experts.unfuse(model)  # per-expert linears, so every method reaches the experts
     layers, ignore = arch.quant_targets(model, stage.ignore, routers)
     try:
+        symmetric = schemes.symmetric_for(stage.scheme, stage.symmetric, moe)
         scheme = schemes.resolve(
-            stage.scheme, stage.group_size, stage.symmetric, {n: m.in_features for n, m in layers.items()}
+            stage.scheme, stage.group_size, symmetric, {n: m.in_features for n, m in layers.items()}
         )
     except schemes.SchemeError as exc:
         raise UsageError(str(exc)) from None

@@ -31,6 +31,7 @@ def batches(vocab: int, n: int = 8, seq: int = 64) -> list[torch.Tensor]:
 def run_method(model_dir, method, scheme="w4a16", **opts):
     loaded = load(resolve(str(model_dir)), dtype="float32")
     layers, ignore = arch.quant_targets(loaded.model, [])
+    opts.setdefault("symmetric", True)  # these tests compare methods on the symmetric grid
     stage = QuantizeStage(scheme=scheme, method=method, group_size="auto" if scheme == "w4a16" else None, **opts)
     sch = schemes.resolve(
         stage.scheme, stage.group_size, stage.symmetric, {n: m.in_features for n, m in layers.items()}
