@@ -178,7 +178,7 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
         w = f.get_tensor(name + ".weight")  # [64, 128]
     for scheme, b in bits.items():
         sym = not scheme.endswith("-asym")
-        quantize(src, tmp_path / scheme, scheme.removesuffix("-asym"), group_size=32, symmetric=sym)
+        quantize(src, tmp_path / scheme, scheme.removesuffix("-asym"), group_size=32, symmetric=sym, method="rtn")
         with safe_open(tmp_path / scheme / "model.safetensors", "pt") as f:
             packed = f.get_tensor(name + ".weight_packed")
             zp_shape = None if sym else f.get_tensor(name + ".weight_zero_point").shape
