@@ -33,7 +33,7 @@ def test_hqq_fits_heavy_tailed_weights_better_than_rtn_under_its_loss(grid, gain
 
 def test_hqq_checkpoint_reloads_to_our_weights(tiny_model, tmp_path):
     src, out = tiny_model("llama"), tmp_path / "out"
-    report = quantize_tiny(src, out, "w4a16", group_size=32, method="hqq", hqq_iters=5)
+    report = quantize_tiny(src, out, "w4a16", group_size=32, method="hqq", hqq_iters=5, symmetric=True)
     assert report.stages[0].settings["method"] == "hqq" and report.stages[0].settings["hqq_iters"] == 5
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     mine = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

@@ -128,7 +128,9 @@ def test_signround_checkpoint_reloads_to_its_weights(tiny_model, tmp_path):
     from tests.formats.test_tiny_models import quantize as quantize_tiny
 
     src, out = tiny_model("llama"), tmp_path / "out"
-    report = quantize_tiny(src, out, "w4a16", group_size=32, method="signround", signround_steps=5, samples=4)
+    report = quantize_tiny(
+        src, out, "w4a16", group_size=32, method="signround", signround_steps=5, samples=4, symmetric=True
+    )
     settings = report.stages[0].settings
     assert settings["method"] == "signround" and settings["signround_steps"] == 5
     assert settings["signround_lr"] == pytest.approx(1 / 5) and settings["signround_batch"] == 8
