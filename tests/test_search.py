@@ -67,10 +67,11 @@ def test_grid_takes_only_group_sizes_that_fit():
 
 
 def test_search_writes_the_smallest_candidate_that_meets_the_budget(tiny_model, tmp_path):
-    # On a random tiny llama, w4a16 moves perplexity by ~0.05% and w8a16 by less than 0.01%.
+    # On a random tiny llama, w4a16 with zero points (the default grid) moves perplexity by ~0.01%, w8a16 by less
+    # than 0.001%.
     out = tmp_path / "out"
     proc = compress(
-        "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.01%",
+        "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.001%",
         "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "2048", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -94,8 +95,8 @@ def test_search_writes_the_smallest_candidate_that_meets_the_budget(tiny_model, 
 def test_no_candidate_meets_the_budget(tiny_model, tmp_path):
     out = tmp_path / "out"
     proc = compress(
-        "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.01%",
-        "--schemes", "w4a16", "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "1024",
+        "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.001%",
+        "--schemes", "w4a16", "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "2048",
     )  # fmt: skip
     msg = assert_one_line_error(proc, 1)
     assert "no candidate met the budget" in msg and "nothing was written" in msg
