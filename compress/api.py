@@ -151,9 +151,7 @@ def check(recipe: Recipe, resume: bool, console: Console) -> Inputs:
         if stage.reads_text and stage.dataset != generated.NAME:
             textdata.load(stage.dataset, "calibration", stage.text_column)
     spec = recipe.evaluate
-    texts = textdata.load(spec.dataset, "evaluation", spec.text_column) if spec.enabled else None
-    for other in spec.also if spec.enabled else []:
-        textdata.load(other, "evaluation", spec.text_column)  # a bad name stops here, before any stage runs
+    texts = textdata.evaluation(spec.dataset, spec.also, spec.text_column) if spec.enabled else None
     return Inputs(src, teachers, texts, staged)
 
 

@@ -67,9 +67,7 @@ def evaluate(
     )
     path, task = _checkpoint(model, allow_pickle)
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
-    texts = textdata.load(dataset, "evaluation", spec.text_column)
-    for other in spec.also:
-        textdata.load(other, "evaluation", spec.text_column)  # a bad name stops here, before any measuring
+    texts = textdata.evaluation(dataset, spec.also, spec.text_column)
     check_tasks(spec.tasks, task)
     layers = sorted(
         {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}

@@ -78,10 +78,10 @@ def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
     """`builtin`, `licenses` (evaluation), a local .txt/.jsonl/.parquet file or folder, or a datasets hub name."""
     if dataset == "builtin":
         return builtin(split)
-    if len(parts(dataset)) > 1:
+    if len(names := parts(dataset)) > 1:
         if split == "evaluation":
             raise UsageError(f"evaluation reads one text at a time, not the mix {dataset!r}: evaluate on each")
-        return _mix(parts(dataset), text_column)
+        return _mix(names, text_column)
     if dataset == LICENSES_NAME:
         if split != "evaluation":
             raise UsageError(
@@ -112,6 +112,15 @@ def load(dataset: str, split: Split, text_column: str = "text") -> Texts:
     if not texts:
         raise UsageError(f"dataset {dataset} holds no text (column {text_column!r})")
     return Texts(texts, f"{dataset} ({len(texts)} texts)")
+
+
+def evaluation(dataset: str, also: list[str], text_column: str = "text") -> Texts:
+    """The evaluation text, each of `also` loaded too so that a bad name stops before anything is measured (the
+    measurement reads them again in its own process)."""
+    texts = load(dataset, "evaluation", text_column)
+    for other in also:
+        load(other, "evaluation", text_column)
+    return texts
 
 
 def _mix(names: list[str], text_column: str) -> Texts:

@@ -69,12 +69,17 @@ def training_text(
     the others read it back from the cache, so every process trains on the same windows."""
     sampled = generated.NAME in textdata.parts(stage.dataset)
     count = stage.samples or (steps * layout.per_step if sampled else None)
-    if sampled and accelerator.is_main_process:
+
+    def load() -> traindata.TrainData:
+        return traindata.load(tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout, count, teacher)
+
+    if not sampled:
+        return load()
+    if accelerator.is_main_process:
         say(f"distill: sampling {count} x {stage.seq_len} tokens of training text from the teacher ...")
-        traindata.load(tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout, count, teacher)
-    if sampled:
-        accelerator.wait_for_everyone()
-    return traindata.load(tokenizer, stage.dataset, stage.text_column, stage.seq_len, layout, count, teacher)
+        train = load()
+    accelerator.wait_for_everyone()  # the others read what the main process sampled, from the cache
+    return train if accelerator.is_main_process else load()
 
 
 def run(
