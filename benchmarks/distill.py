@@ -17,24 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import write_section  # noqa: E402
-
-ENV = {**os.environ, "TQDM_DISABLE": "1"}
-
-
-def compress(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "compress", *args, "--no-latency", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(proc.stdout)
+from results import cli, write_section  # noqa: E402
 
 
 def distill(student: Path, out: Path, steps: int, extra: list[str]) -> dict:
@@ -48,7 +36,7 @@ def distill(student: Path, out: Path, steps: int, extra: list[str]) -> dict:
             sys.exit(f"{out} was trained with other settings than {asked}; use another --work")
         print(f"reusing {out}")
     else:
-        rep = compress(
+        rep = cli(
             "distill",
             "--teacher",
             "smollm2-135m",
@@ -78,8 +66,8 @@ def distill(student: Path, out: Path, steps: int, extra: list[str]) -> dict:
 def scored(checkpoint: Path) -> tuple[dict, dict]:
     """`compress eval --baseline` of a checkpoint against the teacher on both domains (perplexity reloaded by plain
     transformers, KL from the teacher)."""
-    d1 = compress("eval", str(checkpoint), "--baseline", "smollm2-135m")
-    d2 = compress("eval", str(checkpoint), "--baseline", "smollm2-135m", "--dataset", "licenses")
+    d1 = cli("eval", str(checkpoint), "--baseline", "smollm2-135m")
+    d2 = cli("eval", str(checkpoint), "--baseline", "smollm2-135m", "--dataset", "licenses")
     return d1, d2
 
 
@@ -111,7 +99,7 @@ def main() -> None:
         ("2of4", ["--method", "sparsegpt", "--pattern", "2:4"]),
     ):
         if not (tmp / name / "config.json").is_file() and (name == "drop10" or args.ablations):
-            compress("prune", "smollm2-135m", "-o", str(tmp / name), *opts, "--no-eval")
+            cli("prune", "smollm2-135m", "-o", str(tmp / name), *opts, "--no-eval")
     runs = []
     for text in args.texts.split(","):
         slug = text.replace("+", "-")

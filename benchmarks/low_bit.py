@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantize_calibrated import token_files  # noqa: E402
-from results import write_section  # noqa: E402
+from results import cli, write_section  # noqa: E402
 
 RUNS = ",".join(
     [
@@ -62,14 +62,6 @@ def second_domain(tmp: Path) -> tuple[Path, str]:
     return dest, f"Python's LICENSE.txt ({lic})"
 
 
-def cli(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "compress", *args, "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(proc.stdout)
-
-
 def change(m: dict, base: dict) -> str:
     return f"{(m['perplexity']['value'] / base['perplexity']['value'] - 1) * 100:+.1f}%"
 
@@ -93,9 +85,8 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
         method,
         *calib,
         *options,
-        "--no-latency",
     )
-    e = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
+    e = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2))
     line = table_row(scheme, group, " ".join([method, *options]), q, e, q["stages"][0]["seconds"])
     return line, q["base"], e["base"]
 
@@ -112,8 +103,8 @@ def autoround_row(
     if proc.returncode:
         sys.exit(f"auto-round failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--no-latency")
-    d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2), "--no-latency")
+    d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m")
+    d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2))
     line = table_row(scheme, group, f"auto-round {steps} steps, batch {batch}", d1, d2, r["seconds"])
     return line, d1["base"], d2["base"]
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import write_section  # noqa: E402
+from results import cli, write_section  # noqa: E402
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -45,14 +45,6 @@ FLAGS = {"--offload": "--offload", "float32": "float32", "--no-symmetric": "--no
 
 def label(method: str, extra: list[str]) -> str:
     return " ".join([method, *(v for k, v in FLAGS.items() if k in extra)])
-
-
-def cli(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "compress", *args, "--no-latency", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(proc.stdout)
 
 
 def domain(report: dict) -> dict:

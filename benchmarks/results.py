@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def cli(*args: str) -> dict:
+    """`python -m compress ARGS --no-latency --json`, its report; stops the script with the command's last error
+    line. Latency is left out: these scripts time nothing through the report."""
+    cmd = [sys.executable, "-m", "compress", *args, "--no-latency", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout)
 
 
 def measured_at() -> str:
