@@ -16,7 +16,8 @@ import torch
 from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
-from compress.export import onnx_decoder, onnx_encoder
+from compress.eval.divergence import kl_top1
+from compress.export import onnx_decoder, onnx_encoder, onnx_genai
 from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
@@ -28,6 +29,7 @@ MODEL_FILE = "model.onnx"
 INLINE_LIMIT = 1_800_000_000  # protobuf caps a file at 2 GB: larger graphs keep weights beside it
 CHECK_TOKENS = 64
 CHECK_NEW_TOKENS = 16
+QUALITY_WINDOW, QUALITY_TOKENS = 512, 1024  # per text: ~2 s each side for SmolLM2-135M on 2 threads
 
 
 @dataclass
@@ -39,6 +41,22 @@ class Check:
     greedy_equal: int | None = None  # decoders: leading greedy tokens equal to PyTorch's
     greedy_of: int | None = None
     min_cosine: float | None = None  # encoders: lowest cosine of a token's hidden state to PyTorch's
+    genai_greedy_equal: int | None = None  # decoders, when onnxruntime-genai is installed: leading greedy tokens
+    # ONNX Runtime GenAI generates from the directory (genai_config.json) equal to our own loop's on the same file
+
+
+@dataclass
+class Quality:
+    """The file's perplexity on a text, beside the checkpoint's in PyTorch (its own stored weights, the output layer
+    and embedding as the checkpoint has them), and how far the file's next-token distributions moved from it."""
+
+    text: str
+    tokens: int
+    perplexity: float  # ONNX Runtime, this file
+    perplexity_pytorch: float  # the checkpoint in PyTorch
+    kl_mean: float  # KL(checkpoint || file), nats per position
+    kl_p99: float
+    top1_agreement: float
 
 
 @dataclass
@@ -56,6 +74,7 @@ class Exported:
     notes: list[str]
     embed_bits: int | None = None  # the input embedding stored quantized (GatherBlockQuantized)
     head_accuracy_level: int | None = None  # the quantized output layer's own MatMulNBits level, when it differs
+    quality: list[Quality] = dataclasses.field(default_factory=list)  # decoders: held-out pages, licenses
 
 
 def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
@@ -98,6 +117,8 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     stored = stored_mod.read(loaded.checkpoint)
     opts = dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint))
     exact_reference(loaded, stored, opts.act_int8)
+    if loaded.task == "causal-lm":
+        opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), onnx_decoder.tied(loaded.model))
     table = head = None
     if opts.embed_bits:
         embedding = loaded.model.get_input_embeddings().weight
@@ -113,6 +134,9 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
     opts = onnx_decoder.resolved(opts, stored)  # after the output layer's width is known
     graph = build(loaded, stored, opts, head, table)
+    decoder = loaded.task == "causal-lm"
+    model = loaded.model
+    as_stored = (model.get_input_embeddings().weight, model.get_output_embeddings().weight) if decoder else ()
     # the reference multiplies by the same rounded tables (an untied output layer becomes its own tensor)
     if table is not None:
         embed = torch.nn.Parameter(torch.from_numpy(dequantize_nbits(table)), requires_grad=False)
@@ -139,6 +163,8 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         if (loaded.checkpoint / f).is_file():
             shutil.copy2(loaded.checkpoint / f, dest / f)
     notes = []
+    if loaded.task == "causal-lm":
+        onnx_genai.write(dest, loaded.model.config, loaded.checkpoint, MODEL_FILE)
     fp8 = [n for n, w in stored.items() if w.kind == "float"]
     if fp8:
         notes.append(
@@ -169,6 +195,13 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             "bit-exact to the checkpoint)"
         )
     chk = check(loaded, dest / MODEL_FILE, threads)
+    if loaded.task == "causal-lm" and chk.genai_greedy_equal is None:
+        notes.append(f"{onnx_genai.FILE} written for ONNX Runtime GenAI; onnxruntime-genai is not installed, not run")
+    elif loaded.task == "causal-lm" and chk.genai_greedy_equal < CHECK_NEW_TOKENS:
+        notes.append(
+            f"ONNX Runtime GenAI's greedy tokens from this directory follow our own loop's for "
+            f"{chk.genai_greedy_equal} of {CHECK_NEW_TOKENS}"
+        )
     if opts.head_accuracy_level is not None:
         notes.append(
             f"output layer: {opts.lm_head_bits}-bit MatMulNBits at accuracy_level {opts.head_accuracy_level} (int8 "
@@ -186,8 +219,28 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         opts.embed_bits, opts.head_accuracy_level,
     )  # fmt: skip
     _verify(exp)
+    if loaded.task == "causal-lm":
+        loaded.model.get_input_embeddings().weight, loaded.model.get_output_embeddings().weight = as_stored
+        exp.quality = quality(loaded, dest / MODEL_FILE, threads)
     (dest / "export.json").write_text(json.dumps(as_dict(exp), indent=2) + "\n")
     return exp
+
+
+def table_widths(opts: onnx_decoder.Options, quantized: bool, tied: bool) -> onnx_decoder.Options:
+    """The output layer's and embedding's widths, where not asked (None; 0 asks for float32): a checkpoint with
+    integer weights gets an 8-bit output layer, and a tied model the one 8-bit table for both. Measured on SmolLM2-135M
+    w4a16 (benchmarks/export.py, 2 threads): file 175 -> 94 MB, decode 3.07x -> 3.49x PyTorch fp32, perplexity
+    +0.06%, 16/16 greedy tokens. At 4 bits the output layer alone cost +13.6%: never a default. A float checkpoint
+    stays float."""
+    head, embed = opts.lm_head_bits, opts.embed_bits
+    if tied:  # one tensor, one width, unless both are asked
+        head = embed if head is None else head
+        embed = head if embed is None else embed
+    if head is None and quantized:
+        head = 8
+    if embed is None and tied and quantized:
+        embed = head
+    return dataclasses.replace(opts, lm_head_bits=head or None, embed_bits=embed or None)
 
 
 def _verify(exp: Exported) -> None:
@@ -227,14 +280,17 @@ def check(loaded: Loaded, path: Path, threads: int) -> Check:
             )
         greedy = generate(dec, ids.numpy(), CHECK_NEW_TOKENS)[0]
         want = want[0, ids.shape[1] :].numpy()
-        equal = int(np.argmin(np.append(greedy == want, False)))
+        genai = None
+        if onnx_genai.available():
+            genai = _leading_equal(onnx_genai.greedy(path.parent, ids[0].numpy(), CHECK_NEW_TOKENS), greedy)
         return Check(
             ids.shape[1],
             float(np.abs(got - ref).max()),
             float(np.abs(ref).max()),
             top1_agreement=float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            greedy_equal=equal,
+            greedy_equal=_leading_equal(greedy, want),
             greedy_of=CHECK_NEW_TOKENS,
+            genai_greedy_equal=genai,
         )
     feed = onnx_encoder.feed(sess, ids.numpy())
     got = sess.run(["last_hidden_state"], feed)[0]
@@ -242,6 +298,47 @@ def check(loaded: Loaded, path: Path, threads: int) -> Check:
         ref = loaded.model(input_ids=ids).last_hidden_state.float().numpy()
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     return Check(ids.shape[1], float(np.abs(got - ref).max()), float(np.abs(ref).max()), min_cosine=float(cos.min()))
+
+
+def quality(loaded: Loaded, path: Path, threads: int) -> list[Quality]:
+    """The file against the checkpoint in PyTorch on the first QUALITY_TOKENS of each built-in evaluation text."""
+    dec = ort.OrtDecoder(ort.session(path, threads))
+    seq = min(QUALITY_WINDOW, int(getattr(loaded.model.config, "max_position_embeddings", QUALITY_WINDOW)))
+    rows = []
+    for name, texts in (("built-in", textdata.builtin("evaluation")), (textdata.LICENSES_NAME, textdata.licenses())):
+        ids = windows(loaded.tokenizer, texts.texts, seq, QUALITY_TOKENS)  # [N, seq]
+        if len(ids) == 0:
+            continue
+        nll = torch.zeros(2, dtype=torch.float64)
+        kls, same = [], []
+        for w in ids:
+            got = torch.from_numpy(dec.forward(w[None].numpy())[0][0, :-1])  # [seq-1, V]
+            with torch.no_grad():
+                ref = loaded.model(w[None]).logits[0, :-1].float()
+            for i, logits in enumerate((got, ref)):
+                nll[i] -= torch.log_softmax(logits, -1).gather(-1, w[1:, None]).sum().double()
+            kl, agree = kl_top1(ref, got)
+            kls.append(kl.double())
+            same.append(agree)
+        kl, n = torch.cat(kls), len(ids) * (seq - 1)
+        ppl = torch.exp(nll / n)
+        rows.append(
+            Quality(
+                name,
+                n,
+                float(ppl[0]),
+                float(ppl[1]),
+                float(kl.mean()),
+                float(torch.quantile(kl, 0.99)),
+                float(torch.cat(same).float().mean()),
+            )  # fmt: skip
+        )
+    return rows
+
+
+def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    return int(np.argmin(np.append(a[:n] == b[:n], False)))
 
 
 def as_dict(exp: Exported) -> dict:

@@ -10,7 +10,7 @@ def test_export_onnx_then_bench_side_by_side(quantized, tmp_path):
     proc = compress("export", ckpt, "-o", tmp_path / "onnx", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["nbits_layers"] == 8 and info["check"]["greedy_equal"] == 16
+    assert info["nbits_layers"] == 8 + 1 and info["check"]["greedy_equal"] == 16  # + the 8-bit output layer
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "onnx" / "export.json").read_text()) == info  # its path too, not a staging one
     assert "is an ONNX export" in assert_one_line_error(

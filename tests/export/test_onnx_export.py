@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from compress.errors import UsageError
-from compress.export import onnx_decoder, onnx_export
+from compress.export import onnx_decoder, onnx_export, onnx_genai
 from compress.export.onnx_graph import NBits, dequantize_nbits
 from compress.formats.stored import read
 from compress.models.load import load
@@ -44,9 +44,17 @@ def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
     else:
         assert c.top1_agreement == 1.0 and c.greedy_equal == c.greedy_of == 16
         assert c.max_abs_logit_diff < 1e-3 * max(1.0, c.logit_scale)
-    assert exp.nbits_layers == (0 if scheme is None else 2 * 4)  # qkv + o + gate/up + down, per layer
+    # qkv + o + gate/up + down per layer, and the output layer at 8 bits by default for integer weights
+    assert exp.nbits_layers == (0 if scheme is None else 2 * 4 + 1)
+    assert exp.lm_head_bits == (None if scheme is None else 8)
     info = json.loads((tmp_path / "onnx" / "export.json").read_text())
     assert info["check"]["greedy_equal"] == 16
+    # the file's perplexity and KL divergence from the checkpoint in PyTorch, on both built-in evaluation texts
+    assert [q["text"] for q in info["quality"]] == ["built-in", "licenses"]
+    for q in info["quality"]:
+        assert q["tokens"] == 2 * 511 and q["kl_mean"] >= 0
+        if scheme != "w8a8":  # exact kernels: the same distributions
+            assert abs(q["perplexity"] / q["perplexity_pytorch"] - 1) < 1e-4 and q["kl_mean"] < 1e-5
     # the standard decoder interface
     sess = ort.session(tmp_path / "onnx" / "model.onnx", 1)
     names = [i.name for i in sess.get_inputs()]
@@ -74,10 +82,10 @@ def test_integers_carried_over_exactly(quantized, tmp_path, scheme):
 
 def test_int2_runs_as_matmulnbits_and_int3_says_why_not(quantized, tmp_path):
     _, exp = export(quantized("llama", "w2a16"), tmp_path / "w2", accuracy_level=0)
-    assert exp.nbits_layers == 2 * 4 and exp.check.top1_agreement == 1.0
+    assert exp.nbits_layers == 2 * 4 + 1 and exp.check.top1_agreement == 1.0
     assert exp.check.max_abs_logit_diff < 1e-3 * max(1.0, exp.check.logit_scale)
     _, exp = export(quantized("llama", "w3a16"), tmp_path / "w3", accuracy_level=0)
-    assert exp.nbits_layers == 0 and exp.check.top1_agreement == 1.0
+    assert exp.nbits_layers == 1 and exp.check.top1_agreement == 1.0  # the 8-bit output layer alone
     assert any("14 int3 linears" in n and "takes 2, 4, 8 bits" in n for n in exp.notes), exp.notes
 
 
@@ -162,8 +170,9 @@ def test_an_export_that_computes_something_else_is_an_error():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_embedding_is_exact_to_its_rounding(quantized, tmp_path, bits):
     """--embed-bits: the embedding is GatherBlockQuantized rows of the rounded table, no float copy is stored, and
-    ONNX Runtime matches PyTorch given the same rounded table (untied output layer: stays float)."""
-    loaded, exp = export(quantized("llama", "w4a16"), tmp_path / "onnx", accuracy_level=0, embed_bits=bits)
+    ONNX Runtime matches PyTorch given the same rounded table (untied output layer: its own table, float when asked)."""
+    ckpt = quantized("llama", "w4a16")
+    loaded, exp = export(ckpt, tmp_path / "onnx", accuracy_level=0, embed_bits=bits, lm_head_bits=0)
     assert exp.embed_bits == bits and exp.lm_head_bits is None
     assert exp.check.top1_agreement == 1.0 and exp.check.greedy_equal == exp.check.greedy_of
     assert exp.check.max_abs_logit_diff < 1e-3 * max(1.0, exp.check.logit_scale)
@@ -171,10 +180,11 @@ def test_quantized_embedding_is_exact_to_its_rounding(quantized, tmp_path, bits)
     assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     assert "model.embed_tokens.weight" not in inits and "lm_head.weight" in inits
-    weight = loaded.model.get_input_embeddings().weight  # the rounded table the PyTorch reference looks up
+    weight = loaded.model.get_input_embeddings().weight  # the checkpoint's table, rounded to nearest in the file
     table = [inits[f"model.embed_tokens.{k}"] for k in ("qweight", "scales")]
     stored = NBits(*table, None, bits, 32, 64, len(weight))
-    assert np.array_equal(dequantize_nbits(stored), weight.numpy())
+    want = dequantize_nbits(onnx_decoder.quantized_table(weight, bits, "--embed-bits"))
+    assert np.array_equal(dequantize_nbits(stored), want) and not np.array_equal(want, weight.detach().numpy())
 
 
 def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
@@ -220,3 +230,43 @@ def test_an_8_bit_output_layer_runs_at_level_4_by_default(quantized, tmp_path):
     assert sorted(levels.values()) == [0] * 8 + [4]
     _, asked = export(quantized("llama", "w4a16"), tmp_path / "asked", accuracy_level=0, lm_head_bits=8)
     assert asked.head_accuracy_level is None
+
+
+def test_table_widths_by_default():
+    """Integer weights: an 8-bit output layer, one 8-bit table when tied; float checkpoints stay float; 0 asks for
+    float32; a tied model given one width uses it for both."""
+    widths = lambda quantized, tied, **asked: (  # noqa: E731
+        (o := onnx_export.table_widths(onnx_decoder.Options(**asked), quantized, tied)).lm_head_bits,
+        o.embed_bits,
+    )
+    assert widths(True, False) == (8, None) and widths(True, True) == (8, 8)
+    assert widths(False, False) == widths(False, True) == (None, None)
+    assert widths(True, True, lm_head_bits=0) == (None, None) and widths(True, False, lm_head_bits=0) == (None, None)
+    assert widths(True, True, embed_bits=4) == (4, 4) and widths(False, True, lm_head_bits=8) == (8, 8)
+    assert widths(True, False, embed_bits=4) == (8, 4) and widths(True, True, embed_bits=0) == (None, None)
+    assert widths(True, True, lm_head_bits=8, embed_bits=0) == (8, None)  # both asked: kept (two tensors)
+
+
+def test_float_output_layer_when_asked(quantized, tmp_path):
+    _, exp = export(quantized("llama", "w4a16"), tmp_path / "onnx", lm_head_bits=0)
+    assert exp.lm_head_bits is None and exp.nbits_layers == 2 * 4 and exp.check.top1_agreement == 1.0
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    assert "lm_head.weight" in {t.name for t in graph.initializer}
+
+
+@pytest.mark.skipif(not onnx_genai.available(), reason="onnxruntime-genai is not installed (the test extra has it)")
+def test_onnx_runtime_genai_runs_the_directory(quantized, tmp_path):
+    """genai_config.json names our graph's inputs and outputs: onnxruntime-genai loads the directory as is, its
+    tokenizer reads the copied tokenizer.json, and its greedy tokens are transformers' on the same weights."""
+    import onnxruntime_genai as og
+
+    loaded, exp = export(quantized("qwen2", "w4a16"), tmp_path / "onnx", accuracy_level=0, lm_head_bits=0)
+    assert exp.check.genai_greedy_equal == 16
+    cfg = json.loads((tmp_path / "onnx" / onnx_genai.FILE).read_text())
+    assert cfg["model"]["decoder"]["num_hidden_layers"] == 2 and cfg["model"]["decoder"]["filename"] == "model.onnx"
+    model = og.Model(str(tmp_path / "onnx"))
+    ids = og.Tokenizer(model).encode("The quick brown fox jumps over")
+    assert list(ids) == loaded.tokenizer("The quick brown fox jumps over", add_special_tokens=False).input_ids
+    got = onnx_genai.greedy(tmp_path / "onnx", np.asarray(ids), 12)
+    want = generate(TorchDecoder(loaded.model, ""), np.asarray([ids], dtype=np.int64), 12)[0]
+    assert np.array_equal(got, want)
