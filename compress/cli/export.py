@@ -35,17 +35,25 @@ def export(
     lm_head_bits: Annotated[
         Optional[int],
         typer.Option(
-            help="ONNX: the output layer rounded to nearest (blocks of 32) on 4 or 8 bits, or 0 for float32. Default: "
-            "8 when the checkpoint has integer weights (faster, +0.06% perplexity on SmolLM2), else float32"
+            help="The output layer rounded to nearest (blocks of 32) on 4 or 8 bits (GGUF: Q4_0, Q8_0), or 0 for "
+            "float. Default: 8 when the checkpoint has integer weights (ONNX: faster, +0.06% perplexity on SmolLM2), "
+            "else float"
         ),
     ] = None,
     embed_bits: Annotated[
         Optional[int],
         typer.Option(
-            help="ONNX: the input embedding stored rounded to nearest (blocks of 32) on 4 or 8 bits, or 0 for "
-            "float32; a tied output layer shares it (default: the output layer's width when tied, else float32)"
+            help="The input embedding stored rounded to nearest (blocks of 32) on 4 or 8 bits, or 0 for float; a tied "
+            "output layer shares it (default: the output layer's width when tied, else float)"
         ),
     ] = None,
+    k_quants: Annotated[
+        bool,
+        typer.Option(
+            help="GGUF: int4/int5 with zero points become Q4_K/Q5_K where rows are multiples of 256 (0.5 bits a weight "
+            "smaller; their scales rounded to 6 bits, error reported); --no-k-quants keeps them exactly as Q4_1/Q5_1"
+        ),
+    ] = True,
     threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -62,8 +70,6 @@ def export(
     for option, bits in (("--lm-head-bits", lm_head_bits), ("--embed-bits", embed_bits)):
         if bits not in (None, 0, 4, 8):
             raise UsageError(f"{option} must be 4 or 8 (0: float32), got {bits}")
-        if bits is not None and format != "onnx":
-            raise UsageError(f"{option} applies to --format onnx")
     src = sources.resolve(model, allow_pickle)
     dest = output or Path(f"{src.path.name.removesuffix('.gguf')}-{format}")
     check_output(dest, overwrite, [src.path])
@@ -77,7 +83,7 @@ def export(
             done = onnx_export.export(loaded, tmp, opts, threads)
             summary = onnx_export.as_dict(done)
         else:
-            summary = asdict(gguf_export.export(loaded, tmp))
+            summary = asdict(gguf_export.export(loaded, tmp, k_quants, lm_head_bits, embed_bits))
         summary["path"] = str(dest)  # where it lands, not the staging directory the export was written in
         (tmp / "export.json").write_text(jsonlib.dumps(summary, indent=2) + "\n")
     if json:
@@ -95,7 +101,7 @@ def _summary_line(format: str, s: dict) -> str:
         return (
             f"GGUF: {s['tensors']} tensors ({s['exact']} carried over"
             + (" exactly" if not s["rounded_scales"] else f", {s['rounded_scales']} block values rounded to float16")
-            + f", {s['requantized']} re-quantized); "
+            + f", {s['kquant']} as k-quants, {s['requantized']} re-quantized), {s['file_bytes'] / 1e6:.1f} MB; "
             f"read back: {c['verdict']}"
         )
     agree = (

@@ -3,11 +3,13 @@
 Where our grid is exactly a GGUF block type the values carry over: symmetric int8 with
 groups that are multiples of 32 (or per channel) is Q8_0 (scale d, 32 int8), symmetric int4
 likewise is Q4_0 (d, 32 codes q + 8), int4 with zero points is Q4_1 (d, minimum m, 32 codes);
-a group of 64 is two blocks with the same d. The block scale d (and m) is float16, so a value
-float16 cannot hold exactly is rounded: counted and reported. Anything else (fp8, asymmetric
-int8, groups that are not multiples of 32) is re-quantized to Q8_0 from its de-quantized
-values, with the error it costs.
-Unquantized weights keep their dtype (bf16/f16/f32); norms are f32.
+a group of 64 is two blocks with the same d; int5 is Q5_0 / Q5_1. The block scale d (and m) is float16, so a
+value float16 cannot hold exactly is rounded: counted and reported. With zero points, int4/int5 in rows of
+multiples of 256 become the k-quants Q4_K/Q5_K (gguf_kquants: our integers, their scales rounded to 6 bits),
+smaller by 0.5 bits a weight, with the error reported. Anything else (fp8, int6, asymmetric int8, groups that are
+not multiples of 32) is re-quantized to Q8_0 from its de-quantized values, with the error it costs.
+Unquantized weights keep their dtype (bf16/f16/f32), except the embedding and output layer of a checkpoint with
+integer weights: Q8_0 by default (as llama.cpp's own mixes keep them at 6-8 bits); norms are f32.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from compress.errors import UsageError
+from compress.export import gguf_kquants, widths
 from compress.formats.stored import StoredLinear, read
 from compress.models.load import Loaded
 
@@ -38,12 +41,17 @@ LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.N
 }
 
 
+EXACT, REQUANTIZED, KQUANT, TABLE = "exact", "requantized", "kquant", "table"  # how a weight reached the file
+
+
 @dataclass
 class GgufCheck:
     verdict: str
     tensors_compared: int
     max_abs_diff_exact: float  # over the tensors carried over exactly: 0 when the read-back matches
     requantized_rel_error: float | None  # ||W_gguf - W|| / ||W|| over the re-quantized ones
+    kquant_rel_error: float | None = None  # the same over our integers as k-quants (their scales' rounding)
+    table_rel_error: float | None = None  # the same over the embedding / output layer rounded to nearest
 
 
 @dataclass
@@ -56,6 +64,11 @@ class GgufExported:
     types: dict[str, int]
     check: GgufCheck
     notes: list[str] = field(default_factory=list)
+    kquant: int = 0  # quantized linears whose integers were re-expressed as Q4_K / Q5_K (scales rounded to 6 bits)
+    kquant_worst_rel_error: float | None = None  # the largest of one tensor's k-quant fit error
+    embed_bits: int | None = None  # token_embd (and a tied output layer) rounded to nearest: 8 Q8_0, 4 Q4_0
+    lm_head_bits: int | None = None  # an untied output layer likewise
+    file_bytes: int = 0
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -67,25 +80,29 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def q_blocks(
     q: np.ndarray, scale: np.ndarray, bits: int, zero_point: np.ndarray | None = None
 ) -> tuple[np.ndarray, int]:
-    """q [N, K] int8, scale [N, K/32] float32 -> Q8_0 / Q4_0 bytes [N, K/32 * block bytes], or Q4_1 when
-    zero_point [N, K/32] is given; and how many block scales (and Q4_1 minimums) float16 rounded.
+    """q [N, K] int8, scale [N, K/32] float32 -> Q8_0 / Q5_0 / Q4_0 bytes [N, K/32 * block bytes], or Q5_1 / Q4_1
+    when zero_point [N, K/32] is given; and how many block scales (and minimums) float16 rounded.
     Q4_1 stores w = d * u + m with u in 0..15: ours is (q - zp) * s with u = q + 8, so d = s and
-    m = -(8 + zp) * s (exact in float32: 8 bits of a bf16 scale times an integer up to 16)."""
+    m = -(8 + zp) * s (exact in float32: 8 bits of a bf16 scale times an integer up to 16); Q5_1 likewise
+    with u = q + 16."""
     n, k = q.shape
     d = scale.astype(np.float16)
     rounded = int((d.astype(np.float32) != scale).sum())
     head = [d.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2)]
+    offset = 1 << (bits - 1)
     if zero_point is not None:
-        m32 = -(8.0 + zero_point.astype(np.float32)) * scale
+        m32 = -(offset + zero_point.astype(np.float32)) * scale
         m = m32.astype(np.float16)
         rounded += int((m.astype(np.float32) != m32).sum())
         head.append(m.reshape(n, k // 32, 1).view(np.uint8).reshape(n, k // 32, 2))
     qb = q.reshape(n, k // 32, 32)
     if bits == 8:
         body = qb.view(np.uint8)
-    else:  # Q4_0 / Q4_1: byte j holds element j (low nibble) and element j + 16 (high nibble)
-        u = (qb.astype(np.int16) + 8).astype(np.uint8)
-        body = u[..., :16] | (u[..., 16:] << 4)
+    else:  # Q4/Q5: byte j holds element j (low nibble) and element j + 16 (high nibble)
+        u = (qb.astype(np.int16) + offset).astype(np.uint8)
+        body = (u[..., :16] & 0x0F) | ((u[..., 16:] & 0x0F) << 4)
+        if bits == 5:  # Q5: bit 4 of element j is bit j of a little-endian uint32 before the nibbles
+            body = np.concatenate([np.packbits(u >> 4, axis=-1, bitorder="little"), body], axis=-1)
     blocks = np.concatenate([*head, body], axis=-1)
     return blocks.reshape(n, -1), rounded
 
@@ -93,19 +110,23 @@ def q_blocks(
 def exact_type(w: StoredLinear) -> str | None:
     """The GGUF type our grid is exactly, or None. Symmetric int3 and int2 values are int4 values
     on the same scale, so they are Q4_0 exactly (4.5 bits a weight, where their k-quants would be
-    smaller but not exact); with zero points, int4/3/2 are Q4_1 (5 bits a weight). Asymmetric int8
-    has no GGUF block type."""
+    smaller but not exact); with zero points, int4/3/2 are Q4_1 (5 bits a weight); int5 is Q5_0
+    (5.5 bits) or with zero points Q5_1 (6 bits). int6, int7 and asymmetric int8 have no GGUF block type."""
     k = w.q.shape[1]
-    if w.kind != "int" or w.bits > 8 or k % 32 or (not w.symmetric and w.bits > 4):
+    if w.kind != "int" or w.bits in (6, 7) or w.bits > 8 or k % 32 or (not w.symmetric and w.bits == 8):
         return None
     if w.group_size is not None and w.group_size % 32:
         return None
-    if w.bits <= 4:
-        return "Q4_0" if w.symmetric else "Q4_1"
+    if w.bits <= 5:
+        return f"Q{max(w.bits, 4)}_{0 if w.symmetric else 1}"
     return "Q8_0"
 
 
-def export(loaded: Loaded, dest: Path) -> GgufExported:
+def export(
+    loaded: Loaded, dest: Path, k_quants: bool = True, lm_head_bits: int | None = None, embed_bits: int | None = None
+) -> GgufExported:
+    """k_quants: asymmetric int4/int5 in groups of 32 become Q4_K/Q5_K where rows are multiples of 256 (else exactly
+    Q4_1/Q5_1). lm_head_bits / embed_bits: 8 (Q8_0), 4 (Q4_0), 0 float; None: widths.table_widths' default."""
     import gguf
 
     model, cfg = loaded.model, loaded.model.config
@@ -138,27 +159,38 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
     w.add_vocab_size(cfg.vocab_size)
     pre = _tokenizer(w, loaded.checkpoint)
 
+    head = model.get_output_embeddings()
+    tied = head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    if tied and None not in (lm_head_bits, embed_bits) and lm_head_bits != embed_bits:
+        raise UsageError(
+            f"this model ties its output layer to the embedding (one GGUF tensor): --lm-head-bits {lm_head_bits} and "
+            f"--embed-bits {embed_bits} cannot both hold; give one width"
+        )
+    head_bits, embed_bits = widths.table_widths(
+        lm_head_bits, embed_bits, any(x.kind == "int" for x in stored.values()), tied, untied_embedding=True
+    )
     out = GgufExported(str(dest / FILE), 0, 0, 0, 0, {}, GgufCheck("", 0, 0.0, None))
-    expected: dict[str, tuple[np.ndarray, bool]] = {}  # GGUF name -> (float32 weights, exact)
+    out.embed_bits, out.lm_head_bits = embed_bits, None if tied else head_bits
+    expected: dict[str, tuple[np.ndarray, str]] = {}  # GGUF name -> (float32 weights, how it reached the file)
 
-    def add(name: str, hf: str, permute_heads: int | None = None) -> None:
-        """hf: the module whose weight this is (stored quantized, or plain)."""
+    def add(name: str, hf: str, permute_heads: int | None = None, bits: int | None = None) -> None:
+        """hf: the module whose weight this is (stored quantized, or plain; bits: round a plain one)."""
         ref = stored[hf].dequantized().numpy() if hf in stored else _weight(model, hf)
         if permute_heads:
             ref = _permute_rows(ref, permute_heads)
         if hf in stored:
-            arr, kind, exact = _quantized(stored[hf], ref, permute_heads, out)
+            arr, kind, category = _quantized(stored[hf], ref, permute_heads, out, k_quants)
         else:
-            arr, kind, exact = _plain(ref, src_dtype)
+            arr, kind, category = _plain(ref, src_dtype, bits)
         if kind in ("F32", "F16"):
             w.add_tensor(name, arr)
         else:
             w.add_tensor(name, arr, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
         out.tensors += 1
         out.types[kind] = out.types.get(kind, 0) + 1
-        expected[name] = (ref, exact)
+        expected[name] = (ref, category)
 
-    add("token_embd.weight", "model.embed_tokens")
+    add("token_embd.weight", "model.embed_tokens", bits=embed_bits)
     for i in range(cfg.num_hidden_layers):
         for hf, name in LAYER_NAMES.items():
             full = f"model.layers.{i}.{hf}"
@@ -174,9 +206,8 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
                 out.tensors += 1
     w.add_tensor("output_norm.weight", _weight(model, "model.norm"))
     out.tensors += 1
-    head = model.get_output_embeddings()
-    if head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
-        add("output.weight", next(n for n, m in model.named_modules() if m is head))
+    if not tied:
+        add("output.weight", next(n for n, m in model.named_modules() if m is head), bits=head_bits)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -187,6 +218,20 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
             f"{out.requantized} quantized linears have no exact GGUF type; re-quantized to Q8_0 "
             f"(relative weight error {out.check.requantized_rel_error:.2e})"
         )
+    if out.kquant:
+        out.notes.append(
+            f"{out.kquant} quantized linears: our integers as {'/'.join(sorted(set(out.types) & {'Q4_K', 'Q5_K'}))} "
+            f"(their scales and minimums rounded to 6 bits per sub-block: relative weight error "
+            f"{out.check.kquant_rel_error:.2e}, worst tensor {out.kquant_worst_rel_error:.2e}); --no-k-quants keeps "
+            "them exactly as Q4_1/Q5_1"
+        )
+    if embed_bits or out.lm_head_bits:
+        tables = "token_embd" + (" (also the tied output layer)" if tied else "") if embed_bits else ""
+        tables += (", " if tables else "") + "output" if out.lm_head_bits else ""
+        out.notes.append(
+            f"{tables} rounded to nearest with gguf's quantizer (relative error {out.check.table_rel_error:.2e}); "
+            "--embed-bits/--lm-head-bits 0 keep them float"
+        )
     if out.rounded_scales:
         out.notes.append(
             f"{out.rounded_scales} block scales or minimums were rounded to float16 (GGUF stores them as float16)"
@@ -196,6 +241,7 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
             "tokenizer.ggml.pre is 'default' (this tokenizer's pre-tokenizer is not one compress recognises): "
             "llama.cpp may split some raw text differently from the HF tokenizer"
         )
+    out.file_bytes = (dest / FILE).stat().st_size
     (dest / "export.json").write_text(json.dumps(asdict(out), indent=2) + "\n")
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (loaded.checkpoint / f).is_file():
@@ -204,63 +250,75 @@ def export(loaded: Loaded, dest: Path) -> GgufExported:
 
 
 def _quantized(
-    s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported
+    s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported, k_quants: bool
 ) -> tuple[np.ndarray, str, bool]:
     """dense: s de-quantized (rows permuted like q/scale), for the types that re-quantize."""
     kind = exact_type(s)
     if kind is not None:
         per_group = (s.group_size or s.q.shape[1]) // 32
         scale = np.repeat(s.scale.numpy(), per_group, axis=1)
-        zp = np.repeat(s.zero_point.numpy(), per_group, axis=1) if kind == "Q4_1" else None
+        zp = np.repeat(s.zero_point.numpy(), per_group, axis=1) if kind.endswith("_1") else None
         q = s.q.numpy()
         if permute_heads:
             q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
             zp = None if zp is None else _permute_rows(zp, permute_heads)
-        blocks, rounded = q_blocks(q, scale, 8 if kind == "Q8_0" else 4, zp)
+        if k_quants and gguf_kquants.fits(q.shape[1], s.group_size, s.bits, s.symmetric):
+            blocks, rel = gguf_kquants.blocks(q, scale, zp, s.bits)
+            out.kquant += 1
+            out.kquant_worst_rel_error = max(out.kquant_worst_rel_error or 0.0, rel)
+            return blocks, gguf_kquants.KQUANT[s.bits], KQUANT
+        blocks, rounded = q_blocks(q, scale, {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5}.get(kind, 4), zp)
         out.exact += 1
         out.rounded_scales += rounded
-        return blocks, kind, rounded == 0
+        return blocks, kind, EXACT if rounded == 0 else REQUANTIZED
     import gguf
 
     if dense.shape[1] % 32:
         out.requantized += 1
-        return dense, "F32", False
+        return dense, "F32", REQUANTIZED
     out.requantized += 1
-    return gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0), "Q8_0", False
+    return gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0), "Q8_0", REQUANTIZED
 
 
-def _plain(arr: np.ndarray, src_dtype: str) -> tuple[np.ndarray, str, bool]:
-    """A float32 weight in the checkpoint's own dtype (exact: the values came from it)."""
+def _plain(arr: np.ndarray, src_dtype: str, bits: int | None = None) -> tuple[np.ndarray, str, str]:
+    """A float32 weight in the checkpoint's own dtype (exact: the values came from it), or rounded to nearest on
+    `bits` (8: Q8_0, 4: Q4_0, gguf's own quantizer, as llama.cpp rounds these tables) where rows hold whole blocks."""
+    import gguf
+
+    if bits and arr.shape[1] % 32 == 0:
+        kind = "Q8_0" if bits == 8 else "Q4_0"
+        return gguf.quants.quantize(arr, getattr(gguf.GGMLQuantizationType, kind)), kind, TABLE
     if src_dtype == "bfloat16":  # the checkpoint's own values, exactly
-        import gguf
-
-        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), "BF16", True
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), "BF16", EXACT
     if src_dtype == "float16":
-        return arr.astype(np.float16), "F16", True
-    return arr, "F32", True
+        return arr.astype(np.float16), "F16", EXACT
+    return arr, "F32", EXACT
 
 
-def read_back(path: Path, expected: dict[str, tuple[np.ndarray, bool]]) -> GgufCheck:
-    """Read the file with gguf's reader, de-quantize every weight and compare with ours."""
+def read_back(path: Path, expected: dict[str, tuple[np.ndarray, str]]) -> GgufCheck:
+    """Read the file with gguf's reader, de-quantize every weight and compare with ours: exact tensors must be
+    identical; the others' relative error is measured per category (what the file costs against our weights)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    worst, num, den, n = 0.0, 0.0, 0.0, 0
+    worst, n = 0.0, 0
+    sums = {c: [0.0, 0.0] for c in (REQUANTIZED, KQUANT, TABLE)}
     for t in reader.tensors:
         if t.name not in expected:
             continue
-        ref, exact = expected[t.name]
+        ref, category = expected[t.name]
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape).astype(np.float32)
         n += 1
-        if exact:
+        if category == EXACT:
             worst = max(worst, float(np.abs(got - ref).max()))
         else:
-            num += float(((got - ref) ** 2).sum())
-            den += float((ref**2).sum())
+            sums[category][0] += float(((got - ref) ** 2).sum())
+            sums[category][1] += float((ref**2).sum())
+    rel = {c: (num / den) ** 0.5 if den else None for c, (num, den) in sums.items()}
     if n != len(expected):
         return GgufCheck(f"FAILED: {len(expected) - n} weights missing from the file", n, worst, None)
     verdict = "every exact tensor identical" if worst == 0 else f"FAILED: exact tensors differ by up to {worst:.3g}"
-    return GgufCheck(verdict, n, worst, (num / den) ** 0.5 if den else None)
+    return GgufCheck(verdict, n, worst, rel[REQUANTIZED], rel[KQUANT], rel[TABLE])
 
 
 def _tokenizer(w, ckpt: Path) -> str:

@@ -17,7 +17,7 @@ from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
 from compress.eval.divergence import kl_top1
-from compress.export import onnx_decoder, onnx_encoder, onnx_genai
+from compress.export import onnx_decoder, onnx_encoder, onnx_genai, widths
 from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
@@ -227,20 +227,8 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
 
 
 def table_widths(opts: onnx_decoder.Options, quantized: bool, tied: bool) -> onnx_decoder.Options:
-    """The output layer's and embedding's widths, where not asked (None; 0 asks for float32): a checkpoint with
-    integer weights gets an 8-bit output layer, and a tied model the one 8-bit table for both. Measured on SmolLM2-135M
-    w4a16 (benchmarks/export.py, 2 threads): file 175 -> 94 MB, decode 3.07x -> 3.49x PyTorch fp32, perplexity
-    +0.06%, 16/16 greedy tokens. At 4 bits the output layer alone cost +13.6%: never a default. A float checkpoint
-    stays float."""
-    head, embed = opts.lm_head_bits, opts.embed_bits
-    if tied:  # one tensor, one width, unless both are asked
-        head = embed if head is None else head
-        embed = head if embed is None else embed
-    if head is None and quantized:
-        head = 8
-    if embed is None and tied and quantized:
-        embed = head
-    return dataclasses.replace(opts, lm_head_bits=head or None, embed_bits=embed or None)
+    head, embed = widths.table_widths(opts.lm_head_bits, opts.embed_bits, quantized, tied)
+    return dataclasses.replace(opts, lm_head_bits=head, embed_bits=embed)
 
 
 def _verify(exp: Exported) -> None:

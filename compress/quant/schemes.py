@@ -37,6 +37,11 @@ SCHEMES: dict[str, Kind] = {
     # int2 is unusable either way there (g32 +1163% / +28826%, g16 +1683% / +8685%): 32 stays, exact in GGUF Q4_0.
     "w3a16": Kind(3, "int", None, grouped=True, default_group=32, **LOW_BIT),
     "w2a16": Kind(2, "int", None, grouped=True, default_group=32, **LOW_BIT),
+    # 5 and 6 bits: the widths of GGUF's Q5_0/Q5_1/Q5_K and Q6_K, which llama.cpp's own Q4_K_M/Q5_K_M mixes spend on
+    # most tensors of a small model (SmolLM2's 576-wide rows are no multiple of 256: its Q4_K_M is mostly Q5_0).
+    # Groups of 32 are the GGUF block; symmetric is Q5_0 exactly, zero points Q5_1.
+    "w5a16": Kind(5, "int", None, grouped=True, default_group=32, default_method="gptq"),
+    "w6a16": Kind(6, "int", None, grouped=True, default_group=32, default_method="gptq"),
     "w8a16": Kind(8, "int", None, grouped=True, default_group=None),
     "w8a8": Kind(8, "int", "int8", grouped=False, default_group=None),
     "fp8": Kind(8, "float", "fp8", grouped=False, default_group=None),

@@ -93,7 +93,7 @@ def test_export_bad_input(quantized, tmp_path):
     ckpt = quantized("llama", "w4a16")
     assert "--format" in assert_one_line_error(compress("export", ckpt, "-f", "tflite", "-o", tmp_path / "x"), 2)
     assert "lm-head-bits" in assert_one_line_error(
-        compress("export", ckpt, "-f", "gguf", "--lm-head-bits", "4", "-o", tmp_path / "x"), 2
+        compress("export", ckpt, "-f", "gguf", "--lm-head-bits", "6", "-o", tmp_path / "x"), 2
     )
     (tmp_path / "exists").mkdir()
     assert "already exists" in assert_one_line_error(compress("export", ckpt, "-o", tmp_path / "exists"), 2)

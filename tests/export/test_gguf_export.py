@@ -13,10 +13,10 @@ from compress.models.source import resolve
 from compress.runtime import llama_cpp
 
 
-def export(ckpt, dest):
+def export(ckpt, dest, **options):
     loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
     dest.mkdir()
-    return loaded, gguf_export.export(loaded, dest)
+    return loaded, gguf_export.export(loaded, dest, **options)
 
 
 # Each case once (gguf's reader takes ~7 s a file, parsing the 49k-token vocabulary): both families,
@@ -29,9 +29,12 @@ def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, grou
     ckpt = quantized(arch, scheme, group)
     _, out = export(ckpt, tmp_path / "gguf")
     linears = len(read(ckpt))
-    assert out.exact == linears and out.requantized == 0 and out.types[kind] == linears
+    # + token embedding and the untied output layer, Q8_0 by default for a checkpoint with integer weights
+    assert out.exact == linears and out.requantized == 0 and out.types[kind] == linears + 2 * (kind == "Q8_0")
+    assert out.embed_bits == out.lm_head_bits == 8
     assert out.check.verdict == "every exact tensor identical" and out.check.max_abs_diff_exact == 0.0
-    assert out.check.tensors_compared == linears + 2  # + token embedding and the untied output layer
+    assert out.check.tensors_compared == linears + 2 and out.check.table_rel_error < 0.01
+    assert out.file_bytes == (tmp_path / "gguf" / "model.gguf").stat().st_size
 
 
 def test_int3_is_exact_q4_0(quantized, tmp_path):
@@ -73,7 +76,7 @@ def test_q4_1_layout_matches_gguf_reference():
 def test_asymmetric_int4_is_q4_1(quantized, tmp_path):
     ckpt = quantized("llama", "w4a16", 32, symmetric=False)
     _, out = export(ckpt, tmp_path / "gguf")
-    assert out.exact == out.types["Q4_1"] == len(read(ckpt)) and out.requantized == 0
+    assert out.exact == out.types["Q4_1"] == len(read(ckpt)) and out.requantized == 0 and out.kquant == 0
     # every tensor whose minimums float16 holds is identical; the rest are within float16's rounding of m
     assert out.check.max_abs_diff_exact == 0.0
     assert out.check.requantized_rel_error is None or out.check.requantized_rel_error < 1e-3
@@ -84,6 +87,101 @@ def test_fp8_is_requantized_with_its_cost(quantized, tmp_path):
     assert out.exact == 0 and out.requantized == len(read(quantized("llama", "fp8")))
     assert out.check.requantized_rel_error < 0.01
     assert any("re-quantized to Q8_0" in n for n in out.notes)
+
+
+def test_q5_layouts_match_gguf_reference():
+    """int5: our Q5_0 (symmetric) and Q5_1 (zero points) blocks against gguf's de-quantizer."""
+    import gguf
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-16, 16, size=(8, 96)).astype(np.int8)
+    zp = rng.integers(-16, 16, size=(8, 3)).astype(np.int8)
+    scale = (rng.integers(1, 64, size=(8, 3)) / 1024).astype(np.float32)
+    for zero_point, qtype, size in ((None, "Q5_0", 22), (zp, "Q5_1", 24)):
+        blocks, rounded = gguf_export.q_blocks(q, scale, 5, zero_point)
+        zpb = 0 if zero_point is None else zero_point[..., None]
+        want = ((q.reshape(8, 3, 32) - zpb) * scale[..., None]).reshape(8, 96)
+        assert rounded == 0 and blocks.shape == (8, 3 * size)
+        got = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, qtype)).reshape(8, 96)
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_k_quant_blocks_keep_our_integers(bits):
+    """Q4_K/Q5_K from our integers, scales and zero points: gguf's de-quantizer reads back exactly the error we
+    report, and every sub-block is our integers on a rounded scale and minimum (the integers are not re-chosen)."""
+    import gguf
+
+    from compress.export import gguf_kquants
+
+    rng = np.random.default_rng(bits)
+    half = 1 << (bits - 1)
+    q = rng.integers(-half, half, size=(6, 512)).astype(np.int8)
+    zp = rng.integers(-half, half, size=(6, 16)).astype(np.int8)
+    scale = (0.01 * np.exp(rng.normal(0, 0.3, size=(6, 16)))).astype(np.float32)  # as spread as real groups
+    blocks, rel = gguf_kquants.blocks(q, scale, zp, bits)
+    assert blocks.shape == (6, 2 * {4: 144, 5: 176}[bits])
+    got = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, gguf_kquants.KQUANT[bits]))
+    want = (q.reshape(6, 16, 32) - zp[..., None]) * scale[..., None]
+    got = got.reshape(6, 16, 32)
+    assert np.isclose(np.linalg.norm(got - want) / np.linalg.norm(want), rel, rtol=1e-4) and rel < 0.02
+    # (6-bit scales cost ~1% of the weights here, against ~8% for int4's own rounding: they add in quadrature)
+    # got = alpha * (q + half) - beta per sub-block: a straight line through our integers
+    u = q.reshape(6, 16, 32).astype(np.float64) + half
+    for r, g in ((0, 0), (3, 7), (5, 15)):
+        slope, icept = np.polyfit(u[r, g], got[r, g], 1)
+        assert np.abs(slope * u[r, g] + icept - got[r, g]).max() < 1e-6
+        assert abs(slope / scale[r, g] - 1) < 0.05  # the scale moved by its 6-bit rounding only
+
+
+def test_k_quants_where_rows_allow(tiny_model, tmp_path):
+    """A 256-wide model with zero points: every linear becomes Q4_K (its rows are whole super-blocks), read back
+    within the reported error; --no-k-quants keeps them exactly Q4_1; a float checkpoint keeps float tables."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import tiny_config
+
+    src = tmp_path / "wide"
+    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
+    config = tiny_config("llama", len(tok))
+    config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    _, plain = export(src, tmp_path / "plain")
+    assert plain.embed_bits is None and plain.types.get("Q8_0", 0) == 0 and plain.kquant == 0
+
+    from rich.console import Console
+
+    from compress import api
+    from compress.recipe import validate
+
+    ckpt = tmp_path / "q"
+    stage = {"stage": "quantize", "scheme": "w4a16", "group_size": 32, "symmetric": False, "method": "rtn"}
+    recipe = validate({"model": str(src), "output": str(ckpt), "evaluate": {"enabled": False}, "stages": [stage]})
+    api.run(recipe, Console(quiet=True))
+    _, out = export(ckpt, tmp_path / "k")
+    linears = len(read(ckpt))
+    assert out.kquant == out.types["Q4_K"] == linears and out.exact == 0
+    assert out.check.kquant_rel_error < 0.03 and out.check.verdict == "every exact tensor identical"
+    assert any("as Q4_K" in n for n in out.notes)
+    _, exact = export(ckpt, tmp_path / "exact", k_quants=False)
+    assert exact.types["Q4_1"] == linears and exact.kquant == 0
+    assert out.file_bytes < exact.file_bytes  # 4.5 bits a weight instead of 5
+    _, floats = export(ckpt, tmp_path / "float-tables", embed_bits=0, lm_head_bits=0)
+    assert floats.types.get("Q8_0", 0) == 0 and floats.embed_bits is None and floats.lm_head_bits is None
+    if llama_cpp.available():  # llama.cpp's own Q4_K kernels on the file: next-token log-probs near PyTorch's
+        loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
+        ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
+        dec = llama_cpp.LlamaCppDecoder(tmp_path / "k" / "model.gguf", threads=1, n_ctx=64, logits_all=True)
+        try:
+            got = dec.logprobs(ids)
+        finally:
+            dec.close()
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        assert np.abs(got - want).max() < 0.1  # 6-bit scales and the Q8_0 tables: not exact
 
 
 def test_encoder_refused(quantized, tmp_path):

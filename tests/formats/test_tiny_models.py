@@ -161,8 +161,8 @@ assert not any(m == "compress" or m.startswith("compress.") for m in sys.modules
 
 
 def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
-    """The integers and scales we computed (int4, int3, int2; int4 and int8 with zero points) are what transformers
-    rebuilds in a fresh process without compress, bit for bit; the integers (and zero points) are packed
+    """The integers and scales we computed (int4, int3, int2, int5; int6, int4 and int8 with zero points) are what
+    transformers rebuilds in a fresh process without compress, bit for bit; the integers (and zero points) are packed
     densely (bits per weight on disk)."""
     import subprocess
     import sys
@@ -173,7 +173,7 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
     from compress.primitives.qparams import Grid, dequantize, quantize as q, search_range
 
     src, name = tiny_model("llama"), "model.layers.0.mlp.down_proj"
-    bits = {"w4a16": 4, "w3a16": 3, "w2a16": 2, "w4a16-asym": 4, "w8a16-asym": 8}
+    bits = {"w4a16": 4, "w3a16": 3, "w2a16": 2, "w5a16": 5, "w6a16-asym": 6, "w4a16-asym": 4, "w8a16-asym": 8}
     with safe_open(src / "model.safetensors", "pt") as f:
         w = f.get_tensor(name + ".weight")  # [64, 128]
     for scheme, b in bits.items():

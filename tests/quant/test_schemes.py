@@ -62,7 +62,7 @@ def test_plan_bits_follow_the_scheme_resolution():
     assert bits_per_weight("w4a16", 64, False, [576]) == 4 + 20 / 64  # the zero point packed at 4 bits
 
 
-@pytest.mark.parametrize("scheme,bits,group", [("w3a16", 3, 32), ("w2a16", 2, 32)])
+@pytest.mark.parametrize("scheme,bits,group", [("w3a16", 3, 32), ("w2a16", 2, 32), ("w5a16", 5, 32), ("w6a16", 6, 32)])
 def test_low_bit_schemes(scheme, bits, group):
     s = res(scheme=scheme)
     assert s.weight.bits == bits and s.weight.group_size == group and s.act is None
