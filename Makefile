@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/distill.py
 	$(PY) benchmarks/recipes.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/gguf_files.py  # prints that it needs llama-cpp-python, when it is not installed
 	$(PY) benchmarks/gpu_kernels.py  # prints that it needs a GPU, when there is none
 
 # llm-compressor pins its own transformers: it gets a virtual environment of its own,

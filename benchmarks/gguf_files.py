@@ -1,6 +1,6 @@
 """GGUF files from compress against llama.cpp's own quantizer on the same model, at equal or smaller size.
 
-    .venv/bin/python benchmarks/gguf.py [--threads 2] [--eval-tokens 4096] [--rounds 3] [--work DIR] [--no-write]
+    .venv/bin/python benchmarks/gguf_files.py [--threads 2] [--eval-tokens 4096] [--rounds 3] [--work DIR] [--no-write]
 
 Needs llama-cpp-python (`pip install -e '.[llama]'`). SmolLM2-135M: the base checkpoint is exported to an f32
 GGUF by `compress export`; llama.cpp's `llama_model_quantize` (the code behind `llama-quantize`, no importance
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def main() -> None:
     from compress.runtime import llama_cpp
 
     if not llama_cpp.available():
-        sys.exit("benchmarks/gguf.py needs llama-cpp-python: pip install -e '.[llama]'")
+        print("benchmarks/gguf_files.py needs llama-cpp-python (pip install -e '.[llama]'): nothing measured")
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="compress-bench-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -140,7 +142,8 @@ def main() -> None:
     if not base.exists():
         run("export", "smollm2-135m", "-f", "gguf", "-o", str(base))
     files: dict[str, Path] = {}
-    made: dict[str, float] = {}
+    times = work / "made.json"  # the quantizers' wall times, kept with what they made for a run that reuses it
+    made: dict[str, float] = json.loads(times.read_text()) if times.is_file() else {}
     for ftype in ANCHORS:
         dest = work / f"llama-{ftype}.gguf"
         if not dest.exists():
@@ -158,6 +161,7 @@ def main() -> None:
         if not dest.exists():
             run("export", str(ckpt), "-f", "gguf", "-o", str(dest), *eargs)
         files[label] = dest / "model.gguf"
+    times.write_text(json.dumps(made))
 
     from transformers import AutoTokenizer
 
@@ -191,7 +195,7 @@ def main() -> None:
 
     (a, b) = texts
     lines = [
-        "## GGUF: compress's files against llama.cpp's own quantizer (`benchmarks/gguf.py`)",
+        "## GGUF: compress's files against llama.cpp's own quantizer (`benchmarks/gguf_files.py`)",
         "",
         f"SmolLM2-135M (tied embedding: one `token_embd` serves the output layer). llama.cpp {binding.__version__} "
         f"(llama-cpp-python) quantizes the f32 GGUF that `compress export` writes of the base checkpoint "
@@ -221,13 +225,14 @@ def main() -> None:
             f"{sa['ppl']:.3f} ({(sa['ppl'] / pa - 1) * 100:+.2f}%)"
             f" | {sa['kl']:.4f} | {sa['top1']:.1%} | {sb['ppl']:.3f} ({(sb['ppl'] / pb - 1) * 100:+.2f}%) | "
             f"{sb['kl']:.4f} | {sb['top1']:.1%} | {r.decode_speedup:.2f}x | {r.prefill_speedup:.2f}x | "
-            f"{made.get(label, float('nan')):.0f} |"
+            + (f"{made[label]:.0f} |" if label in made else "|")
         )
     lines += [
         "",
         "llama.cpp falls back where a row is no multiple of 256 (SmolLM2's 576-wide inputs): its Q4_K_M is mostly "
         "Q5_0 and Q3_K_M mostly Q4_0 here, as the type column shows. 'made in s' is the quantizer's wall time "
-        "(compress: calibration and GPTQ included; llama.cpp: round to nearest); empty when reused from --work.",
+        "(compress: calibration and GPTQ included; llama.cpp: round to nearest); empty when made before `made.json` "
+        "was kept.",
     ]
     body = "\n".join(lines)
     print(body)
