@@ -50,8 +50,9 @@ def export(
     k_quants: Annotated[
         bool,
         typer.Option(
-            help="GGUF: int4/int5 with zero points become Q4_K/Q5_K where rows are multiples of 256 (0.5 bits a weight "
-            "smaller; their scales rounded to 6 bits, error reported); --no-k-quants keeps them exactly as Q4_1/Q5_1"
+            help="GGUF: where rows are multiples of 256, int4/int5 with zero points become Q4_K/Q5_K (0.5 bits a weight "
+            "smaller than Q4_1/Q5_1) and symmetric int3/int6 in groups of 16 Q3_K/Q6_K: our integers, their scales "
+            "rounded to the k-quant's codes (error reported); --no-k-quants keeps the exact 32-blocks"
         ),
     ] = True,
     threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,

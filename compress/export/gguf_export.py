@@ -6,8 +6,9 @@ likewise is Q4_0 (d, 32 codes q + 8), int4 with zero points is Q4_1 (d, minimum 
 a group of 64 is two blocks with the same d; int5 is Q5_0 / Q5_1. The block scale d (and m) is float16, so a
 value float16 cannot hold exactly is rounded: counted and reported. With zero points, int4/int5 in rows of
 multiples of 256 become the k-quants Q4_K/Q5_K (gguf_kquants: our integers, their scales rounded to 6 bits),
-smaller by 0.5 bits a weight, with the error reported. Anything else (fp8, int6, asymmetric int8, groups that are
-not multiples of 32) is re-quantized to Q8_0 from its de-quantized values, with the error it costs.
+smaller by 0.5 bits a weight, and symmetric int3/int6 in groups of 16 become Q3_K/Q6_K, with the error reported.
+Anything else (fp8, int6 outside Q6_K, asymmetric int8, groups that are not multiples of 32) is re-quantized to
+Q8_0 from its de-quantized values, with the error it costs.
 Unquantized weights keep their dtype (bf16/f16/f32), except the embedding and output layer of a checkpoint with
 integer weights: Q8_0 by default (as llama.cpp's own mixes keep them at 6-8 bits); norms are f32.
 """
@@ -64,7 +65,7 @@ class GgufExported:
     types: dict[str, int]
     check: GgufCheck
     notes: list[str] = field(default_factory=list)
-    kquant: int = 0  # quantized linears whose integers were re-expressed as Q4_K / Q5_K (scales rounded to 6 bits)
+    kquant: int = 0  # quantized linears whose integers were re-expressed as Q3_K..Q6_K (sub-block scales rounded)
     kquant_worst_rel_error: float | None = None  # the largest of one tensor's k-quant fit error
     embed_bits: int | None = None  # token_embd (and a tied output layer) rounded to nearest: 8 Q8_0, 4 Q4_0
     lm_head_bits: int | None = None  # an untied output layer likewise
@@ -125,8 +126,9 @@ def exact_type(w: StoredLinear) -> str | None:
 def export(
     loaded: Loaded, dest: Path, k_quants: bool = True, lm_head_bits: int | None = None, embed_bits: int | None = None
 ) -> GgufExported:
-    """k_quants: asymmetric int4/int5 in groups of 32 become Q4_K/Q5_K where rows are multiples of 256 (else exactly
-    Q4_1/Q5_1). lm_head_bits / embed_bits: 8 (Q8_0), 4 (Q4_0), 0 float; None: widths.table_widths' default."""
+    """k_quants: asymmetric int4/int5 (groups of 32k) become Q4_K/Q5_K and symmetric int3/int6 (groups of 16k)
+    Q3_K/Q6_K where rows are multiples of 256 (else the exact 32-blocks, or Q8_0 for what has none).
+    lm_head_bits / embed_bits: 8 (Q8_0), 4 (Q4_0), 0 float; None: widths.table_widths' default."""
     import gguf
 
     model, cfg = loaded.model, loaded.model.config
@@ -220,10 +222,11 @@ def export(
         )
     if out.kquant:
         out.notes.append(
-            f"{out.kquant} quantized linears: our integers as {'/'.join(sorted(set(out.types) & {'Q4_K', 'Q5_K'}))} "
-            f"(their scales and minimums rounded to 6 bits per sub-block: relative weight error "
-            f"{out.check.kquant_rel_error:.2e}, worst tensor {out.kquant_worst_rel_error:.2e}); --no-k-quants keeps "
-            "them exactly as Q4_1/Q5_1"
+            f"{out.kquant} quantized linears: our integers as "
+            f"{'/'.join(sorted(set(out.types) & {'Q3_K', 'Q4_K', 'Q5_K', 'Q6_K'}))} (sub-block scales and minimums "
+            f"rounded to the k-quant's codes: relative weight error {out.check.kquant_rel_error:.2e}, worst tensor "
+            f"{out.kquant_worst_rel_error:.2e}); --no-k-quants keeps the exact 32-blocks (Q4_0/Q4_1/Q5_0/Q5_1) where "
+            "there are some"
         )
     if embed_bits or out.lm_head_bits:
         tables = "token_embd" + (" (also the tied output layer)" if tied else "") if embed_bits else ""
@@ -253,20 +256,19 @@ def _quantized(
     s: StoredLinear, dense: np.ndarray, permute_heads: int | None, out: GgufExported, k_quants: bool
 ) -> tuple[np.ndarray, str, bool]:
     """dense: s de-quantized (rows permuted like q/scale), for the types that re-quantize."""
+    kquant = gguf_kquants.kind(s.q.shape[1], s.group_size, s.bits, s.symmetric) if s.kind == "int" else None
     kind = exact_type(s)
-    if kind is not None:
-        per_group = (s.group_size or s.q.shape[1]) // 32
-        scale = np.repeat(s.scale.numpy(), per_group, axis=1)
-        zp = np.repeat(s.zero_point.numpy(), per_group, axis=1) if kind.endswith("_1") else None
-        q = s.q.numpy()
-        if permute_heads:
-            q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
-            zp = None if zp is None else _permute_rows(zp, permute_heads)
-        if k_quants and gguf_kquants.fits(q.shape[1], s.group_size, s.bits, s.symmetric):
+    if k_quants and kquant is not None:
+        q, scale, zp = _blocked(s, gguf_kquants.sub_block(s.symmetric), not s.symmetric, permute_heads)
+        if s.symmetric:
+            blocks, rel = gguf_kquants.blocks_symmetric(q, scale, s.bits)
+        else:
             blocks, rel = gguf_kquants.blocks(q, scale, zp, s.bits)
-            out.kquant += 1
-            out.kquant_worst_rel_error = max(out.kquant_worst_rel_error or 0.0, rel)
-            return blocks, gguf_kquants.KQUANT[s.bits], KQUANT
+        out.kquant += 1
+        out.kquant_worst_rel_error = max(out.kquant_worst_rel_error or 0.0, rel)
+        return blocks, kquant, KQUANT
+    if kind is not None:
+        q, scale, zp = _blocked(s, 32, kind.endswith("_1"), permute_heads)
         blocks, rounded = q_blocks(q, scale, {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5}.get(kind, 4), zp)
         out.exact += 1
         out.rounded_scales += rounded
@@ -278,6 +280,20 @@ def _quantized(
         return dense, "F32", REQUANTIZED
     out.requantized += 1
     return gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0), "Q8_0", REQUANTIZED
+
+
+def _blocked(
+    s: StoredLinear, block: int, zero_points: bool, permute_heads: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Integers [N, K], a scale (and zero point) per `block` weights, rows in GGUF's order."""
+    per_group = (s.group_size or s.q.shape[1]) // block
+    scale = np.repeat(s.scale.numpy(), per_group, axis=1)
+    zp = np.repeat(s.zero_point.numpy(), per_group, axis=1) if zero_points else None
+    q = s.q.numpy()
+    if permute_heads:
+        q, scale = _permute_rows(q, permute_heads), _permute_rows(scale, permute_heads)
+        zp = None if zp is None else _permute_rows(zp, permute_heads)
+    return q, scale, zp
 
 
 def _plain(arr: np.ndarray, src_dtype: str, bits: int | None = None) -> tuple[np.ndarray, str, str]:

@@ -1,5 +1,9 @@
 """Our calibrated integers re-expressed as llama.cpp's k-quants (super-blocks of 256 weights).
 
+Symmetric int3 and int6 in groups of 16 are Q3_K and Q6_K: per 256 weights one float16 d and, for each
+of 16 sub-blocks of 16, a signed scale (6 bits, offset 32, for Q3_K; int8 for Q6_K): w = d * sc * q with
+q in -4..3 (-32..31), exactly our integers, on a sub-block scale d * sc fitted to ours.
+
 Q4_K and Q5_K hold, per 256 weights, two float16 numbers d and dmin and, for each of 8 sub-blocks
 of 32, a 6-bit scale sc and a 6-bit minimum m: w = d * sc * u - dmin * m, u in 0..15 (0..31 for
 Q5_K). Our asymmetric int4/int5 grid in groups of 32 is w = s * (q - zp) = s * u - (2^(b-1) + zp) * s
@@ -15,26 +19,37 @@ from __future__ import annotations
 import numpy as np
 
 QK_K = 256
-SUB = 32  # weights per sub-block
-KQUANT = {4: "Q4_K", 5: "Q5_K"}
+SUB = 32  # weights per sub-block of Q4_K / Q5_K
+SUB_SYM = 16  # of Q3_K / Q6_K
+KQUANT = {4: "Q4_K", 5: "Q5_K"}  # with zero points
+KQUANT_SYM = {3: "Q3_K", 6: "Q6_K"}  # symmetric: sub-block scale codes, largest positive code
+SCALE_MAX = {3: 31, 6: 127}
 # d = max(a) / 63 * f: a few stretches around the plain one, the least squared error kept (as llama.cpp searches)
 STRETCH = np.linspace(0.9, 1.1, 21, dtype=np.float32)
 
 
-def fits(k: int, group_size: int | None, bits: int, symmetric: bool) -> bool:
-    """Groups of 32 to 256 (a group of 64 is two sub-blocks with one scale) in rows of whole super-blocks."""
-    return bits in KQUANT and not symmetric and group_size in (32, 64, 128, 256) and k % QK_K == 0
+def kind(k: int, group_size: int | None, bits: int, symmetric: bool) -> str | None:
+    """The k-quant our grid maps to, or None: groups of one to 16 sub-blocks (a group of 64 is two sub-blocks of 32
+    with one scale) in rows of whole super-blocks."""
+    sub, table = (SUB_SYM, KQUANT_SYM) if symmetric else (SUB, KQUANT)
+    if bits not in table or k % QK_K or group_size is None or group_size % sub or QK_K % group_size:
+        return None
+    return table[bits]
 
 
-def _super_scale(target: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """target [..., 8] >= 0 per sub-block, weight [..., 8] (the sum of the squared multipliers of its error) ->
-    (float16 super-scale [...], 6-bit codes [..., 8]) of least weighted squared error over STRETCH."""
+def sub_block(symmetric: bool) -> int:
+    return SUB_SYM if symmetric else SUB
+
+
+def _super_scale(target: np.ndarray, weight: np.ndarray, top_code: int = 63) -> tuple[np.ndarray, np.ndarray]:
+    """target [..., S] >= 0 per sub-block, weight [..., S] (the sum of the squared multipliers of its error) ->
+    (float16 super-scale [...], codes 0..top_code [..., S]) of least weighted squared error over STRETCH."""
     top = target.max(-1, keepdims=True)  # [..., 1]
     best_err = best_d = best_c = None
     for f in STRETCH:
-        d = (top * f / 63).astype(np.float16).astype(np.float32)
+        d = (top * f / top_code).astype(np.float16).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            c = np.where(d > 0, np.rint(target / d), 0).clip(0, 63)
+            c = np.where(d > 0, np.rint(target / d), 0).clip(0, top_code)
         err = (weight * (c * d - target) ** 2).sum(-1)
         if best_err is None:
             best_err, best_d, best_c = err, d, c
@@ -43,7 +58,7 @@ def _super_scale(target: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np
             best_err = np.where(better, err, best_err)
             best_d = np.where(better[..., None], d, best_d)
             best_c = np.where(better[..., None], c, best_c)
-    return best_d[..., 0].astype(np.float16), best_c.astype(np.uint8)
+    return best_d[..., 0].astype(np.float16), best_c.astype(np.int16)
 
 
 def _pack_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -71,7 +86,8 @@ def blocks(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) 
     w_ours = a[..., None] * uf - b[..., None]
     w_k = (d.astype(np.float32)[..., None] * sc)[..., None] * uf - (dmin.astype(np.float32)[..., None] * mn)[..., None]
     rel = float(np.sqrt(((w_k - w_ours) ** 2).sum() / max((w_ours**2).sum(), 1e-30)))
-    head = [d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), _pack_scales(sc, mn)]
+    scales = _pack_scales(sc.astype(np.uint8), mn.astype(np.uint8))
+    head = [d[..., None].view(np.uint8), dmin[..., None].view(np.uint8), scales]
     pairs = u.reshape(n, nb, 4, 2, SUB)  # sub-blocks 2i (low nibbles) and 2i+1 (high nibbles) share 32 bytes
     qs = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).reshape(n, nb, 128)
     if bits == 5:  # bit 4 of weight i of sub-block j is bit j of byte i
@@ -79,4 +95,41 @@ def blocks(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) 
         qh = (high << np.arange(8, dtype=np.uint8)[:, None]).sum(-2).astype(np.uint8)  # [n, nb, 32]
         head.append(qh)
     out = np.concatenate([*head, qs], -1)
+    return out.reshape(n, -1), rel
+
+
+def _pack_q3_scales(sc: np.ndarray) -> np.ndarray:
+    """[..., 16] 6-bit codes (scale + 32) -> [..., 12] bytes: low nibbles of i and i + 8 share byte i < 8; the two
+    high bits of sub-block 4k + j are bits 2k..2k+1 of byte 8 + j."""
+    low, high = sc & 0x0F, sc >> 4
+    first = low[..., :8] | (low[..., 8:] << 4)
+    second = sum(high[..., 4 * k : 4 * k + 4] << (2 * k) for k in range(4))
+    return np.concatenate([first, second], -1).astype(np.uint8)
+
+
+def blocks_symmetric(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
+    """q [N, K] int8 (symmetric int3 / int6), scale [N, K/16] -> (Q3_K / Q6_K bytes [N, K/256 * block bytes],
+    relative weight error against ours, from rounding the sub-block scales)."""
+    n, k = q.shape
+    nb = k // QK_K
+    qs = q.astype(np.int16).reshape(n, nb, 16, SUB_SYM)
+    a = scale.astype(np.float32).reshape(n, nb, 16)
+    d, sc = _super_scale(a, (qs.astype(np.float32) ** 2).sum(-1), SCALE_MAX[bits])
+    w_ours = a[..., None] * qs
+    w_k = (d.astype(np.float32)[..., None] * sc)[..., None] * qs
+    rel = float(np.sqrt(((w_k - w_ours) ** 2).sum() / max((w_ours**2).sum(), 1e-30)))
+    flat = qs.reshape(n, nb, QK_K)
+    if bits == 3:  # hmask[32], qs[64], scales[12], d
+        hbit = (flat >= 0).astype(np.uint8).reshape(n, nb, 8, 32)  # weight 32k + i: bit k of hmask[i]
+        hmask = (hbit << np.arange(8, dtype=np.uint8)[:, None]).sum(-2).astype(np.uint8)
+        low = (flat & 3).astype(np.uint8).reshape(n, nb, 2, 4, 32)  # weight 128h + 32k + i: bits 2k of qs[32h + i]
+        packed = (low << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2).astype(np.uint8).reshape(n, nb, 64)
+        parts = [hmask, packed, _pack_q3_scales((sc + 32).astype(np.uint8))]
+    else:  # ql[128], qh[64], scales[16], d
+        u = (flat + 32).astype(np.uint8).reshape(n, nb, 2, 2, 64)  # weight 128h + 64s + i: nibble s of ql[64h + i]
+        ql = ((u[:, :, :, 0] & 0x0F) | ((u[:, :, :, 1] & 0x0F) << 4)).reshape(n, nb, 128)
+        hi = (u.reshape(n, nb, 2, 4, 32) >> 4) & 3  # weight 128h + 32k + i: bits 2k of qh[32h + i]
+        qh = (hi << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(-2).astype(np.uint8).reshape(n, nb, 64)
+        parts = [ql, qh, sc.astype(np.int8).view(np.uint8)]
+    out = np.concatenate([*parts, d[..., None].view(np.uint8)], -1)
     return out.reshape(n, -1), rel

@@ -1,6 +1,8 @@
 """GGUF export: exact block types carry our integers over (read back identical), the rest is
 re-quantized with a note, and llama.cpp (when installed) runs the file."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,31 @@ def test_k_quant_blocks_keep_our_integers(bits):
         assert abs(slope / scale[r, g] - 1) < 0.05  # the scale moved by its 6-bit rounding only
 
 
+@pytest.mark.parametrize("bits", [3, 6])
+def test_symmetric_k_quant_blocks_keep_our_integers(bits):
+    """Q3_K/Q6_K from symmetric int3/int6 in groups of 16: gguf's de-quantizer reads back our integers times a
+    rounded sub-block scale, with exactly the error we report."""
+    import gguf
+
+    from compress.export import gguf_kquants
+
+    rng = np.random.default_rng(bits)
+    half = 1 << (bits - 1)
+    q = rng.integers(-half, half, size=(6, 512)).astype(np.int8)
+    scale = (0.01 * np.exp(rng.normal(0, 0.3, size=(6, 32)))).astype(np.float32)
+    blocks, rel = gguf_kquants.blocks_symmetric(q, scale, bits)
+    assert blocks.shape == (6, 2 * {3: 110, 6: 210}[bits])
+    got = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, gguf_kquants.KQUANT_SYM[bits]))
+    got, want = got.reshape(6, 32, 16), (q.reshape(6, 32, 16) * scale[..., None])
+    assert np.isclose(np.linalg.norm(got - want) / np.linalg.norm(want), rel, rtol=1e-4) and rel < 0.02
+    ratio = got / np.where(q == 0, 1, q).reshape(6, 32, 16)  # one scale per sub-block, our integers untouched
+    nonzero = q.reshape(6, 32, 16) != 0
+    assert np.allclose(np.where(nonzero, ratio, ratio.max(-1, keepdims=True)), ratio.max(-1, keepdims=True))
+    assert np.all(np.where(q.reshape(6, 32, 16) == 0, got, 0) == 0)
+    assert gguf_kquants.kind(512, 16, bits, True) == gguf_kquants.KQUANT_SYM[bits]
+    assert gguf_kquants.kind(576, 16, bits, True) is None and gguf_kquants.kind(512, None, bits, True) is None
+
+
 def test_k_quants_where_rows_allow(tiny_model, tmp_path):
     """A 256-wide model with zero points: every linear becomes Q4_K (its rows are whole super-blocks), read back
     within the reported error; --no-k-quants keeps them exactly Q4_1; a float checkpoint keeps float tables."""
@@ -156,10 +183,14 @@ def test_k_quants_where_rows_allow(tiny_model, tmp_path):
     from compress import api
     from compress.recipe import validate
 
-    ckpt = tmp_path / "q"
-    stage = {"stage": "quantize", "scheme": "w4a16", "group_size": 32, "symmetric": False, "method": "rtn"}
-    recipe = validate({"model": str(src), "output": str(ckpt), "evaluate": {"enabled": False}, "stages": [stage]})
-    api.run(recipe, Console(quiet=True))
+    def quantize(name: str, **stage) -> Path:
+        stage = {"stage": "quantize", "group_size": 32, "symmetric": False, "method": "rtn", **stage}
+        out = tmp_path / name
+        recipe = validate({"model": str(src), "output": str(out), "evaluate": {"enabled": False}, "stages": [stage]})
+        api.run(recipe, Console(quiet=True))
+        return out
+
+    ckpt = quantize("q", scheme="w4a16")
     _, out = export(ckpt, tmp_path / "k")
     linears = len(read(ckpt))
     assert out.kquant == out.types["Q4_K"] == linears and out.exact == 0
@@ -170,10 +201,17 @@ def test_k_quants_where_rows_allow(tiny_model, tmp_path):
     assert out.file_bytes < exact.file_bytes  # 4.5 bits a weight instead of 5
     _, floats = export(ckpt, tmp_path / "float-tables", embed_bits=0, lm_head_bits=0)
     assert floats.types.get("Q8_0", 0) == 0 and floats.embed_bits is None and floats.lm_head_bits is None
-    if llama_cpp.available():  # llama.cpp's own Q4_K kernels on the file: next-token log-probs near PyTorch's
-        loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
+    runs = [(ckpt, tmp_path / "k")]
+    for scheme, kind in (("w3a16", "Q3_K"), ("w6a16", "Q6_K")):  # symmetric, groups of 16
+        sym = quantize(scheme, scheme=scheme, group_size=16, symmetric=True)
+        _, out = export(sym, tmp_path / f"{scheme}-gguf")
+        assert out.kquant == out.types[kind] == linears and out.check.kquant_rel_error < 0.03
+        runs.append((sym, tmp_path / f"{scheme}-gguf"))
+    for source, exported in runs if llama_cpp.available() else []:
+        # llama.cpp's own k-quant kernels on the files: next-token log-probs near PyTorch's on the checkpoint
+        loaded = load(resolve(str(source)), dtype="float32", quantized=True)
         ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
-        dec = llama_cpp.LlamaCppDecoder(tmp_path / "k" / "model.gguf", threads=1, n_ctx=64, logits_all=True)
+        dec = llama_cpp.LlamaCppDecoder(exported / "model.gguf", threads=1, n_ctx=64, logits_all=True)
         try:
             got = dec.logprobs(ids)
         finally:
@@ -181,7 +219,7 @@ def test_k_quants_where_rows_allow(tiny_model, tmp_path):
         with torch.no_grad():
             logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
         want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
-        assert np.abs(got - want).max() < 0.1  # 6-bit scales and the Q8_0 tables: not exact
+        assert np.abs(got - want).max() < 0.1, exported  # rounded sub-block scales and the Q8_0 tables: not exact
 
 
 def test_encoder_refused(quantized, tmp_path):
