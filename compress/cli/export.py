@@ -50,9 +50,9 @@ def export(
     k_quants: Annotated[
         bool,
         typer.Option(
-            help="GGUF: where rows are multiples of 256, int4/int5 with zero points become Q4_K/Q5_K (0.5 bits a weight "
-            "smaller than Q4_1/Q5_1) and symmetric int3/int6 in groups of 16 Q3_K/Q6_K: our integers, their scales "
-            "rounded to the k-quant's codes (error reported); --no-k-quants keeps the exact 32-blocks"
+            help="GGUF: where rows are multiples of 256, int4/int5 with zero points become Q4_K/Q5_K (0.5 bits a "
+            "weight smaller than Q4_1/Q5_1) and symmetric int3/int6 in groups of 16 Q3_K/Q6_K: our integers, their "
+            "scales rounded to the k-quant's codes (error reported); --no-k-quants keeps the exact 32-blocks"
         ),
     ] = True,
     threads: Annotated[int, typer.Option(help="Threads for the export's check run")] = 0,
@@ -71,6 +71,8 @@ def export(
     for option, bits in (("--lm-head-bits", lm_head_bits), ("--embed-bits", embed_bits)):
         if bits not in (None, 0, 4, 8):
             raise UsageError(f"{option} must be 4 or 8 (0: float32), got {bits}")
+    if not k_quants and format != "gguf":
+        raise UsageError("--no-k-quants applies to --format gguf")
     src = sources.resolve(model, allow_pickle)
     dest = output or Path(f"{src.path.name.removesuffix('.gguf')}-{format}")
     check_output(dest, overwrite, [src.path])

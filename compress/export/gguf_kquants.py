@@ -11,7 +11,7 @@ with u = q + 2^(b-1): the same integers u, a sub-block scale a = s and a minimum
 (groups of 64 to 256 are sub-blocks that share them).
 The integers carry over exactly (GPTQ's or SignRound's choices are kept); only a and b are
 rounded onto d * sc and dmin * m, and that error is reported. Rows must be multiples of 256: a
-narrower or ragged row keeps the exact 32-block type (Q4_1/Q5_1), as llama.cpp falls back itself.
+narrower or ragged row keeps the exact 32-block type (Q4_1/Q5_1; Q8_0 for groups of 16), as llama.cpp falls back.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ SUB_SYM = 16  # of Q3_K / Q6_K
 KQUANT = {4: "Q4_K", 5: "Q5_K"}  # with zero points
 KQUANT_SYM = {3: "Q3_K", 6: "Q6_K"}  # symmetric: sub-block scale codes, largest positive code
 SCALE_MAX = {3: 31, 6: 127}
-# d = max(a) / 63 * f: a few stretches around the plain one, the least squared error kept (as llama.cpp searches)
+# d = max(a) / top code * f: stretches around the plain one, the least weighted squared error kept (llama.cpp's
+# make_qkx quantizers search scales likewise, but also re-choose the integers, which we keep)
 STRETCH = np.linspace(0.9, 1.1, 21, dtype=np.float32)
 
 

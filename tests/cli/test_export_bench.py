@@ -95,6 +95,9 @@ def test_export_bad_input(quantized, tmp_path):
     assert "lm-head-bits" in assert_one_line_error(
         compress("export", ckpt, "-f", "gguf", "--lm-head-bits", "6", "-o", tmp_path / "x"), 2
     )
+    assert "--no-k-quants applies to --format gguf" in assert_one_line_error(
+        compress("export", ckpt, "--no-k-quants", "-o", tmp_path / "x"), 2
+    )
     (tmp_path / "exists").mkdir()
     assert "already exists" in assert_one_line_error(compress("export", ckpt, "-o", tmp_path / "exists"), 2)
     assert "decoders of type" in assert_one_line_error(

@@ -253,3 +253,27 @@ def test_pre_tokenizer_names():
     assert (
         gguf_export.pre_tokenizer({"type": "Metaspace"}) == "default" and gguf_export.pre_tokenizer(None) == "default"
     )
+
+
+def test_tied_table_takes_one_width(tiny_model, tmp_path):
+    """A tied model's one token_embd serves the output layer: Q8_0 by default for integer weights (no output.weight),
+    two different widths refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import tiny_config
+
+    src = tmp_path / "tied"
+    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
+    config = tiny_config("llama", len(tok))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    with pytest.raises(UsageError, match="cannot both hold"):
+        export(src, tmp_path / "two", lm_head_bits=4, embed_bits=8)
+    _, out = export(src, tmp_path / "four", lm_head_bits=4)
+    assert out.embed_bits == 4 and out.lm_head_bits is None and out.types["Q4_0"] == 1  # the one table
+    import gguf
+
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(out.path).tensors}
+    assert out.check.table_rel_error < 0.15  # 4-bit rounding of random weights; the other 14 weights exact
