@@ -205,11 +205,11 @@ def test_reloaded_weights_are_exactly_ours(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "method,options", [("gptq", {}), ("awq", {}), ("hqq", {}), ("signround", {"signround_steps": 5})], ids=str
 )
-def test_every_method_writes_int3_and_int2(tiny_model, tmp_path, method, options):
+def test_every_method_writes_int3_int2_and_int5(tiny_model, tmp_path, method, options):
     from compress.formats.stored import read
 
     src = tiny_model("llama")
-    for scheme, bits in (("w3a16", 3), ("w2a16", 2)):
+    for scheme, bits in (("w3a16", 3), ("w2a16", 2), ("w5a16", 5)):
         quantize(src, tmp_path / scheme, scheme, group_size=32, method=method, samples=4, seq_len=64, **options)
         for w in read(tmp_path / scheme).values():
             assert w.bits == bits and int(w.q.min()) >= -(2 ** (bits - 1)) and int(w.q.max()) <= 2 ** (bits - 1) - 1
