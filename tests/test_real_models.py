@@ -172,7 +172,8 @@ def test_smollm2_onnx_export_matches_pytorch(smol_runs, tmp_path):
     from compress.runtime import ort
 
     out, _ = smol_runs["w4a16"]
-    info = json.loads(run_cli("export", out, "-o", tmp_path / "onnx", "--json").stdout)
+    float_tables = ["--embed-bits", "0", "--lm-head-bits", "0"]  # exact: the default 8-bit table runs at level 4
+    info = json.loads(run_cli("export", out, "-o", tmp_path / "onnx", *float_tables, "--json").stdout)
     assert info["nbits_layers"] == 30 * 4 and info["accuracy_level"] == 0
     assert info["check"]["greedy_equal"] == 16 and info["check"]["top1_agreement"] == 1.0
     loaded = _exact_torch(out)
@@ -182,6 +183,17 @@ def test_smollm2_onnx_export_matches_pytorch(smol_runs, tmp_path):
     assert got == pytest.approx(ref, rel=0.01)
     # smaller than the fp32 weights it replaces: int4 layers, fp32 embedding shared with the output layer
     assert (tmp_path / "onnx" / "model.onnx").stat().st_size < 0.4 * 4 * 134.5e6
+    # the default: one 8-bit table for embedding and output layer; its cost stated in export.json on both texts
+    info = json.loads(run_cli("export", out, "-o", tmp_path / "default", "--json").stdout)
+    assert info["nbits_layers"] == 30 * 4 + 1 and info["embed_bits"] == info["lm_head_bits"] == 8
+    assert (tmp_path / "default" / "model.onnx").stat().st_size < 0.6 * (
+        tmp_path / "onnx" / "model.onnx"
+    ).stat().st_size
+    assert [q["text"] for q in info["quality"]] == ["built-in", "licenses"]
+    assert all(
+        abs(q["perplexity"] / q["perplexity_pytorch"] - 1) < 0.01 and q["kl_mean"] < 0.01 for q in info["quality"]
+    )
+    assert info["check"]["genai_greedy_equal"] in (None, 16)  # None: onnxruntime-genai not installed
 
 
 def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
@@ -194,7 +206,8 @@ def test_smollm2_gguf_w8a16_round_trip(smol_runs, tmp_path):
     out, _ = smol_runs["w8a16"]
     run_cli("export", out, "-f", "gguf", "-o", tmp_path / "gguf")
     info = json.loads((tmp_path / "gguf" / "export.json").read_text())
-    assert info["exact"] == 30 * 7 and info["requantized"] == 0 and info["types"]["Q8_0"] == 30 * 7
+    # + token_embd, Q8_0 by default (tied: it is the output layer too)
+    assert info["exact"] == 30 * 7 and info["requantized"] == 0 and info["types"]["Q8_0"] == 30 * 7 + 1
     assert info["check"]["verdict"] == "every exact tensor identical"
     if not llama_cpp.available():
         pytest.skip("llama-cpp-python not installed: file checked, not run")
