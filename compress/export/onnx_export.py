@@ -16,11 +16,11 @@ import torch
 from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
-from compress.eval.divergence import kl_top1
 from compress.export import onnx_decoder, onnx_encoder, onnx_genai, widths
 from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
+from compress.primitives.kl import kl_top1
 from compress.primitives.qparams import fake_quantize_tokens
 from compress.runtime import ort
 from compress.runtime.loop import generate

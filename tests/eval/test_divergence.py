@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from compress.eval.divergence import compare, kl_top1
+from compress.eval.divergence import compare
+from compress.primitives.kl import kl_top1
 
 
 def test_kl_of_a_hand_computed_case():
