@@ -18,6 +18,21 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 TINY = dict(SMALL, num_key_value_heads=2)  # grouped-query attention where the architecture has it
 
 
+def tiny_llama_like(tokenizer_dir: Path, dest: Path, **config) -> Path:
+    """A random tiny llama saved at dest with the tokenizer of tokenizer_dir, its config changed by `config`
+    (tie_word_embeddings=True, wider layers, ...), seeded like `tiny_model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = tiny_config("llama", len(tok))
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
 def tiny_config(arch: str, vocab: int):
     import transformers as tf
 

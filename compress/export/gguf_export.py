@@ -161,8 +161,7 @@ def export(
     w.add_vocab_size(cfg.vocab_size)
     pre = _tokenizer(w, loaded.checkpoint)
 
-    head = model.get_output_embeddings()
-    tied = head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    tied = widths.tied(model)
     if tied and None not in (lm_head_bits, embed_bits) and lm_head_bits != embed_bits:
         raise UsageError(
             f"this model ties its output layer to the embedding (one GGUF tensor): --lm-head-bits {lm_head_bits} and "
@@ -209,6 +208,7 @@ def export(
     w.add_tensor("output_norm.weight", _weight(model, "model.norm"))
     out.tensors += 1
     if not tied:
+        head = model.get_output_embeddings()
         add("output.weight", next(n for n, m in model.named_modules() if m is head), bits=head_bits)
     w.write_header_to_file()
     w.write_kv_data_to_file()

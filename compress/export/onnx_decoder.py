@@ -34,6 +34,7 @@ from compress.export.onnx_graph import (
     nbits_from_stored,
     rtn_nbits,
 )
+from compress.export.widths import tied
 from compress.formats.stored import StoredLinear
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -263,12 +264,6 @@ def quantized_table(weight: torch.Tensor, bits: int, option: str) -> NBits:
 
 def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
     return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits")
-
-
-def tied(model: torch.nn.Module) -> bool:
-    """The output layer is the input embedding (one tensor)."""
-    head = model.get_output_embeddings()
-    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
 def _weight(module: torch.nn.Module) -> np.ndarray:

@@ -117,13 +117,14 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     stored = stored_mod.read(loaded.checkpoint)
     opts = dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint))
     exact_reference(loaded, stored, opts.act_int8)
+    tied = loaded.task == "causal-lm" and widths.tied(loaded.model)
     if loaded.task == "causal-lm":
-        opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), onnx_decoder.tied(loaded.model))
+        opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), tied)
     table = head = None
     if opts.embed_bits:
         embedding = loaded.model.get_input_embeddings().weight
         table = onnx_decoder.quantized_table(embedding, opts.embed_bits, "--embed-bits")
-    if table is not None and onnx_decoder.tied(loaded.model):  # one tensor in the model: one table in the file
+    if table is not None and tied:  # one tensor in the model: one table in the file
         if opts.lm_head_bits not in (None, opts.embed_bits):
             raise UsageError(
                 f"this model ties its output layer to the embedding: --lm-head-bits {opts.lm_head_bits} and "
@@ -171,11 +172,11 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             f"{len(fp8)} fp8 linears: ONNX Runtime has no fp8 CPU matmul, written de-quantized as float32 (no size or "
             f"speed gain)"
         )
-    widths = sorted({w.bits for w in stored.values() if w.kind == "int" and w.bits not in NBITS})
-    if widths:
+    unsupported = sorted({w.bits for w in stored.values() if w.kind == "int" and w.bits not in NBITS})
+    if unsupported:
         notes.append(
-            f"{sum(w.bits in widths for w in stored.values())} int{'/int'.join(map(str, widths))} linears: ONNX "
-            f"Runtime's MatMulNBits takes {', '.join(map(str, NBITS))} bits, so they are written de-quantized as "
+            f"{sum(w.bits in unsupported for w in stored.values())} int{'/int'.join(map(str, unsupported))} linears: "
+            f"ONNX Runtime's MatMulNBits takes {', '.join(map(str, NBITS))} bits, so they are written de-quantized as "
             "float32 (no size or speed gain)"
         )
     other = [n for n, w in stored.items() if w.kind == "int" and w.bits in NBITS and nbits_block_of(w) is None]

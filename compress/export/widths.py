@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
+
+def tied(model: torch.nn.Module) -> bool:
+    """The output layer is the input embedding (one tensor)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
 
 def table_widths(
     head: int | None, embed: int | None, quantized: bool, tied: bool, untied_embedding: bool = False

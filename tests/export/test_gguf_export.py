@@ -13,6 +13,21 @@ from compress.formats.stored import read
 from compress.models.load import load
 from compress.models.source import resolve
 from compress.runtime import llama_cpp
+from tests.conftest import tiny_llama_like
+
+
+def llama_cpp_gap(model, gguf_file) -> float:
+    """Largest difference of next-token log-probabilities between llama.cpp on the file and PyTorch on `model`."""
+    ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
+    dec = llama_cpp.LlamaCppDecoder(gguf_file, threads=1, n_ctx=64, logits_all=True)
+    try:
+        got = dec.logprobs(ids)
+    finally:
+        dec.close()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    return float(np.abs(got - want).max())
 
 
 def export(ckpt, dest, **options):
@@ -164,17 +179,7 @@ def test_symmetric_k_quant_blocks_keep_our_integers(bits):
 def test_k_quants_where_rows_allow(tiny_model, tmp_path):
     """A 256-wide model with zero points: every linear becomes Q4_K (its rows are whole super-blocks), read back
     within the reported error; --no-k-quants keeps them exactly Q4_1; a float checkpoint keeps float tables."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.conftest import tiny_config
-
-    src = tmp_path / "wide"
-    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
-    config = tiny_config("llama", len(tok))
-    config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = tiny_llama_like(tiny_model("llama"), tmp_path / "wide", hidden_size=256, intermediate_size=512, head_dim=64)
     _, plain = export(src, tmp_path / "plain")
     assert plain.embed_bits is None and plain.types.get("Q8_0", 0) == 0 and plain.kquant == 0
 
@@ -210,16 +215,8 @@ def test_k_quants_where_rows_allow(tiny_model, tmp_path):
     for source, exported in runs if llama_cpp.available() else []:
         # llama.cpp's own k-quant kernels on the files: next-token log-probs near PyTorch's on the checkpoint
         loaded = load(resolve(str(source)), dtype="float32", quantized=True)
-        ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
-        dec = llama_cpp.LlamaCppDecoder(exported / "model.gguf", threads=1, n_ctx=64, logits_all=True)
-        try:
-            got = dec.logprobs(ids)
-        finally:
-            dec.close()
-        with torch.no_grad():
-            logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-        want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
-        assert np.abs(got - want).max() < 0.1, exported  # rounded sub-block scales and the Q8_0 tables: not exact
+        # rounded sub-block scales and the Q8_0 tables: not exact
+        assert llama_cpp_gap(loaded.model, exported / "model.gguf") < 0.1, exported
 
 
 def test_encoder_refused(quantized, tmp_path):
@@ -233,16 +230,7 @@ def test_llama_cpp_runs_the_export(quantized, tmp_path):
     from compress.export.onnx_export import exact_reference
 
     exact_reference(loaded, read(loaded.checkpoint))
-    ids = [5, 17, 99, 3, 250, 11, 7, 8, 40, 41, 42, 1000, 2000, 3]
-    dec = llama_cpp.LlamaCppDecoder(tmp_path / "gguf" / "model.gguf", threads=1, n_ctx=64, logits_all=True)
-    try:
-        got = dec.logprobs(ids)
-    finally:
-        dec.close()
-    with torch.no_grad():
-        logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-    want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
-    assert np.abs(got - want).max() < 0.02
+    assert llama_cpp_gap(loaded.model, tmp_path / "gguf" / "model.gguf") < 0.02
 
 
 def test_pre_tokenizer_names():
@@ -258,17 +246,7 @@ def test_pre_tokenizer_names():
 def test_tied_table_takes_one_width(tiny_model, tmp_path):
     """A tied model's one token_embd serves the output layer: Q8_0 by default for integer weights (no output.weight),
     two different widths refused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.conftest import tiny_config
-
-    src = tmp_path / "tied"
-    tok = AutoTokenizer.from_pretrained(tiny_model("llama"))
-    config = tiny_config("llama", len(tok))
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tok.save_pretrained(src)
+    src = tiny_llama_like(tiny_model("llama"), tmp_path / "tied", tie_word_embeddings=True)
     with pytest.raises(UsageError, match="cannot both hold"):
         export(src, tmp_path / "two", lm_head_bits=4, embed_bits=8)
     _, out = export(src, tmp_path / "four", lm_head_bits=4)
