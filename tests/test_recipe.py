@@ -39,7 +39,7 @@ def test_typo_names_field_and_line(tmp_path):
 
 def test_bad_value_names_field_and_line(tmp_path):
     with pytest.raises(UsageError) as exc:
-        load(write(tmp_path, GOOD.replace("scheme: w4a16", "scheme: w5a16")))
+        load(write(tmp_path, GOOD.replace("scheme: w4a16", "scheme: w7a16")))
     assert "r.yaml:5" in str(exc.value) and "stages.0.scheme" in str(exc.value)
 
 

@@ -118,7 +118,7 @@ def test_dry_run_lists_candidates_and_writes_nothing(tiny_model, tmp_path):
     [
         ([], "quality budget"),
         (["--max-ppl-increase", "lots"], "5% or 0.05"),
-        (["--max-ppl-increase", "5%", "--schemes", "w5a16"], "unknown scheme"),
+        (["--max-ppl-increase", "5%", "--schemes", "w7a16"], "unknown scheme"),
         (["--max-ppl-increase", "5%", "--objective", "fastest"], "size or decode"),
         (["--max-ppl-increase", "5%", "--group-sizes", "x"], "comma-separated"),
         (["--max-task-drop", "1"], "needs --tasks"),
