@@ -41,6 +41,12 @@ OURS = [
         ["--no-k-quants"],
     ),
     ("compress w5a16 g32 GPTQ -> Q5_0", ["--scheme", "w5a16", "--group-size", "32"], []),
+    # mixed precision at Q3_K_M's file size: 4.63 bits a weight over the linears (4, 5 or 8 bits each, all exact)
+    (
+        "compress mixed 4.63 bits (4/5/8) g32 GPTQ -> Q4_0/Q5_0/Q8_0",
+        ["--scheme", "w4a16", "--group-size", "32", "--symmetric", "--target-bits", "4.63", "--bit-widths", "4,5,8"],
+        [],
+    ),
 ]
 
 

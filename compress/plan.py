@@ -26,6 +26,7 @@ from compress.models.experts import expert_count, keep_count
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.quant import schemes
+from compress.quant.mixed import SENSITIVITY_TOKENS
 from compress.recipe import DistillStage, PruneStage, QuantizeStage, Recipe
 
 MB = 2**20
@@ -236,6 +237,8 @@ def _after_prune(f: Facts, st: PruneStage) -> Facts:
 
 def _after_quantize(f: Facts, st: QuantizeStage) -> Facts:
     widths = f.widths or (f.hidden, f.intermediate)
+    if st.target_bits is not None:  # mixed precision: the budget is the stored bits a weight
+        return replace(f, linear_bits=st.target_bits)
     return replace(
         f,
         linear_bits=schemes.bits_per_weight(
@@ -253,6 +256,8 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
         forward = m.time_multiple(st) * forward_seconds(f.linear, tokens, gflops)
         if isinstance(st, QuantizeStage):
             search = (0.12 if st.range_search else 0.005) * f.linear / 1e6  # per-group range search
+            if st.target_bits is not None:  # quant/mixed.py: a layer forward per linear and width
+                search += len(st.bit_widths) * 7 * forward_seconds(f.linear, SENSITIVITY_TOKENS, gflops)
             after = _after_quantize(f, st)
             return StagePlan(f"quantize {st.scheme} {st.method}", search + forward, peak, after), after
         after = _after_prune(f, st)

@@ -29,7 +29,7 @@ from compress.method import Method
 from compress.primitives.masks import parse_pattern
 from compress.prune import table as prune_table
 from compress.quant import table as quant_table
-from compress.quant.schemes import SCHEMES
+from compress.quant.schemes import MIXED_WIDTHS, SCHEMES
 
 SCHEME_NAMES = tuple(SCHEMES)
 TRAIN = {f.name: f.default for f in dataclasses.fields(trainer.Options) if f.default is not dataclasses.MISSING}
@@ -127,6 +127,25 @@ class QuantizeBase(MethodStage):
     # Module name patterns left unquantized, in addition to lm_head and embeddings.
     # A plain name matches that module; "re:<regex>" matches by regular expression.
     ignore: list[str] = Field(default_factory=list)
+    # Mixed precision (quant/mixed.py): the average stored bits a weight of the decoder layers' linears, scales
+    # and zero points included, met by giving each linear one of `bit_widths` (group size and symmetry: the
+    # scheme's). None: every linear on the scheme's width.
+    target_bits: float | None = Field(None, gt=1, le=9)
+    bit_widths: list[int] = Field(default_factory=lambda: list(MIXED_WIDTHS))
+
+    @model_validator(mode="after")
+    def _mixed_needs_integers(self) -> QuantizeBase:
+        kind = SCHEMES[self.scheme]
+        if self.target_bits is not None and (kind.act or kind.grid != "int"):
+            raise ValueError(f"target_bits mixes integer weight widths; {self.scheme} is not a weight-only int scheme")
+        return self
+
+    @field_validator("bit_widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if len(set(v)) < 2 or not all(2 <= b <= 8 for b in v):
+            raise ValueError(f"bit widths: at least two of 2 to 8, got {v}")
+        return sorted(set(v))
 
     @model_validator(mode="before")
     @classmethod

@@ -35,13 +35,21 @@ from compress.cli.common import (
     one_stage,
     parse_group_size,
 )
-from compress.quant.schemes import SCHEMES
+from compress.errors import UsageError
+from compress.quant.schemes import MIXED_WIDTHS, SCHEMES
 from compress.quant.table import METHODS
 from compress.recipe import EvalSpec, QuantizeStage, Recipe
 
 _eval = partial(default, EvalSpec)  # the recipe's defaults, written once there
 _run = partial(default, Recipe)  # the recipe's defaults, written once there
 _stage = partial(default, QuantizeStage)  # the recipe's defaults, written once there
+
+
+def parse_widths(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--bit-widths takes comma-separated integers, e.g. 3,4,5,8; got {text!r}") from None
 
 
 @method_options(METHODS)
@@ -60,6 +68,16 @@ def quantize(
         Optional[list[str]], typer.Option(help="Layer name (or 're:REGEX') to keep unquantized; repeatable")
     ] = None,
     method: Annotated[Optional[str], typer.Option(help=method_help(METHODS) + "; default: the scheme's")] = None,
+    target_bits: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Mixed precision: average stored bits a weight (scales included) over the decoder's linears, each "
+            "linear given one of --bit-widths by its measured cost; group size and symmetry: --scheme's"
+        ),
+    ] = _stage("target_bits"),
+    bit_widths: Annotated[str, typer.Option(help="Widths --target-bits chooses from, comma-separated")] = ",".join(
+        map(str, MIXED_WIDTHS)
+    ),
     dataset: Dataset = _stage("dataset"),
     text_column: TextColumn = _stage("text_column"),
     samples: Samples = _stage("samples"),
@@ -104,6 +122,8 @@ def quantize(
         "symmetric": symmetric,
         "range_search": range_search,
         "ignore": ignore or [],
+        "target_bits": target_bits,
+        "bit_widths": parse_widths(bit_widths),
         "dataset": dataset,
         "text_column": text_column,
         "samples": samples,

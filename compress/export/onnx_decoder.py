@@ -47,6 +47,9 @@ class Options:
     act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
     embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
     head_accuracy_level: int | None = None  # the quantized output layer's MatMulNBits level (None: accuracy_level)
+    eight_bit_level: int | None = (
+        None  # the level of 8-bit linears among others (mixed precision; None: accuracy_level)
+    )
 
 
 @dataclass
@@ -69,7 +72,11 @@ def resolved(opts: Options, stored: dict[str, StoredLinear]) -> Options:
     # an 8-bit output layer at level 0 ran decode at 0.54x PyTorch fp32 (SmolLM2, 8-bit table shared with the
     # embedding, the rest 4-bit at level 0): level 4 for it, as for 8-bit linears
     head_level = 4 if opts.lm_head_bits == 8 else None
-    return dataclasses.replace(opts, accuracy_level=4 if bits == {8} else 0, head_accuracy_level=head_level)
+    # mixed precision: 8-bit linears beside 4-bit ones take level 4 too, for the same reason
+    eight = 4 if 8 in bits and len(bits) > 1 else None
+    return dataclasses.replace(
+        opts, accuracy_level=4 if bits == {8} else 0, head_accuracy_level=head_level, eight_bit_level=eight
+    )
 
 
 def check_supported(config) -> None:
@@ -137,7 +144,8 @@ def _apply(g: Graph, x: str, name: str, lin: Linear, opts: Options) -> str:
     if opts.act_int8 and lin.quantized:
         x = per_token_int8(g, x)
     if lin.nbits is not None:
-        return matmul_nbits(g, x, name, lin.nbits, opts.accuracy_level, lin.bias)
+        eight = lin.nbits.bits == 8 and opts.eight_bit_level is not None
+        return matmul_nbits(g, x, name, lin.nbits, opts.eight_bit_level if eight else opts.accuracy_level, lin.bias)
     return matmul_dense(g, x, name, lin.dense, lin.bias)
 
 

@@ -195,6 +195,11 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             "accuracy_level 4: MatMulNBits quantizes activations to int8 per block inside the kernel (faster, not "
             "bit-exact to the checkpoint)"
         )
+    if opts.eight_bit_level == 4 and nbits:
+        notes.append(
+            "8-bit linears beside lower widths (mixed precision) run at accuracy_level 4: int8 activations per block "
+            "inside the kernel (faster, not bit-exact to the checkpoint)"
+        )
     chk = check(loaded, dest / MODEL_FILE, threads)
     if loaded.task == "causal-lm" and chk.genai_greedy_equal is None:
         notes.append(f"{onnx_genai.FILE} written for ONNX Runtime GenAI; onnxruntime-genai is not installed, not run")

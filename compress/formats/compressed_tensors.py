@@ -46,9 +46,20 @@ def ct_scheme(grid: Grid, act: str | None, targets: list[str]) -> QuantizationSc
     return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
 
 
-def config_for(grid: Grid, act: str | None, ignore: list[str]) -> QuantizationConfig:
+def config_for(
+    grid: Grid, act: str | None, ignore: list[str], per_linear: dict[str, Grid] | None = None
+) -> QuantizationConfig:
+    """One scheme for every linear, or (mixed precision) one config group per grid that names its linears."""
+    if per_linear:
+        by_grid: dict[Grid, list[str]] = {}
+        for name, g in sorted(per_linear.items()):
+            by_grid.setdefault(g, []).append(name)
+        ordered = sorted(by_grid.items(), key=lambda kv: kv[0].bits)
+        groups = {f"group_{i}": ct_scheme(g, act, names) for i, (g, names) in enumerate(ordered)}
+    else:
+        groups = {"group_0": ct_scheme(grid, act, TARGETS)}
     return QuantizationConfig(
-        config_groups={"group_0": ct_scheme(grid, act, TARGETS)},
+        config_groups=groups,
         ignore=ignore,
         quantization_status=QuantizationStatus.FROZEN,
     )
@@ -123,16 +134,12 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
         raise UsageError(f"{ckpt}: not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r})")
     config = QuantizationConfig.model_validate(qc)
     config.quantization_status = QuantizationStatus.FROZEN  # as `config_for`: compressed again when saved
-    if len(config.config_groups) != 1:
-        raise UsageError(
-            f"{ckpt}: {len(config.config_groups)} quantization groups; compress reads checkpoints with one"
-        )
-    args = next(iter(config.config_groups.values())).weights
-    if args is None or args.strategy not in ("group", "channel") or args.dynamic:
-        raise UsageError(
-            f"{ckpt}: weight quantization {args and args.strategy!r} is not one compress can train through"
-        )
-    grid = Grid(args.num_bits, args.type, args.symmetric, args.group_size if args.strategy == "group" else None)
+    groups = {k: g.model_dump(mode="json") for k, g in config.config_groups.items()}
+    for args in (g.weights for g in config.config_groups.values()):
+        if args is None or args.strategy not in ("group", "channel") or args.dynamic:
+            raise UsageError(
+                f"{ckpt}: weight quantization {args and args.strategy!r} is not one compress can train through"
+            )
     grids: dict[str, GridParams] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
@@ -141,6 +148,15 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
                 if not key.endswith(".weight_scale"):
                     continue
                 name = key[: -len(".weight_scale")]
+                args = (stored.group_of(groups, name) or {}).get("weights")
+                if args is None:
+                    raise UsageError(f"{ckpt}: {name} is stored quantized but no config group targets it")
+                grid = Grid(
+                    args["num_bits"],
+                    args["type"],
+                    args["symmetric"],
+                    args["group_size"] if args["strategy"] == "group" else None,
+                )
                 scale = st.get_tensor(key)
                 grids[name] = GridParams(grid, scale, stored.zero_point(st, keys, name, scale.shape, grid.bits))
     if not grids:

@@ -4,6 +4,7 @@ safetensors, so exporters carry them over exactly instead of quantizing again.""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,27 +62,41 @@ def activation_kind(quantization_config: dict | None) -> str | None:
     return None
 
 
+def group_of(groups: dict[str, dict], name: str) -> dict | None:
+    """The config group (its dict) whose targets name this linear: by name, by "re:" pattern, else a group
+    that targets a class ("Linear", as one-scheme checkpoints do)."""
+    by_class = None
+    for group in groups.values():
+        for t in group.get("targets") or []:
+            if t == name or (t.startswith("re:") and re.match(t[3:], name)):
+                return group
+            if by_class is None and "." not in t and t[:1].isupper():
+                by_class = group
+    return by_class
+
+
 def read(ckpt: Path) -> dict[str, StoredLinear]:
     """Every quantized linear of a compressed-tensors checkpoint written by compress, by module
-    name (e.g. "model.layers.0.self_attn.q_proj"). Empty for a plain checkpoint."""
+    name (e.g. "model.layers.0.self_attn.q_proj"), each on its config group's grid (mixed
+    precision: several). Empty for a plain checkpoint."""
     qc = quantization_config(ckpt)
     if not qc:
         return {}
-    if qc.get("quant_method") != "compressed-tensors" or len(qc.get("config_groups", {})) != 1:
-        raise UsageError(
-            f"{ckpt}: only compressed-tensors checkpoints with one scheme (as compress writes) can be exported"
-        )
-    args = next(iter(qc["config_groups"].values()))["weights"]
-    bits, kind, sym = args["num_bits"], args["type"], args["symmetric"]
-    group = args["group_size"] if args["strategy"] == "group" else None
-    if args["strategy"] not in ("group", "channel"):
-        raise UsageError(f"{ckpt}: weight strategy {args['strategy']!r} cannot be exported")
+    groups = qc.get("config_groups") or {}
+    if qc.get("quant_method") != "compressed-tensors" or not groups:
+        raise UsageError(f"{ckpt}: only compressed-tensors checkpoints (as compress writes) can be exported")
     out: dict[str, StoredLinear] = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         with safe_open(f, "pt") as st:
             keys = set(st.keys())
             for key in sorted(k for k in keys if k.endswith(".weight_scale")):
                 name = key[: -len(".weight_scale")]
+                args = (group_of(groups, name) or {}).get("weights")
+                if not args or args["strategy"] not in ("group", "channel"):
+                    what = args and args["strategy"]
+                    raise UsageError(f"{ckpt}: {name} has weight strategy {what!r}, which cannot be exported")
+                bits, kind, sym = args["num_bits"], args["type"], args["symmetric"]
+                group = args["group_size"] if args["strategy"] == "group" else None
                 scale = st.get_tensor(key).float()
                 if f"{name}.weight_packed" in keys:
                     shape = torch.Size(st.get_tensor(f"{name}.weight_shape").tolist())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -27,6 +28,13 @@ class Target:
     keep_zeros: bool = False
     range_search: bool = True
     dtype: torch.dtype | None = None  # the checkpoint's: scales are computed in it (None: the weight's)
+    # Mixed precision (quant/mixed.py): a grid per linear, by id() of the module; `grid` for the others.
+    grids: Mapping[int, Grid] = field(default_factory=dict)
+
+    def grid_of(self, lins: list[torch.nn.Linear]) -> Grid:
+        """The grid of these linears; where they differ (a smoothing pair over linears of several widths), the
+        fewest bits, whose error the shared scale matters most to."""
+        return min((self.grids.get(id(lin), self.grid) for lin in lins), key=lambda g: g.bits)
 
     def scale_dtype(self, w: torch.Tensor) -> torch.dtype:
         """Scales in the stored dtype even when the model computes in float32 (`models.compute`)."""
@@ -37,6 +45,14 @@ class QuantMethod(Method):
     def __init__(self, options, target: Target):
         super().__init__(options)
         self.target = target
+
+    def on_grid(self, grid: Grid) -> QuantMethod:
+        """This method quantizing onto `grid` (a mixed-precision width); it shares the gathered state."""
+        if grid == self.target.grid:
+            return self
+        other = copy.copy(self)
+        other.target = replace(self.target, grid=grid)
+        return other
 
     def gather(self, model: torch.nn.Module, layer: torch.nn.Module, targets: dict[str, torch.nn.Linear]) -> Gather:
         """The input statistics `prepare` and `quantize` read (calibrated methods)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from rich.console import Console
@@ -19,7 +20,7 @@ from compress.models import arch, experts
 from compress.models.load import Loaded
 from compress.models.offload import InMemory, LayerStore, OnDisk
 from compress.primitives.qparams import QuantizedWeight, dequantize, fake_quantize
-from compress.quant import schemes
+from compress.quant import mixed, schemes
 from compress.quant.method import QuantMethod, Target
 from compress.quant.methods.rtn import RTN
 from compress.recipe import QuantizeStage
@@ -43,9 +44,8 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         raise UsageError(str(exc)) from None
     if moe:
         experts.check_loadable(scheme.weight.symmetric, scheme.act)
-    method = stage.method_class(
-        stage.method_options(), Target(scheme.weight, scheme.act, keep_zeros, stage.range_search, loaded.dtype)
-    )
+    target = Target(scheme.weight, scheme.act, keep_zeros, stage.range_search, loaded.dtype)
+    method = stage.method_class(stage.method_options(), target)
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
     settings = {
         "scheme": scheme.name,
@@ -60,12 +60,17 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     if note := arch.unreached_note(model):
         warnings.append(note)
         console.print(f"[yellow]warning:[/] {note}")
-    config = ct_format.config_for(scheme.weight, scheme.act, ignore)
-    batches = None
+    batches, allocation = None, None
     settings.update(method.settings())
-    if method.calibrated:
+    if method.calibrated or stage.target_bits is not None:
         batches, text, calibration_warnings = calibration.batches(stage, loaded.tokenizer, console, loaded.model)
         warnings += calibration_warnings
+    if stage.target_bits is not None:
+        allocation = allocate(stage, loaded, layers, scheme, batches, device, console)
+        method.target = replace(target, grids={id(layers[n]): g for n, g in allocation.grids.items()})
+        settings.update(mixed_settings(allocation))
+    config = ct_format.config_for(scheme.weight, scheme.act, ignore, allocation.grids if allocation else None)
+    if method.calibrated:
         if outside := outside_blocks(model, layers):
             warnings.append(
                 f"{', '.join(outside)}: outside the repeated blocks, where {stage.method} has no calibration inputs; "
@@ -101,8 +106,36 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         layer_errors=[LayerError(layer=e.layer, rtn=e.rtn, method=e.method) for e in errors],
         warnings=warnings,
         expert_tokens=routed or None,
+        linear_bits={n: g.bits for n, g in sorted(allocation.grids.items())} if allocation else None,
     )
     return StageResult(record, sorted(layers), compressor=ct_format.finish(model, set(layers)))
+
+
+def allocate(stage, loaded: Loaded, layers, scheme: schemes.Scheme, batches, device: str, console: Console):
+    """Mixed precision: each linear's width for the stage's bit budget (quant/mixed.py), said on the console."""
+    with progress_bar(console, "mixed precision: cost of each width") as update:
+        allocation = mixed.plan(
+            loaded.model,
+            layers,
+            scheme.weight,
+            tuple(stage.bit_widths),
+            stage.target_bits,
+            batches,
+            torch.device(device),
+            loaded.layers,
+            update,
+        )
+    counts = ", ".join(f"{n} at {b} bits" for b, n in allocation.counts().items())
+    console.print(f"mixed precision: {allocation.bits:.2f} bits a weight (asked {stage.target_bits:g}): {counts}")
+    return allocation
+
+
+def mixed_settings(allocation: mixed.Allocation) -> dict:
+    return {
+        "target_bits": allocation.target,
+        "bits_per_weight": round(allocation.bits, 3),
+        "linears_per_width": {str(b): n for b, n in allocation.counts().items()},
+    }
 
 
 def quantize_linears(
@@ -134,7 +167,7 @@ def quantize_linears(
         treat=lambda lins, stats: quantize_together(method, lins, stats),
         threads=method.threads,
         float_stream=method.float_stream,
-        baseline=lambda layer, targets, inputs, ref: rtn_error(layer, targets, scheme, inputs, ref),
+        baseline=lambda layer, targets, inputs, ref: rtn_error(layer, targets, method.target, inputs, ref),
         sink=sink,
         progress=progress,
         store=store,
@@ -158,16 +191,19 @@ def quantize_together(
     method treats rows independently, so this is exact, and GPTQ factors one Hessian for them
     all. The layer keeps the de-quantized weights (its outputs feed the next layer); the
     integers and scales are kept on the CPU."""
-    w = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # [sum O, I]
-    q, scale, zp = method.quantize(w, stats)
-    check_scales(scale, lins)
-    out, row = [], 0
-    for lin in lins:
-        rows = slice(row, row + lin.out_features)
-        row += lin.out_features
-        out.append(_keep(lin, q[rows], scale[rows], zp[rows]))
-    heap.trim()  # the temporaries' pages go back before the next group's are taken
-    return out
+    kept = {}
+    for grid in dict.fromkeys(method.target.grid_of([lin]) for lin in lins):  # mixed precision: a stack per width
+        part = [lin for lin in lins if method.target.grid_of([lin]) == grid]
+        w = torch.cat([lin.weight for lin in part]) if len(part) > 1 else part[0].weight  # [sum O, I]
+        q, scale, zp = method.on_grid(grid).quantize(w, stats)
+        check_scales(scale, part)
+        row = 0
+        for lin in part:
+            rows = slice(row, row + lin.out_features)
+            row += lin.out_features
+            kept[id(lin)] = _keep(lin, q[rows], scale[rows], zp[rows])
+        heap.trim()  # the temporaries' pages go back before the next group's are taken
+    return [kept[id(lin)] for lin in lins]
 
 
 def quantize_layer(
@@ -202,14 +238,14 @@ def check_scales(scale: torch.Tensor, lins: list[torch.nn.Linear], name: str | N
 def rtn_error(
     layer: torch.nn.Module,
     targets: dict[str, torch.nn.Linear],
-    scheme: schemes.Scheme,
+    target: Target,
     inputs: LayerInputs,
     ref: list[torch.Tensor],
 ) -> float:
     """Output error of this layer with plain min/max RTN (the baseline every method improves on)."""
     saved = {n: m.weight.data.clone() for n, m in targets.items()}
     for m in targets.values():
-        m.weight.data = fake_quantize(m.weight.float(), scheme.weight).to(m.weight.dtype)
+        m.weight.data = fake_quantize(m.weight.float(), target.grid_of([m])).to(m.weight.dtype)
     err = calibrate.relative_error(ref, calibrate.run_layer(layer, inputs))
     for n, m in targets.items():
         m.weight.data = saved[n]
@@ -224,7 +260,7 @@ def _without_data(model, layers: dict[str, torch.nn.Linear], method: QuantMethod
     def quantize(names: list[str]) -> None:
         for name in names:
             lin = model.get_submodule(name)
-            q, scale, zp = method.quantize(lin.weight, None)
+            q, scale, zp = method.on_grid(method.target.grid_of([lin])).quantize(lin.weight, None)
             check_scales(scale, [lin], name)
             sink({name: QuantizedWeight(q, scale, zp)})
             heap.trim()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 
@@ -189,16 +190,22 @@ def layer_table(report: Report) -> list[str]:
             continue
         method = s.settings["method"]
         if s.stage == "quantize":
+            widths = widths_by_layer(s.linear_bits or {})
             out += [
                 "## Per-layer output error (quantize)",
                 "",
                 "Relative error of each decoder layer's output against the float layer, on the first calibration "
                 "batches "
-                f"(inputs already quantized up to that layer): plain min/max RTN vs {method}.",
+                f"(inputs already quantized up to that layer): plain min/max RTN vs {method}"
+                + ("; each linear's weight bits (mixed precision)." if widths else "."),
                 "",
-                f"| layer | rtn | {method} |",
-                "|---|---|---|",
-                *[f"| {e.layer} | {e.rtn:.4f} | {e.method:.4f} |" for e in s.layer_errors],
+                f"| layer | rtn | {method} |" + (" bits |" if widths else ""),
+                "|---|---|---|" + ("---|" if widths else ""),
+                *[
+                    f"| {e.layer} | {e.rtn:.4f} | {e.method:.4f} |"
+                    + (f" {widths.get(e.layer, '')} |" if widths else "")
+                    for e in s.layer_errors
+                ],
                 "",
             ]
         else:
@@ -214,6 +221,15 @@ def layer_table(report: Report) -> list[str]:
                 "",
             ]
     return out
+
+
+def widths_by_layer(linear_bits: dict[str, int]) -> dict[int, str]:
+    """Per decoder layer index, its linears' widths: "q_proj 3, k_proj 5, ..." from full names."""
+    out: dict[int, list[str]] = {}
+    for name, bits in linear_bits.items():
+        if m := re.search(r"\.(\d+)\.(?:[^.]+\.)*([^.]+)$", name):
+            out.setdefault(int(m.group(1)), []).append(f"{m.group(2)} {bits}")
+    return {i: ", ".join(parts) for i, parts in out.items()}
 
 
 def expert_table(report: Report) -> list[str]:

@@ -6,11 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 8  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+SCHEMA_VERSION = 9  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
 # 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
 # 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base);
 # 7: `expert_tokens` (per-expert routed calibration tokens of a mixture of experts); 8: `domains` (further
-# evaluation texts, `evaluate.also`)
+# evaluation texts, `evaluate.also`); 9: `linear_bits` (mixed precision: each linear's width)
 
 
 class Frozen(BaseModel):
@@ -155,6 +155,8 @@ class StageRecord(Frozen):
     # mixture of experts: per experts module, the calibration tokens the router sent each expert (every expert was
     # calibrated on every token; these show which ones the text exercises)
     expert_tokens: dict[str, list[int]] | None = None
+    # mixed precision (quantize --target-bits): each quantized linear's weight width, by full name
+    linear_bits: dict[str, int] | None = None
     # Peak resident memory of the process while the stage ran, above what it used before
     # the model was loaded: the model plus the stage's working memory.
     peak_memory_bytes: int | None = None

@@ -56,7 +56,7 @@ class AWQ(QuantMethod):
             st = layer.stats[m.linears[0]]
             weights = [lin.weight.cpu() for lin in lins]
             return awq_scale(
-                st.hessian.H.cpu() / 2, st.mean_abs().cpu(), weights, self.target.grid, self.options.awq_grid
+                st.hessian.H.cpu() / 2, st.mean_abs().cpu(), weights, self.target.grid_of(lins), self.options.awq_grid
             )
 
         smooth(model, layer, scale, self.target.dtype)

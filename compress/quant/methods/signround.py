@@ -87,6 +87,7 @@ class _Rounding:
         self.lo = ratio.float().clone().requires_grad_(True)
         # a symmetric grid has one range: both ends scale by `lo`
         self.hi = self.lo if grid.symmetric else ratio.float().clone().requires_grad_(True)
+        self.top = float(default_ratios(grid).max())  # the widest range the search tries (its unclipped end)
 
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.lo] if self.grid.symmetric else [self.v, self.lo, self.hi]
@@ -105,11 +106,11 @@ class _Rounding:
         return w.reshape(self.shape), q, scale, zp
 
     @torch.no_grad()
-    def step(self, lr: float, top: float) -> None:
+    def step(self, lr: float) -> None:
         """A signed gradient step; offsets and multipliers stay in their ranges."""
         self.v.sub_(lr * self.v.grad.sign()).clamp_(-0.5, 0.5)
         for r in self.params()[1:]:
-            r.sub_(lr * r.grad.sign()).clamp_(LOWEST_RATIO, top)
+            r.sub_(lr * r.grad.sign()).clamp_(LOWEST_RATIO, self.top)
         for p in self.params():
             p.grad = None
 
@@ -135,7 +136,6 @@ def tune_layer(
     steps: int,
     lr: float,
     batch: int,
-    top: float,
 ) -> dict[str, Quantized]:
     """Learn every rounding of one decoder layer (`block`: a float32 copy) run on `inputs.hidden`,
     towards `inputs.reference` (else the float layer's own outputs on those inputs); returns each
@@ -171,7 +171,7 @@ def tune_layer(
         loss = sum((run(hidden[i], kwargs[i], w) - refs[i]).pow(2).mean() for i in picks) / len(picks)
         loss.backward()
         for r in roundings.values():
-            r.step(lr * (1 - step / steps), top)
+            r.step(lr * (1 - step / steps))
     if full_loss() >= start:  # not better than where it started: keep the range-searched rounding
         for n, r in roundings.items():
             r.load(initial[n])
@@ -207,9 +207,10 @@ class SignRound(QuantMethod):
         return 3 + cls.STEP_COST * o.signround_steps * batch / stage.samples  # + references and both full losses
 
     def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
-        grid, o = self.target.grid, self.options
+        o = self.options
         roundings = {}
         for name, lin in layer.targets.items():
+            grid = self.target.grid_of([lin])  # mixed precision: each linear its own width
             dtype = self.target.scale_dtype(lin.weight)
             if self.target.range_search:
                 ratio = search_ratio(lin.weight, grid, dtype, importance=layer.stats[name].mean_square())
@@ -218,6 +219,5 @@ class SignRound(QuantMethod):
             roundings[name] = _Rounding(lin.weight, ratio.to(lin.weight.device), grid, self.target.keep_zeros, dtype)
         block = copy.deepcopy(layer.module).float()
         block.requires_grad_(False)
-        top = float(default_ratios(grid).max())
         with torch.enable_grad():
-            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch, top)
+            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch)

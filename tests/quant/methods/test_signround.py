@@ -60,7 +60,7 @@ def test_zeros_stay_zeros_and_the_block_error_never_rises(symmetric):
             for i in (0, 2)
         }
         with torch.enable_grad():
-            results[steps] = tune_layer(block, roundings, inputs, steps, 0.01, 8, 1.0)
+            results[steps] = tune_layer(block, roundings, inputs, steps, 0.01, 8)
     # measured: 3.26 against 4.44 symmetric; on the asymmetric grid tuning ended above the start (here, and
     # 10.27 against 10.15 unpruned with lr 1/40), so the range-searched start is kept: equal
     assert error(results[40]) < 0.8 * error(results[0]) if symmetric else error(results[40]) <= error(results[0])
@@ -91,7 +91,7 @@ def test_tuning_aims_at_the_reference_when_there_is_one():
         }
         given = inputs if target else LayerInputs(hidden, [{}] * 8)
         with torch.enable_grad():
-            results = tune_layer(block, roundings, given, steps, 0.01, 8, 1.0)
+            results = tune_layer(block, roundings, given, steps, 0.01, 8)
         quantized = copy.deepcopy(block)
         with torch.no_grad():
             for i, (q, s, z) in zip((0, 2), results.values()):
