@@ -158,7 +158,7 @@ def main() -> None:
     ckpt = None
     for label, qargs, eargs in OURS:
         if qargs is not None:
-            ckpt = work / label.split(" -> ")[0].replace(" ", "_")
+            ckpt = work / label.split(" -> ")[0].replace(" ", "_").replace("/", "-")
             if not ckpt.exists():
                 t0 = time.perf_counter()
                 run("quantize", "smollm2-135m", "-o", str(ckpt), *qargs, "--samples", str(args.samples), "--no-eval")

@@ -159,14 +159,21 @@ def test_pruned_student_keeps_its_zeros(tiny_model, tmp_path):
     )
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_model, tmp_path, symmetric):
-    """The student's grid (scales, and packed zero points when asymmetric) is kept; its integers train."""
+@pytest.mark.parametrize(
+    "symmetric, mixed", [(True, False), (False, False), (True, True)], ids=["sym", "asym", "mixed"]
+)
+def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_model, tmp_path, symmetric, mixed):
+    """The student's grid (scales, and packed zero points when asymmetric; each linear's own width when mixed) is
+    kept; its integers train."""
     from transformers import AutoModelForCausalLM
+
+    from compress.formats import stored
 
     teacher = tiny_model("llama")
     sym = "--symmetric" if symmetric else "--no-symmetric"
-    ok(compress("quantize", teacher, "-o", tmp_path / "q", "--scheme", "w4a16", "--group-size", "32", sym, "--no-eval"))
+    widths = ["--target-bits", "5", "--bit-widths", "4,5,8"] if mixed else []
+    args = ["--scheme", "w4a16", "--group-size", "32", sym, *widths, "--no-eval"]
+    ok(compress("quantize", teacher, "-o", tmp_path / "q", *args))
     rep = json.loads(
         ok(
             compress(
@@ -196,6 +203,9 @@ def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_m
     assert any(k.endswith("weight_zero_point") for k in q0) is not symmetric
     assert cfg["quantization_config"].get("dequantize", False) is not symmetric  # so transformers loads zero points
     assert any(not torch.equal(q0[k], q1[k]) for k in q0 if k.endswith("weight_packed"))  # the integers moved
+    before, after = stored.read(tmp_path / "q"), stored.read(tmp_path / "out")
+    assert {n: w.bits for n, w in before.items()} == {n: w.bits for n, w in after.items()}
+    assert len({w.bits for w in after.values()}) == (3 if mixed else 1)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers reloads it
     ids = torch.randint(0, 1000, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
