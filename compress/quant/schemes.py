@@ -65,8 +65,9 @@ class Scheme:
 
 
 def symmetric_for(name: str, asked: bool | None, experts: bool) -> bool:
-    """The grid's symmetry: as asked, else the scheme's default; a mixture of experts defaults to symmetric, as
-    transformers cannot load experts with zero points (models/experts.check_loadable)."""
+    """The grid's symmetry: as asked, else the scheme's default; `experts` (a mixture of experts, or mixed widths)
+    defaults to symmetric, as transformers cannot load their zero points (models/experts.check_loadable,
+    quant/stage.py)."""
     if asked is not None:
         return asked
     return True if experts else SCHEMES[name].default_symmetric

@@ -51,9 +51,7 @@ def test_target_outside_the_widths_is_refused():
 @pytest.fixture(scope="module")
 def mixed_ckpt(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed") / "out"
-    report = quantize(
-        tiny_model("llama"), out, "w4a16", group_size=32, symmetric=True, target_bits=5.0, bit_widths=[4, 5, 8]
-    )
+    report = quantize(tiny_model("llama"), out, "w4a16", group_size=32, target_bits=5.0, bit_widths=[4, 5, 8])
     return out, report
 
 
@@ -72,6 +70,7 @@ def test_checkpoint_stores_each_linear_at_its_width(mixed_ckpt):
         mixed.grid_bits(Grid(w.bits, "int", True, 32), w.q.shape[1]) * w.q.numel() for w in weights.values()
     )
     assert stored_bits / numel <= 5.0 and record.settings["bits_per_weight"] == pytest.approx(stored_bits / numel, 1e-3)
+    assert all(w.symmetric for w in weights.values())  # mixed widths default to symmetric (zero points refused)
     for w in weights.values():  # integers in their own width's range
         assert int(w.q.min()) >= -(2 ** (w.bits - 1)) and int(w.q.max()) <= 2 ** (w.bits - 1) - 1
 
@@ -115,12 +114,18 @@ def test_gguf_carries_every_width_exactly(mixed_ckpt, tmp_path):
         ({"scheme": "w8a8", "target_bits": 6.0}, "not a weight-only int scheme"),
         ({"scheme": "fp8", "target_bits": 6.0}, "not a weight-only int scheme"),
         ({"scheme": "w4a16", "target_bits": 4.5, "bit_widths": [4]}, "at least two of 2 to 8"),
+        ({"scheme": "w4a16", "target_bits": 5.0, "symmetric": False, "group_size": 32}, "drop --no-symmetric"),
         ({"scheme": "w4a16", "target_bits": 4.5, "bit_widths": [4, 12]}, "at least two of 2 to 8"),
     ],
 )
 def test_bad_mixed_stage(tiny_model, tmp_path, stage, words):
     with pytest.raises(UsageError, match=words):
         quantize(tiny_model("llama"), tmp_path / "o", stage.pop("scheme"), **stage)
+
+
+def test_mixture_of_experts_is_refused(tiny_model, tmp_path):
+    with pytest.raises(UsageError, match="mixture of experts"):
+        quantize(tiny_model("qwen3_moe"), tmp_path / "o", "w4a16", group_size=32, symmetric=True, target_bits=5.0)
 
 
 def test_cli_refuses_a_budget_out_of_range(tiny_model, tmp_path):
