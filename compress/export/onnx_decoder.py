@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from compress.errors import UsageError
+from compress.export import tables
 from compress.export.onnx_graph import (
     FLOAT,
     INT64,
@@ -32,6 +33,7 @@ from compress.export.onnx_graph import (
     matmul_nbits,
     nbits_block,
     nbits_from_stored,
+    pack_nbits,
     rtn_nbits,
 )
 from compress.export.widths import tied
@@ -261,17 +263,21 @@ def build(
     return g.model(f"{cfg.model_type}-decoder")
 
 
-def quantized_table(weight: torch.Tensor, bits: int, option: str) -> NBits:
-    """A [rows, hidden] table (output layer, embedding) rounded to nearest on `bits`, blocks of 32 (when they fit)."""
+def quantized_table(weight: torch.Tensor, bits: int, option: str, hessian: torch.Tensor | None = None) -> NBits:
+    """A [rows, hidden] table (output layer, embedding) on `bits`, symmetric, blocks of 32 (when they fit): by GPTQ
+    against `hessian` (the output layer's inputs: export/tables.py), else rounded to nearest."""
     w = weight.detach().float().numpy()
     block = 32 if w.shape[1] % 32 == 0 else nbits_block(w.shape[1], None)
     if block is None:
         raise UsageError(f"{option}: no MatMulNBits block length divides the hidden size {w.shape[1]}")
-    return rtn_nbits(w, bits, block)
+    if hessian is None:
+        return rtn_nbits(w, bits, block)
+    q, scale = tables.calibrated(weight, hessian, bits, block)
+    return pack_nbits(q.numpy(), scale.numpy(), None, bits, block)
 
 
-def quantized_output_layer(model: torch.nn.Module, bits: int) -> NBits:
-    return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits")
+def quantized_output_layer(model: torch.nn.Module, bits: int, hessian: torch.Tensor | None = None) -> NBits:
+    return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits", hessian)
 
 
 def _weight(module: torch.nn.Module) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from compress.data import text as textdata
 from compress.data.tokens import windows
 from compress.errors import CompressError, UsageError
-from compress.export import onnx_decoder, onnx_encoder, onnx_genai, widths
+from compress.export import onnx_decoder, onnx_encoder, onnx_genai, tables, widths
 from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
@@ -75,6 +75,7 @@ class Exported:
     embed_bits: int | None = None  # the input embedding stored quantized (GatherBlockQuantized)
     head_accuracy_level: int | None = None  # the quantized output layer's own MatMulNBits level, when it differs
     quality: list[Quality] = dataclasses.field(default_factory=list)  # decoders: held-out pages, licenses
+    eight_bit_level: int | None = None  # mixed precision: the 8-bit linears' own level, when it differs
 
 
 def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
@@ -120,10 +121,12 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     tied = loaded.task == "causal-lm" and widths.tied(loaded.model)
     if loaded.task == "causal-lm":
         opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), tied)
-    table = head = None
+    table = head = hessian = None
+    if (opts.lm_head_bits == 4 or (tied and opts.embed_bits == 4)) and loaded.task == "causal-lm":
+        hessian = tables.output_hessian(loaded.model, loaded.tokenizer)  # a 4-bit output layer: GPTQ, not RTN
     if opts.embed_bits:
         embedding = loaded.model.get_input_embeddings().weight
-        table = onnx_decoder.quantized_table(embedding, opts.embed_bits, "--embed-bits")
+        table = onnx_decoder.quantized_table(embedding, opts.embed_bits, "--embed-bits", hessian if tied else None)
     if table is not None and tied:  # one tensor in the model: one table in the file
         if opts.lm_head_bits not in (None, opts.embed_bits):
             raise UsageError(
@@ -132,7 +135,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             )
         opts, head = dataclasses.replace(opts, lm_head_bits=opts.embed_bits), table
     elif opts.lm_head_bits:
-        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits)
+        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits, hessian)
     opts = onnx_decoder.resolved(opts, stored)  # after the output layer's width is known
     graph = build(loaded, stored, opts, head, table)
     decoder = loaded.task == "causal-lm"
@@ -216,13 +219,19 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         )
     if table is not None:
         shared = " and shared with the tied output layer (stored once)" if head is table else ""
+        how = "by GPTQ on the output layer's inputs" if hessian is not None and head is table else "rounded to nearest"
         notes.append(
-            f"input embedding rounded to nearest on {opts.embed_bits} bits (blocks of {table.block}), read by "
+            f"input embedding {how} on {opts.embed_bits} bits (blocks of {table.block}), read by "
             f"GatherBlockQuantized{shared}"
+        )
+    if hessian is not None and head is not table:
+        notes.append(
+            f"output layer: {opts.lm_head_bits} bits by GPTQ on its inputs ({tables.CALIBRATION_TOKENS} tokens of the "
+            "built-in calibration pages)"
         )
     exp = Exported(
         dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes,
-        opts.embed_bits, opts.head_accuracy_level,
+        opts.embed_bits, opts.head_accuracy_level, eight_bit_level=opts.eight_bit_level,
     )  # fmt: skip
     _verify(exp)
     if loaded.task == "causal-lm":
@@ -241,7 +250,7 @@ def _verify(exp: Exported) -> None:
     """An export that runs but computes something else is an error, not a file."""
     c = exp.check
     exact = (exp.accuracy_level in (0, 1) or exp.nbits_layers == 0) and not exp.act_int8
-    exact = exact and exp.head_accuracy_level in (None, 0, 1)
+    exact = exact and exp.head_accuracy_level in (None, 0, 1) and exp.eight_bit_level in (None, 0, 1)
     if exact and c.max_abs_logit_diff > 1e-3 * max(c.logit_scale, 1.0) * 10:
         raise CompressError(
             f"export check failed: logits differ from PyTorch by {c.max_abs_logit_diff:.3g} (scale {c.logit_scale:.3g})"

@@ -17,9 +17,10 @@ def table_widths(
     """(output layer bits, embedding bits), None for float; asked widths are kept (0 asks for float). A checkpoint with
     integer weights gets an 8-bit output layer, and a tied model the one 8-bit table for both. Measured on SmolLM2-135M
     w4a16 in ONNX Runtime (benchmarks/export.py, 2 threads): file 175 -> 94 MB, decode 3.07x -> 3.49x PyTorch fp32,
-    perplexity +0.06%, 16/16 greedy tokens. At 4 bits the output layer alone cost +13.6%: never a default. llama.cpp's
-    own mixes keep these tables at 6 to 8 bits too. A float checkpoint stays float. untied_embedding: an untied
-    embedding gets 8 bits too (GGUF, as llama.cpp's mixes round token_embd; in ONNX a rounded table only saves size)."""
+    perplexity +0.06%, 16/16 greedy tokens. At 4 bits the output layer alone cost +13.6% rounded to nearest, +2.1% /
+    +4.4% (pages / licenses) by GPTQ (export/tables.py): never a default. llama.cpp's own mixes keep these tables at 6
+    to 8 bits too. A float checkpoint stays float. untied_embedding: an untied embedding gets 8 bits too (GGUF, as
+    llama.cpp's mixes round token_embd; in ONNX a rounded table only saves size)."""
     if tied:  # one tensor, one width, unless both are asked
         head = embed if head is None else head
         embed = head if embed is None else embed

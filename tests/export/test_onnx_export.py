@@ -196,6 +196,7 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     _, plain = export(src, tmp_path / "plain")
     _, exp = export(src, tmp_path / "onnx", embed_bits=4)
     assert exp.lm_head_bits == 4 and any("shared with the tied output layer" in n for n in exp.notes)
+    assert any("by GPTQ on the output layer's inputs" in n for n in exp.notes)  # a 4-bit output layer is calibrated
     assert exp.check.top1_agreement == 1.0
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     readers = [n.op_type for n in graph.node if "model.embed_tokens.qweight" in n.input]

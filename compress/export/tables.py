@@ -1,0 +1,55 @@
+"""A 4-bit output layer (or tied table) chosen by GPTQ on the output layer's inputs, instead of rounded to nearest.
+
+Measured on SmolLM2-135M's tied table alone (symmetric, blocks of 32, the linears float; 16 x 512 tokens of the
+built-in calibration pages; perplexity change on 4,096 tokens of held-out pages / license texts): round to nearest
++14.7% / +17.5%, range searched for least weight error +14.3% / +13.1%, weighted by the inputs' E[x^2] +5.6% / +7.5%,
+GPTQ +2.3% / +6.7% (2.8 s). The same table serves the embedding lookup; the numbers above include that. At 8 bits
+round to nearest already costs +0.06%, so only 4-bit tables are calibrated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.data import text
+from compress.data.tokens import windows
+from compress.primitives.gptq import gptq
+from compress.primitives.qparams import Grid
+
+CALIBRATION_TOKENS = 16 * 512  # of the built-in calibration pages, in windows of 512
+
+
+@torch.no_grad()
+def output_hessian(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    """[K, K] float32: mean x x^T of the output layer's inputs (the final norm's outputs) on the calibration text."""
+    ids = windows(tokenizer, text.builtin("calibration").texts, 512, CALIBRATION_TOKENS)
+    head = model.get_output_embeddings()
+    k = head.weight.shape[1]
+    acc = {"H": torch.zeros(k, k, dtype=torch.float64), "n": 0}
+
+    def gather(module, args):
+        x = args[0].reshape(-1, k).double()
+        acc["H"] += x.T @ x
+        acc["n"] += x.shape[0]
+        raise _Stop  # the logits are not needed
+
+    hook = head.register_forward_pre_hook(gather)
+    try:
+        for i in range(0, len(ids), 4):
+            try:
+                model(ids[i : i + 4].to(head.weight.device))
+            except _Stop:
+                pass
+    finally:
+        hook.remove()
+    return (acc["H"] / max(acc["n"], 1)).float()
+
+
+class _Stop(Exception):
+    pass
+
+
+def calibrated(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int):
+    """(q [N, K] int8, scale [N, K/block]) of the table on a symmetric `bits` grid in blocks of `block`, by GPTQ."""
+    q, scale, _ = gptq(weight.detach().float(), hessian, Grid(bits, "int", True, block), torch.float32)
+    return q, scale
