@@ -1,10 +1,11 @@
 """Mixed precision to a bit budget (`--target-bits`): how much each linear's width costs the model, measured on
 the calibration text, then the widths that meet the average stored bits a weight at the least summed cost.
 
-Cost of linear L at width b: the squared relative error of its decoder layer's output when L alone is rounded to
-nearest on b bits (min/max) and the rest of the layer stays float, on the first calibration batches. The residual
-stream carries every layer's error on to the end, so these add up over linears to first order; a method (GPTQ, ...)
-lowers every width's error afterwards, roughly alike.
+Cost of linear L at width b: the squared error of its decoder layer's output relative to that output, per token
+and averaged over tokens (`token_error`), when L alone is rounded to nearest on b bits (min/max) and the rest of
+the layer stays float, on the first calibration batches. The residual stream carries every layer's error on to the
+end, so these add up over linears to first order; a method (GPTQ, ...) lowers every width's error afterwards,
+roughly alike.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from compress.models import arch
 from compress.models.offload import LayerStore
 from compress.primitives.qparams import Grid, fake_quantize
 
-SENSITIVITY_TOKENS = 1024  # each layer's cost on this many calibration tokens: 4 widths x 7 linears x 30 layers runs
+# Each cost on this many calibration tokens: SmolLM2 runs a layer 5 widths x 7 linears x 30 times, about 60 s on 2
+# cores (benchmarks/RESULTS.md, "Mixed precision").
+SENSITIVITY_TOKENS = 1024
 
 
 @dataclass(frozen=True)
