@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from compress.errors import UsageError
-from compress.export import gguf_kquants, widths
+from compress.export import gguf_kquants, tables, widths
 from compress.formats.stored import StoredLinear, read
 from compress.models.load import Loaded
 
@@ -172,6 +172,11 @@ def export(
     )
     out = GgufExported(str(dest / FILE), 0, 0, 0, 0, {}, GgufCheck("", 0, 0.0, None))
     out.embed_bits, out.lm_head_bits = embed_bits, None if tied else head_bits
+    head = model.get_output_embeddings()
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    # a 4-bit output layer (the tied table too) by GPTQ on its inputs, as in ONNX (export/tables.py)
+    calibrate = {"model.embed_tokens"} if tied and embed_bits == 4 else {head_name} if head_bits == 4 else set()
+    hessian = tables.output_hessian(model, loaded.tokenizer) if calibrate else None
     expected: dict[str, tuple[np.ndarray, str]] = {}  # GGUF name -> (float32 weights, how it reached the file)
 
     def add(name: str, hf: str, permute_heads: int | None = None, bits: int | None = None) -> None:
@@ -181,6 +186,9 @@ def export(
             ref = _permute_rows(ref, permute_heads)
         if hf in stored:
             arr, kind, category = _quantized(stored[hf], ref, permute_heads, out, k_quants)
+        elif hf in calibrate and ref.shape[1] % 32 == 0:
+            q, scale = tables.calibrated(torch.from_numpy(ref), hessian, 4, 32, torch.float16)
+            arr, kind, category = q_blocks(q.numpy(), scale.float().numpy(), 4)[0], "Q4_0", TABLE
         else:
             arr, kind, category = _plain(ref, src_dtype, bits)
         if kind in ("F32", "F16"):
@@ -208,8 +216,7 @@ def export(
     w.add_tensor("output_norm.weight", _weight(model, "model.norm"))
     out.tensors += 1
     if not tied:
-        head = model.get_output_embeddings()
-        add("output.weight", next(n for n, m in model.named_modules() if m is head), bits=head_bits)
+        add("output.weight", head_name, bits=head_bits)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -229,10 +236,15 @@ def export(
             "there are some"
         )
     if embed_bits or out.lm_head_bits:
-        tables = "token_embd" + (" (also the tied output layer)" if tied else "") if embed_bits else ""
-        tables += (", " if tables else "") + "output" if out.lm_head_bits else ""
+        rtn, gptq = "rounded to nearest with gguf's quantizer", "by GPTQ on the output layer's inputs (Q4_0)"
+        parts = []
+        if embed_bits:
+            parts.append(f"token_embd (also the tied output layer) {gptq if calibrate else rtn}" if tied else "")
+            parts[-1] = parts[-1] or f"token_embd {rtn}"
+        if out.lm_head_bits:
+            parts.append(f"output {gptq if calibrate else rtn}")
         out.notes.append(
-            f"{tables} rounded to nearest with gguf's quantizer (relative error {out.check.table_rel_error:.2e}); "
+            f"{'; '.join(parts)} (relative weight error {out.check.table_rel_error:.2e}); "
             "--embed-bits/--lm-head-bits 0 keep them float"
         )
     if out.rounded_scales:

@@ -49,7 +49,10 @@ class _Stop(Exception):
     pass
 
 
-def calibrated(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int):
-    """(q [N, K] int8, scale [N, K/block]) of the table on a symmetric `bits` grid in blocks of `block`, by GPTQ."""
-    q, scale, _ = gptq(weight.detach().float(), hessian, Grid(bits, "int", True, block), torch.float32)
+def calibrated(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, scale_dtype: torch.dtype = torch.float32
+):
+    """(q [N, K] int8, scale [N, K/block]) of the table on a symmetric `bits` grid in blocks of `block`, by GPTQ;
+    scales in `scale_dtype` (GGUF's blocks hold float16)."""
+    q, scale, _ = gptq(weight.detach().float(), hessian, Grid(bits, "int", True, block), scale_dtype)
     return q, scale

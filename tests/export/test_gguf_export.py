@@ -254,4 +254,5 @@ def test_tied_table_takes_one_width(tiny_model, tmp_path):
     import gguf
 
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(out.path).tensors}
-    assert out.check.table_rel_error < 0.15  # 4-bit rounding of random weights; the other 14 weights exact
+    assert out.check.table_rel_error < 0.2  # 4-bit table of random weights; the other 14 weights exact
+    assert any("by GPTQ on the output layer's inputs (Q4_0)" in n for n in out.notes)  # a 4-bit output layer
