@@ -205,7 +205,7 @@ def test_quantized_student_trains_through_its_grid_and_is_saved_quantized(tiny_m
     assert any(not torch.equal(q0[k], q1[k]) for k in q0 if k.endswith("weight_packed"))  # the integers moved
     before, after = stored.read(tmp_path / "q"), stored.read(tmp_path / "out")
     assert {n: w.bits for n, w in before.items()} == {n: w.bits for n, w in after.items()}
-    assert len({w.bits for w in after.values()}) == (3 if mixed else 1)
+    assert (len({w.bits for w in after.values()}) > 1) is mixed
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # plain transformers reloads it
     ids = torch.randint(0, 1000, (1, 16))
     assert torch.isfinite(model(ids).logits).all()
