@@ -239,8 +239,9 @@ def export(
         rtn, gptq = "rounded to nearest with gguf's quantizer", "by GPTQ on the output layer's inputs (Q4_0)"
         parts = []
         if embed_bits:
-            parts.append(f"token_embd (also the tied output layer) {gptq if calibrate else rtn}" if tied else "")
-            parts[-1] = parts[-1] or f"token_embd {rtn}"
+            parts.append(
+                f"token_embd (also the tied output layer) {gptq if calibrate else rtn}" if tied else f"token_embd {rtn}"
+            )
         if out.lm_head_bits:
             parts.append(f"output {gptq if calibrate else rtn}")
         out.notes.append(

@@ -49,9 +49,7 @@ class Options:
     act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
     embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
     head_accuracy_level: int | None = None  # the quantized output layer's MatMulNBits level (None: accuracy_level)
-    eight_bit_level: int | None = (
-        None  # the level of 8-bit linears among others (mixed precision; None: accuracy_level)
-    )
+    eight_bit_level: int | None = None  # 8-bit linears' level among other widths (None: accuracy_level)
 
 
 @dataclass

@@ -122,7 +122,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     if loaded.task == "causal-lm":
         opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), tied)
     table = head = hessian = None
-    if (opts.lm_head_bits == 4 or (tied and opts.embed_bits == 4)) and loaded.task == "causal-lm":
+    if opts.lm_head_bits == 4 or (tied and opts.embed_bits == 4):  # both ask for a decoder (checked above)
         hessian = tables.output_hessian(loaded.model, loaded.tokenizer)  # a 4-bit output layer: GPTQ, not RTN
     if opts.embed_bits:
         embedding = loaded.model.get_input_embeddings().weight

@@ -148,15 +148,9 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
                 if not key.endswith(".weight_scale"):
                     continue
                 name = key[: -len(".weight_scale")]
-                args = (stored.group_of(groups, name) or {}).get("weights")
-                if args is None:
+                grid = stored.grid_of(groups, name)  # every group's strategy was checked above
+                if grid is None:
                     raise UsageError(f"{ckpt}: {name} is stored quantized but no config group targets it")
-                grid = Grid(
-                    args["num_bits"],
-                    args["type"],
-                    args["symmetric"],
-                    args["group_size"] if args["strategy"] == "group" else None,
-                )
                 scale = st.get_tensor(key)
                 grids[name] = GridParams(grid, scale, stored.zero_point(st, keys, name, scale.shape, grid.bits))
     if not grids:

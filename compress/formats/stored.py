@@ -13,6 +13,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors import safe_open
 
 from compress.errors import UsageError
+from compress.primitives.qparams import Grid
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ def group_of(groups: dict[str, dict], name: str) -> dict | None:
     return by_class
 
 
+def grid_of(groups: dict[str, dict], name: str) -> Grid | None:
+    """This linear's weight grid from its config group; None when no group targets it or its weights are not per
+    group or per channel."""
+    args = (group_of(groups, name) or {}).get("weights")
+    if not args or args["strategy"] not in ("group", "channel"):
+        return None
+    group = args["group_size"] if args["strategy"] == "group" else None
+    return Grid(args["num_bits"], args["type"], args["symmetric"], group)
+
+
 def read(ckpt: Path) -> dict[str, StoredLinear]:
     """Every quantized linear of a compressed-tensors checkpoint written by compress, by module
     name (e.g. "model.layers.0.self_attn.q_proj"), each on its config group's grid (mixed
@@ -91,18 +102,16 @@ def read(ckpt: Path) -> dict[str, StoredLinear]:
             keys = set(st.keys())
             for key in sorted(k for k in keys if k.endswith(".weight_scale")):
                 name = key[: -len(".weight_scale")]
-                args = (group_of(groups, name) or {}).get("weights")
-                if not args or args["strategy"] not in ("group", "channel"):
-                    what = args and args["strategy"]
+                grid = grid_of(groups, name)
+                if grid is None:
+                    what = ((group_of(groups, name) or {}).get("weights") or {}).get("strategy")
                     raise UsageError(f"{ckpt}: {name} has weight strategy {what!r}, which cannot be exported")
-                bits, kind, sym = args["num_bits"], args["type"], args["symmetric"]
-                group = args["group_size"] if args["strategy"] == "group" else None
                 scale = st.get_tensor(key).float()
                 if f"{name}.weight_packed" in keys:
                     shape = torch.Size(st.get_tensor(f"{name}.weight_shape").tolist())
-                    q = unpack_from_int32(st.get_tensor(f"{name}.weight_packed"), bits, shape)
+                    q = unpack_from_int32(st.get_tensor(f"{name}.weight_packed"), grid.bits, shape)
                 else:
                     q = st.get_tensor(f"{name}.weight")
-                zp = zero_point(st, keys, name, scale.shape, bits)
-                out[name] = StoredLinear(q, scale, zp, bits, kind, sym, group)
+                zp = zero_point(st, keys, name, scale.shape, grid.bits)
+                out[name] = StoredLinear(q, scale, zp, grid.bits, grid.kind, grid.symmetric, grid.group_size)
     return out

@@ -22,6 +22,7 @@ from compress.errors import UsageError
 from compress.models import arch
 from compress.models.offload import LayerStore
 from compress.primitives.qparams import Grid, fake_quantize
+from compress.quant.schemes import grid_bits
 
 # Each cost on this many calibration tokens: SmolLM2 runs a layer 5 widths x 7 linears x 30 times, about 60 s on 2
 # cores (benchmarks/RESULTS.md, "Mixed precision").
@@ -30,12 +31,11 @@ SENSITIVITY_TOKENS = 1024
 
 @dataclass(frozen=True)
 class Allocation:
-    """Each linear's grid (full names) and what the choice stores and costs."""
+    """Each linear's grid (full names) and the average stored bits a weight it reaches."""
 
     grids: dict[str, Grid]
     target: float  # the asked average stored bits a weight
     bits: float  # the average reached
-    cost: dict[str, float]  # each linear's measured cost at its chosen width
 
     def counts(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -44,25 +44,19 @@ class Allocation:
         return dict(sorted(out.items()))
 
 
-def grid_bits(grid: Grid, in_features: int) -> float:
-    """Stored bits a weight: the integer, plus its group's bf16 scale and (zero points) packed zero point."""
-    g = grid.group_size or in_features
-    return grid.bits + (16 + (0 if grid.symmetric else grid.bits)) / g
-
-
 def check_target(target: float, grids: dict[int, Grid], widths: dict[int, int]) -> None:
     """The budget must lie between every linear at the fewest bits and every linear at the most (widths: weights
     per input width)."""
     total = sum(widths.values())
-    lo = min(grids), max(grids)
+    fewest, most = min(grids), max(grids)
 
     def average(b: int) -> float:
         return sum(grid_bits(grids[b], k) * n for k, n in widths.items()) / total if total else 0.0
 
-    low, high = average(lo[0]), average(lo[1])
+    low, high = average(fewest), average(most)
     if not low <= target <= high:
         raise UsageError(
-            f"--target-bits {target:g} is outside what widths {lo[0]} to {lo[1]} store here: {low:.2f} to "
+            f"--target-bits {target:g} is outside what widths {fewest} to {most} store here: {low:.2f} to "
             f"{high:.2f} bits a weight (scales and zero points included)"
         )
 
@@ -186,7 +180,7 @@ def plan(
     chosen.update({n: base for n in layers if n not in chosen})
     total = sum(m.weight.numel() for m in layers.values())
     reached = sum(grid_bits(chosen[n], m.in_features) * m.weight.numel() for n, m in layers.items()) / total
-    return Allocation(chosen, target, reached, {n: costs[n][b] for n, b in choice.items()})
+    return Allocation(chosen, target, reached)
 
 
 def _columns(sizes: dict[str, tuple[int, int]]) -> dict[int, int]:

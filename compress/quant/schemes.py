@@ -112,13 +112,18 @@ def resolve(name: str, group_size: int | str | None, symmetric: bool, widths: di
     return Scheme(name, Grid(kind.bits, "int", symmetric, gs), None, f"{gs} (asked)")
 
 
+def grid_bits(grid: Grid, in_features: int | None = None) -> float:
+    """Stored bits a weight: the integer, plus its group's bf16 scale and (zero points) a zero point packed at the
+    weights' own width (pack-quantized). Per channel: one scale a row of `in_features` (None: not counted)."""
+    g = grid.group_size or in_features
+    return grid.bits + ((16 + (0 if grid.symmetric else grid.bits)) / g if g else 0.0)
+
+
 def bits_per_weight(name: str, group_size: int | str | None, symmetric: bool, widths) -> float:
     """Stored bits per weight of the scheme (integers plus their group's scale and zero point),
     for the plan; an impossible group size counts as per channel (the run refuses it)."""
     try:
         s = resolve(name, group_size, symmetric, {str(i): w for i, w in enumerate(widths)})
     except SchemeError:
-        s = Scheme(name, Grid(SCHEMES[name].bits), None, "")
-    g = s.weight.group_size
-    # a bf16 scale per group, and a zero point packed at the weights' own width (pack-quantized)
-    return s.bits + ((16 + (0 if symmetric else s.bits)) / g if g else 0.0)
+        s = Scheme(name, Grid(SCHEMES[name].bits, symmetric=symmetric), None, "")
+    return grid_bits(s.weight)

@@ -201,9 +201,9 @@ def quantize_together(
     method treats rows independently, so this is exact, and GPTQ factors one Hessian for them
     all. The layer keeps the de-quantized weights (its outputs feed the next layer); the
     integers and scales are kept on the CPU."""
-    kept = {}
-    for grid in dict.fromkeys(method.target.grid_of([lin]) for lin in lins):  # mixed precision: a stack per width
-        part = [lin for lin in lins if method.target.grid_of([lin]) == grid]
+    kept, grids = {}, [method.target.grid_of([lin]) for lin in lins]
+    for grid in dict.fromkeys(grids):  # mixed precision: a stack per width
+        part = [lin for lin, g in zip(lins, grids) if g == grid]
         w = torch.cat([lin.weight for lin in part]) if len(part) > 1 else part[0].weight  # [sum O, I]
         q, scale, zp = method.on_grid(grid).quantize(w, stats)
         check_scales(scale, part)

@@ -11,6 +11,7 @@ from compress.errors import UsageError
 from compress.formats import stored
 from compress.primitives.qparams import Grid
 from compress.quant import mixed
+from compress.quant.schemes import grid_bits
 from tests.formats.test_tiny_models import fresh_outputs, quantize
 
 GRIDS = {b: Grid(b, "int", True, 32) for b in (3, 4, 5, 8)}
@@ -20,7 +21,7 @@ def test_budget_goes_where_the_cost_is():
     """Two linears of one size and room for one upgrade: the costly one gets it."""
     costs = {"a": {3: 10.0, 4: 5.0, 5: 2.0, 8: 1.0}, "b": {3: 0.1, 4: 0.05, 5: 0.02, 8: 0.01}}
     sizes = {"a": (64, 64), "b": (64, 64)}
-    target = (mixed.grid_bits(GRIDS[3], 64) + mixed.grid_bits(GRIDS[5], 64)) / 2
+    target = (grid_bits(GRIDS[3], 64) + grid_bits(GRIDS[5], 64)) / 2
     assert mixed.allocate(costs, sizes, GRIDS, target) == {"a": 5, "b": 3}
 
 
@@ -35,7 +36,7 @@ def test_allocation_stays_within_budget_and_spends_it():
     total = sum(o * i for o, i in sizes.values())
     for target in (3.8, 4.6, 6.0):
         choice = mixed.allocate(costs, sizes, GRIDS, target)
-        used = sum(mixed.grid_bits(GRIDS[b], sizes[n][1]) * sizes[n][0] * sizes[n][1] for n, b in choice.items())
+        used = sum(grid_bits(GRIDS[b], sizes[n][1]) * sizes[n][0] * sizes[n][1] for n, b in choice.items())
         assert used / total <= target + 1e-9
         # what is left is less than the smallest upgrade still open (a 1-bit step of the smallest linear)
         open_steps = [sizes[n][0] * sizes[n][1] for n, b in choice.items() if b < 8]
@@ -66,9 +67,7 @@ def test_checkpoint_stores_each_linear_at_its_width(mixed_ckpt):
     for group in groups.values():  # each group names its linears, no class target that would catch the others
         assert all(weights[t].bits == group["weights"]["num_bits"] for t in group["targets"])
     numel = sum(w.q.numel() for w in weights.values())
-    stored_bits = sum(
-        mixed.grid_bits(Grid(w.bits, "int", True, 32), w.q.shape[1]) * w.q.numel() for w in weights.values()
-    )
+    stored_bits = sum(grid_bits(Grid(w.bits, "int", True, 32), w.q.shape[1]) * w.q.numel() for w in weights.values())
     assert stored_bits / numel <= 5.0 and record.settings["bits_per_weight"] == pytest.approx(stored_bits / numel, 1e-3)
     assert all(w.symmetric for w in weights.values())  # mixed widths default to symmetric (zero points refused)
     for w in weights.values():  # integers in their own width's range
