@@ -6,7 +6,8 @@
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
 scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
 environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
-`compress eval` on both domains.
+`compress eval` on both domains; nf4:64:bitsandbytes writes bitsandbytes' own NF4 (transformers'
+BitsAndBytesConfig, round to nearest, saved before any forward pass) and scores it the same way.
 
 Each run is `compress quantize` (perplexity and KL divergence against the base on the built-in
 held-out pages) followed by `compress eval --baseline` of the same checkpoint on a second domain
@@ -70,6 +71,8 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
     scheme, group, method, *options = spec.split(":")
     if method == "auto-round":
         return autoround_row(scheme, group, *options, samples, tmp, domain2)
+    if method == "bitsandbytes":
+        return bitsandbytes_row(group, tmp, domain2)
     out = tmp / spec.replace(":", "_").replace("=", "-")
     calib = ["--samples", str(samples)] if method != "rtn" else []
     q = cli(
@@ -106,6 +109,37 @@ def autoround_row(
     d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m")
     d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2))
     line = table_row(scheme, group, f"auto-round {steps} steps, batch {batch}", d1, d2, r["seconds"])
+    return line, d1["base"], d2["base"]
+
+
+BNB_WRITE = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+src, out, block = sys.argv[1], sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.bfloat16)
+states = [m.weight.quant_state for m in model.modules() if hasattr(getattr(m, "weight", None), "quant_state")]
+assert states and all(s.blocksize == block for s in states), "bitsandbytes' block size differs from the row's"
+model.save_pretrained(out)  # before any forward pass: one on a CPU with AVX512-BF16 repacks absmax (garbage reload)
+AutoTokenizer.from_pretrained(src).save_pretrained(out)
+print(time.perf_counter() - start)
+"""
+
+
+def bitsandbytes_row(group: str, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
+    """bitsandbytes' own NF4 through transformers (its block size is 64 unless its config is changed)."""
+    from compress.models.load import checkpoint_dir
+    from compress.models.source import resolve
+
+    out = tmp / f"nf4-{group}-bitsandbytes"
+    src = checkpoint_dir(resolve("smollm2-135m"), "auto")
+    proc = subprocess.run([sys.executable, "-c", BNB_WRITE, str(src), str(out), group], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bitsandbytes failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    d1 = cli("eval", str(out), "--baseline", "smollm2-135m")
+    d2 = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2))
+    line = table_row("nf4", group, "bitsandbytes (round to nearest)", d1, d2, float(proc.stdout.split()[-1]))
     return line, d1["base"], d2["base"]
 
 

@@ -33,7 +33,7 @@ from compress.eval.latency import cpu_name
 from compress.eval.measure import measure
 from compress.eval.memory import PeakRSS, peak_rss
 from compress.eval.perplexity import token_windows
-from compress.formats import compressed_tensors as ct_format, sparse
+from compress.formats import bnb_nf4, compressed_tensors as ct_format, sparse
 from compress.formats.atomic import atomic_dir, check_output, resumable, staging_dir
 from compress.models import load as loading, source as sources
 from compress.models.arch import max_positions
@@ -242,7 +242,9 @@ def run_stages(recipe: Recipe, inputs: Inputs, tmp: Path, resume: bool, main: bo
     (tmp / ".inputs.json").unlink(missing_ok=True)
     with saved_as(loaded.model, loaded.dtype):
         loaded.layers.save(loaded.model, tmp)  # the weights, config.json, generation config
-    if compressor is not None:
+    if isinstance(compressor, bnb_nf4.Writer):
+        compressor.write_config(tmp)
+    elif compressor is not None:
         ct_format.write_config(compressor, tmp, loaded.model)  # + quantization_config
     if done.sparsity is not None:
         sparse.record(
@@ -454,7 +456,13 @@ def _notes(src: sources.Source, recipe: Recipe) -> list[str]:
                 f"{stage.pattern} sparsity leaves dense kernels the same work: expect no speed-up from it{kernel}; "
                 f"storage {stored}"
             )
-    if any(isinstance(st, QuantizeStage) for st in recipe.stages):
+    nf4 = any(isinstance(st, QuantizeStage) and st.scheme == "nf4" for st in recipe.stages)
+    if nf4:
+        notes.append(
+            "nf4: bitsandbytes keeps the weights packed in memory (4 bits and a float32 absmax a block) and "
+            "de-quantizes them in every forward pass: smaller in memory, not faster than dense on CPU"
+        )
+    elif any(isinstance(st, QuantizeStage) for st in recipe.stages):
         notes.append(
             "on CPU, transformers decompresses compressed-tensors weights to dense on the first forward: speed and "
             "in-memory size match the base; the gain here is on disk. Low-bit kernels run in vLLM on GPU."

@@ -75,6 +75,8 @@ class LayerInputs:
     # per batch [B, T, H]: what this layer of the unchanged model outputs, its inputs being the unchanged
     # model's too (only when the method asked for the float stream: `layer_by_layer(float_stream=True)`)
     reference: list[torch.Tensor] | None = None
+    # per batch [B, T, H]: this layer's inputs in the unchanged model (the float stream, as `reference`)
+    float_inputs: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -161,6 +163,7 @@ def layer_by_layer(
         store.load(i, layer)
         layer.to(device)
         if floats is not None:
+            inputs.float_inputs = floats
             floats = inputs.reference = run_layer(layer, LayerInputs(floats, inputs.kwargs))
         calibrate(i, layer, inputs)
         inputs.hidden = run_layer(layer, inputs)
@@ -179,6 +182,9 @@ class Gather:
     hessian: bool = False  # sum x x^T (GPTQ, SparseGPT, AWQ's output-error model)
     absolute: bool = False  # per-feature max |x| and sum |x| (smoothing)
     rows: dict[str, int] = field(default_factory=dict)  # linear -> input rows kept over all batches (searches)
+    # sum (x_float - x) x^T: how far each linear's inputs drifted from the unchanged model's (GPTAQ); needs the
+    # method's `float_stream`
+    drift: bool = False
 
 
 @dataclass
@@ -192,13 +198,20 @@ class InputStats:
     absolute: bool = True
     n: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)  # a subset of input rows
+    drift_sum: torch.Tensor | None = None  # [I, I] sum (x_float - x) x^T (Gather.drift)
 
     @classmethod
     def empty(cls, features: int, gather: Gather, device: torch.device) -> InputStats:
         zeros = (torch.zeros(features, device=device) for _ in range(3))
-        return cls(Hessian(features, device) if gather.hessian else None, *zeros, absolute=gather.absolute)
+        drift = torch.zeros(features, features, device=device) if gather.drift else None
+        hessian = Hessian(features, device) if gather.hessian else None
+        return cls(hessian, *zeros, absolute=gather.absolute, drift_sum=drift)
 
-    def add(self, x: torch.Tensor, keep: int) -> None:
+    def add(self, x: torch.Tensor, keep: int, x_float: torch.Tensor | None = None) -> None:
+        """x: a batch of the linear's inputs; x_float: the same positions' inputs in the unchanged model (drift)."""
+        if self.drift_sum is not None:
+            xf = x.reshape(-1, x.shape[-1]).float()
+            self.drift_sum += (x_float.reshape(-1, x.shape[-1]).float() - xf).T @ xf
         x = x.reshape(-1, x.shape[-1])  # [n, I], in the layer's dtype
         if self.hessian is not None:
             self.hessian.add(x)  # its diagonal is the sum of x^2
@@ -223,6 +236,11 @@ class InputStats:
             return self.hessian.H.diagonal() / 2
         return self.sq_sum / max(self.n, 1)
 
+    @property
+    def drift(self) -> torch.Tensor:
+        """[I, I] 2/n sum (x_float - x) x^T, on the Hessian's scale."""
+        return self.drift_sum * (2.0 / max(self.n, 1))
+
     def mean_abs(self) -> torch.Tensor:
         """[I] E|x| per input feature."""
         return self.abs_sum / max(self.n, 1)
@@ -232,6 +250,8 @@ class InputStats:
         s = s.to(self.sq_sum.device)
         if self.hessian is not None:
             self.hessian.rescale(s)
+        if self.drift_sum is not None:
+            self.drift_sum /= s[:, None] * s[None, :]
         self.sq_sum /= s.pow(2)
         self.absmax /= s
         self.abs_sum /= s
@@ -260,7 +280,8 @@ class LayerError:
 
 def head(inputs: LayerInputs, n: int) -> LayerInputs:
     reference = None if inputs.reference is None else inputs.reference[:n]
-    return LayerInputs(inputs.hidden[:n], inputs.kwargs[:n], reference)
+    floats = None if inputs.float_inputs is None else inputs.float_inputs[:n]
+    return LayerInputs(inputs.hidden[:n], inputs.kwargs[:n], reference, floats)
 
 
 @torch.no_grad()
@@ -314,11 +335,15 @@ def calibrate_linears(
         shared = SharedReaders()
         order: list[str] = []  # targets in the order the first batch reached them
         batch = [-1]
+        floating, float_x = [False], {}  # drift: the float stream's pass over this batch, and its linear inputs
 
         def observe(name: str, x: torch.Tensor) -> None:
+            if floating[0]:
+                float_x[name] = x
+                return
             owner = shared.reader(name, x)
             if owner == name:
-                stats[name].add(x, keep.get(name, 0))
+                stats[name].add(x, keep.get(name, 0), float_x.get(name))
             else:
                 stats[name] = stats[owner]
             if batch[0] == 0:
@@ -326,12 +351,20 @@ def calibrate_linears(
             elif batch[0] >= n_err and name == order[-1]:
                 raise StopLayer  # the rest of the layer only matters for the reference outputs
 
-        def next_batch(mod, args) -> None:
+        def next_batch(mod, args, kwargs) -> None:
+            if floating[0]:
+                return
             shared.next_batch()
             batch[0] += 1
+            if want.drift:  # the same batch through the unchanged model's inputs first: each linear's float input
+                floating[0] = True
+                try:
+                    mod(inputs.float_inputs[batch[0]], **kwargs)
+                finally:
+                    floating[0] = False
 
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: observe(n, args[0])) for n, m in targets.items()]
-        hooks.append(module.register_forward_pre_hook(next_batch))
+        hooks.append(module.register_forward_pre_hook(next_batch, with_kwargs=True))
         try:
             ref = run_layer(module, inputs)[:n_err]
         finally:

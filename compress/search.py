@@ -28,7 +28,7 @@ from compress import api, plan
 from compress.errors import CompressError, UsageError
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import source as sources
-from compress.quant.schemes import SCHEMES, fitting_groups
+from compress.quant.schemes import NF4_GROUPS, SCHEMES, fitting_groups
 from compress.recipe import EvalSpec, Gates, validate
 from compress.report import html_report, render
 from compress.report.schema import Candidate, Report
@@ -132,6 +132,8 @@ def grid(spec: Spec, widths: tuple[int, ...]) -> list[Point]:
         groups: list[int | str] = (
             [g for g in spec.group_sizes if g in fits] if kind.grouped and kind.default_group else ["channel"]
         )
+        if kind.grid == "nf4":
+            groups = [g for g in groups if g in NF4_GROUPS]
         for g in groups:
             for method in spec.methods:
                 stage = {"stage": "quantize", "scheme": scheme, "method": method, "group_size": g, **calib}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from compressed_tensors.compressors import ModelCompressor
 
-from compress.formats import sparse
+from compress.formats import bnb_nf4, sparse
 from compress.models.compute import saved_as
 from compress.report.schema import StageRecord
 
@@ -25,7 +25,8 @@ class StageResult:
 
     record: StageRecord
     changed: list[str]  # the linears it compressed (quantized, pruned, or re-quantized after training)
-    compressor: ModelCompressor | None = None  # quantized: writes the checkpoint's quantization_config
+    # quantized: writes the checkpoint's quantization_config (compressed-tensors', or bitsandbytes' for NF4)
+    compressor: ModelCompressor | bnb_nf4.Writer | None = None
     sparsity: dict | None = None  # unstructured pruning: what config.json's compress_sparsity records
     sparse_storage: list[str] = field(default_factory=list)  # linears to write as bitmask + values
 

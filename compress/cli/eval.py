@@ -69,9 +69,7 @@ def evaluate(
     base_path = _checkpoint(baseline, allow_pickle)[0] if baseline else None
     texts = textdata.evaluation(dataset, spec.also, spec.text_column)
     check_tasks(spec.tasks, task)
-    layers = sorted(
-        {k.rsplit(".", 1)[0] for k in size.headers(path) if k.endswith((".weight_scale", ".weight_bitmask"))}
-    )
+    layers = size.compressed_layers(path)
     base, speed = None, None
     with tempfile.TemporaryDirectory(prefix="compress-emb-") as tmp:
         emb = Path(tmp) / "base.pt"

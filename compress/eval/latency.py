@@ -48,6 +48,9 @@ def kernel_name(model: torch.nn.Module, quant_config: dict | None) -> str:
     name = f"torch dense {dtype} matmul"
     if not quant_config:
         return name
+    if quant_config.get("quant_method") == "bitsandbytes":
+        compute = quant_config.get("bnb_4bit_compute_dtype", "?")
+        return f"bitsandbytes Linear4bit NF4, {compute} compute (other layers: {name})"
     name += " (transformers decompresses compressed-tensors weights on the first forward"
     groups = quant_config.get("config_groups", {}).values()
     if any(g.get("input_activations") for g in groups):

@@ -43,14 +43,23 @@ def headers(path: Path) -> dict[str, dict]:
     return out
 
 
+NF4_STATE = "weight.quant_state.bitsandbytes__nf4"
+
+
 def read_ints(entry: dict) -> list[int]:
-    """The values of a small I64/I32 tensor from its header entry (compressed-tensors' weight_shape)."""
-    fmt = {"I64": "q", "I32": "i"}[entry["dtype"]]
+    """The values of a small I64/I32/U8 tensor from its header entry (compressed-tensors' weight_shape)."""
+    fmt = {"I64": "q", "I32": "i", "U8": "B"}[entry["dtype"]]
     start, end = entry["data_offsets"]
     with Path(entry["file"]).open("rb") as fh:
         fh.seek(entry["data_start"] + start)
         data = fh.read(end - start)
     return list(struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data))
+
+
+def compressed_layers(path: Path) -> list[str]:
+    """The linears stored compressed: quantized (compressed-tensors scales, bitsandbytes absmax) or sparse."""
+    suffixes = (".weight_scale", ".weight_bitmask", ".weight.absmax")
+    return sorted({k[: -len(s)] for k in headers(path) for s in suffixes if k.endswith(s)})
 
 
 def _bytes(entry: dict) -> int:
@@ -71,7 +80,9 @@ def bits_per_weight(path: Path, layers: list[str]) -> float | None:
     stored, count = 0, 0
     for layer in layers:
         parts = {k[len(layer) + 1 :]: v for k, v in head.items() if k.startswith(layer + ".")}
-        if "weight" in parts:
+        if NF4_STATE in parts:  # bitsandbytes: two codes a byte; the shape is in its JSON quant state
+            numel = _numel(json.loads(bytes(read_ints(parts[NF4_STATE])))["shape"])
+        elif "weight" in parts:
             numel = _numel(parts["weight"]["shape"])
         elif "weight_packed" in parts:  # packed densely (3 bits: 32 values in 3 words), so the shape is stored
             numel = _numel(read_ints(parts["weight_shape"]))

@@ -131,7 +131,12 @@ def read_grids(ckpt: Path) -> tuple[QuantizationConfig, dict[str, GridParams]]:
     ckpt = Path(ckpt)
     qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors":
-        raise UsageError(f"{ckpt}: not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r})")
+        hint = (
+            "; nf4 checkpoints are for bitsandbytes (QLoRA): use w4a16 here"
+            if qc.get("quant_method") == "bitsandbytes"
+            else ""
+        )
+        raise UsageError(f"{ckpt}: not a compressed-tensors checkpoint (quant_method {qc.get('quant_method')!r}){hint}")
     config = QuantizationConfig.model_validate(qc)
     config.quantization_status = QuantizationStatus.FROZEN  # as `config_for`: compressed again when saved
     groups = {k: g.model_dump(mode="json") for k, g in config.config_groups.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.primitives.qparams import Grid, compute_qparams, search_range
+from compress.primitives.qparams import NF4, NF4_ZERO, Grid, compute_qparams, nf4_codes, search_range
 
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -47,6 +47,9 @@ def _round(
     or None when it is 0 (symmetric) -> (q, w_hat float32). The arithmetic of
     `qparams.quantize` / `dequantize`, without their reshapes."""
     x = w / scale_f
+    if grid.kind == "nf4":
+        q = nf4_codes(x)
+        return q, NF4.to(x.device)[q.long()] * scale_f  # scales are float32, as bitsandbytes stores them
     if grid.kind == "float":
         q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn)
         return q, (q.to(scale.dtype) * scale).float()
@@ -69,6 +72,8 @@ def gptq(
     actorder: bool = False,
     range_search: bool = True,
     keep: torch.Tensor | None = None,
+    drift: torch.Tensor | None = None,
+    drift_weight: float = 0.25,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [O, I], H [I, I] -> (q [O, I], scale [O, G], zp [O, G]) in W's original column order.
 
@@ -78,6 +83,10 @@ def gptq(
     group's range is fixed up front.
     keep [O, I] bool: weights outside it (pruned) are stored as exact zeros and the error of
     zeroing them is spread like any rounding error, so sparsity survives quantization.
+    drift [I, I]: 2/n sum (x_float - x) x^T, how the layer's inputs moved from the unchanged model's (GPTAQ, Li et
+    al. 2025, arXiv 2504.02692). The target becomes W x_float instead of W x: as each column is fixed, its share of
+    W (x_float - x) goes to the columns not yet quantized through P = upper(drift U^T) U (U the upper Cholesky factor
+    of H^-1), scaled by `drift_weight` (the paper's alpha: the drift is estimated on the same few samples as H).
     """
     dev = W.device
     W = W.float().clone()
@@ -89,6 +98,9 @@ def gptq(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if drift is not None:
+        drift = drift.float().to(dev).clone()
+        drift[:, dead] = 0
     diag = torch.diag(H).clone()
 
     static = actorder or grid.group_size is None
@@ -105,9 +117,14 @@ def gptq(
         keep = keep.to(dev)[:, perm]
         W *= keep
     Hinv = inverse_hessian_factor(H, dampening)  # [I, I] upper
+    P = None
+    if drift is not None:  # [I, I] strictly upper: column i's weight -> the later columns' correction
+        drift = drift[perm][:, perm]
+        P = drift_weight * (drift @ Hinv.T).triu_(diagonal=1) @ Hinv
     group_of = perm // g  # group (original order) of each processed column
 
-    Q = torch.zeros(out_f, in_f, dtype=torch.float8_e4m3fn if grid.kind == "float" else torch.int8, device=dev)
+    q_dtype = {"float": torch.float8_e4m3fn, "nf4": torch.uint8}.get(grid.kind, torch.int8)
+    Q = torch.zeros(out_f, in_f, dtype=q_dtype, device=dev)
     group_of = group_of.tolist()
     s_col = sf_col = z_col = last = None
     # Lazy updates at two levels: within a sub-block of `inner` columns each column's error
@@ -118,6 +135,7 @@ def gptq(
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()  # [O, b]
         Err1 = torch.zeros_like(W1)
+        Pre1 = torch.zeros_like(W1) if P is not None else None  # each column's weight as it was quantized
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1).tolist()
         for j1 in range(0, i2 - i1, inner):
@@ -144,14 +162,24 @@ def gptq(
                     w_hat = torch.where(keep[:, col], w_hat, 0.0)
                 Q[:, col] = q
                 err = (w - w_hat) / d[i]  # [O]
+                if P is not None:
+                    Pre1[:, i] = w
+                    W1[:, i + 1 : j2].addr_(Pre1[:, i], P[i1 + i, i1 + i + 1 : i1 + j2])
                 W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1)
                 Err1[:, i] = err
             W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
+            if P is not None:
+                W1[:, j2:] += Pre1[:, j1:j2] @ P[i1 + j1 : i1 + j2, i1 + j2 : i2]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += Pre1 @ P[i1:i2, i2:]
 
     inv = torch.argsort(perm)
     Q = Q[:, inv]
-    if keep is not None:  # the integer that dequantizes to exactly 0 is the zero point
-        zero = zp.repeat_interleave(g, dim=1) if grid.kind == "int" else torch.zeros((), dtype=Q.dtype, device=dev)
+    if keep is not None:  # the integer that dequantizes to exactly 0 is the zero point (NF4: its code of 0)
+        if grid.kind == "int":
+            zero = zp.repeat_interleave(g, dim=1)
+        else:
+            zero = torch.tensor(NF4_ZERO if grid.kind == "nf4" else 0, device=dev)
         Q = torch.where(keep[:, inv], Q, zero.to(Q.dtype))
     return Q, scale, zp

@@ -3,7 +3,8 @@
 Conventions follow compressed-tensors, so what we compute is what a loader rebuilds:
   int:   q = clamp(round(w / s) + z, qmin, qmax),  w_hat = (q - z) * s
   fp8:   q = e4m3(clamp(w / s, -448, 448)),         w_hat = q * s
-Symmetric int grids use s = absmax / ((qmax - qmin) / 2), e.g. absmax / 7.5 for int4.
+  nf4:   q = index of the NF4 value nearest w / s,   w_hat = NF4[q] * s   (bitsandbytes; q uint8 in 0..15)
+Symmetric int grids use s = absmax / ((qmax - qmin) / 2), e.g. absmax / 7.5 for int4; NF4 s = absmax.
 Weights are [out, in]; a group is `group_size` consecutive input columns of one row.
 """
 
@@ -15,22 +16,34 @@ from typing import Literal
 import torch
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448.0
+# bitsandbytes' NF4 code (functional.get_4bit_type("nf4")): quantiles of a normal distribution scaled to [-1, 1],
+# with an exact 0 at index 7. A format constant, copied so the grid needs no bitsandbytes.
+NF4 = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ]
+)  # fmt: skip
+NF4_ZERO = 7  # the code of 0.0: a pruned weight's
+_NF4_MIDPOINTS = (NF4[1:] + NF4[:-1]) / 2
 
 
 @dataclass(frozen=True)
 class Grid:
     bits: int
-    kind: Literal["int", "float"] = "int"
+    kind: Literal["int", "float", "nf4"] = "int"
     symmetric: bool = True
     group_size: int | None = None  # None: one scale per output channel
 
     @property
     def qmin(self) -> float:
-        return -FP8_MAX if self.kind == "float" else -(2 ** (self.bits - 1))
+        """The lowest value of w / s: an integer, or the float or NF4 code's."""
+        return {"float": -FP8_MAX, "nf4": -1.0}.get(self.kind, -(2 ** (self.bits - 1)))
 
     @property
     def qmax(self) -> float:
-        return FP8_MAX if self.kind == "float" else 2 ** (self.bits - 1) - 1
+        return {"float": FP8_MAX, "nf4": 1.0}.get(self.kind, 2 ** (self.bits - 1) - 1)
 
 
 @dataclass(frozen=True)
@@ -46,7 +59,7 @@ class GridParams:
 class QuantizedWeight:
     """One linear's weight on its grid, as stored."""
 
-    q: torch.Tensor  # [O, I] int8 integers or float8 values
+    q: torch.Tensor  # [O, I] int8 integers, float8 values or uint8 NF4 codes
     scale: torch.Tensor  # [O, G]
     zero_point: torch.Tensor  # [O, G] int8
 
@@ -78,10 +91,17 @@ def compute_qparams(
     return scale[0], zp[0]
 
 
+def nf4_codes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the NF4 value nearest each x (x = w / s, in [-1, 1] unless clipped)."""
+    return torch.bucketize(x, _NF4_MIDPOINTS.to(x.device)).to(torch.uint8)
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Integers (int8 tensor) or e4m3 values (float8 tensor) of w on the grid, shape [O, I]."""
+    """Integers (int8 tensor), e4m3 values (float8 tensor) or NF4 codes (uint8) of w on the grid, shape [O, I]."""
     wg = grouped(w.float(), w.shape[1] // scale.shape[1])  # [O, G, g]
     x = wg / scale.float().unsqueeze(-1)
+    if grid.kind == "nf4":
+        return nf4_codes(x).reshape(w.shape)
     if grid.kind == "float":
         return x.clamp(grid.qmin, grid.qmax).to(torch.float8_e4m3fn).reshape(w.shape)
     q = (x.round() + zp.float().unsqueeze(-1)).clamp(grid.qmin, grid.qmax)
@@ -89,11 +109,16 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """What a compressed-tensors loader rebuilds, in scale's dtype: (q - zp) * scale."""
+    """What a compressed-tensors loader rebuilds, in scale's dtype: (q - zp) * scale; for NF4 codes (uint8)
+    what bitsandbytes rebuilds, NF4[q] * scale (scale float32)."""
     out_f, in_f = q.shape
-    qg = q.reshape(out_f, scale.shape[1], in_f // scale.shape[1]).to(scale.dtype)
-    if q.dtype != torch.float8_e4m3fn:
-        qg = qg - zp.to(scale.dtype).unsqueeze(-1)
+    shape = (out_f, scale.shape[1], in_f // scale.shape[1])
+    if q.dtype == torch.uint8:
+        qg = NF4.to(q.device)[q.long()].reshape(shape).to(scale.dtype)
+    else:
+        qg = q.reshape(shape).to(scale.dtype)
+        if q.dtype != torch.float8_e4m3fn:
+            qg = qg - zp.to(scale.dtype).unsqueeze(-1)
     return (qg * scale.unsqueeze(-1)).reshape(out_f, in_f)
 
 
@@ -109,7 +134,7 @@ def default_ratios(grid: Grid) -> torch.Tensor:
     round) and some clipping below; int grids: up to the unclipped positive end, down to 0.7."""
     if grid.kind == "float":
         return torch.cat([torch.ones(1), torch.linspace(2.0, 0.8, 25)])
-    top = (grid.qmax - grid.qmin) / 2 / grid.qmax if grid.symmetric else 1.0
+    top = (grid.qmax - grid.qmin) / 2 / grid.qmax if grid.symmetric else 1.0  # NF4: 1, both ends are codes
     return torch.cat([torch.ones(1), torch.linspace(top, 0.7, 20)])  # 1.0 first: min/max
 
 
@@ -163,7 +188,7 @@ def range_to_grid(lo: torch.Tensor, hi: torch.Tensor, grid: Grid, rounding=torch
     """Scale and (float) zero point that map a group's range [lo <= 0, hi >= 0] onto the grid;
     `rounding` rounds the zero point (a straight-through rounding keeps it differentiable)."""
     span = grid.qmax - grid.qmin
-    if grid.symmetric or grid.kind == "float":
+    if grid.symmetric or grid.kind != "int":
         scale = torch.maximum(lo.abs(), hi) / (span / 2)
         return scale, torch.zeros_like(scale)
     scale = (hi - lo) / span
@@ -188,7 +213,9 @@ def _group_error(
     The same arithmetic, in place (these tensors are large: ratios x rows x columns)."""
     wg = grouped(w, w.shape[1] // scale.shape[-1])  # [O, G, g]
     x = wg / scale.float().unsqueeze(-1)  # [R, O, G, g]
-    if grid.kind == "float":
+    if grid.kind == "nf4":
+        q = NF4.to(x.device)[nf4_codes(x).long()].to(scale.dtype)
+    elif grid.kind == "float":
         q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn).to(scale.dtype)
     else:
         x.round_()

@@ -37,7 +37,10 @@ class Target:
         return min((self.grids.get(id(lin), self.grid) for lin in lins), key=lambda g: g.bits)
 
     def scale_dtype(self, w: torch.Tensor) -> torch.dtype:
-        """Scales in the stored dtype even when the model computes in float32 (`models.compute`)."""
+        """Scales in the stored dtype even when the model computes in float32 (`models.compute`); NF4's absmax is
+        float32 in bitsandbytes' format."""
+        if self.grid.kind == "nf4":
+            return torch.float32
         return self.dtype or w.dtype
 
 

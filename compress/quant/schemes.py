@@ -14,7 +14,7 @@ class SchemeError(ValueError):
 @dataclass(frozen=True)
 class Kind:
     bits: int
-    grid: str  # "int" or "float"
+    grid: str  # "int", "float" or "nf4"
     act: str | None  # None, "int8" or "fp8": dynamic per-token activations
     grouped: bool  # takes --group-size (else one scale per output channel)
     default_group: int | None  # None: per channel
@@ -42,11 +42,15 @@ SCHEMES: dict[str, Kind] = {
     # Groups of 32 are the GGUF block; symmetric is Q5_0 exactly, zero points Q5_1.
     "w5a16": Kind(5, "int", None, grouped=True, default_group=32, default_method="gptq"),
     "w6a16": Kind(6, "int", None, grouped=True, default_group=32, default_method="gptq"),
+    # bitsandbytes' NF4 (QLoRA's base format), its integers chosen by GPTQ: bitsandbytes' own writer rounds to nearest.
+    # Groups are its blocks of 64 consecutive weights, float32 absmax (4.5 bits a weight), symmetric by definition.
+    "nf4": Kind(4, "nf4", None, grouped=True, default_group=64, default_method="gptq"),
     "w8a16": Kind(8, "int", None, grouped=True, default_group=None),
     "w8a8": Kind(8, "int", "int8", grouped=False, default_group=None),
     "fp8": Kind(8, "float", "fp8", grouped=False, default_group=None),
 }
 CANDIDATE_GROUPS = (256, 128, 64, 32, 16)
+NF4_GROUPS = (256, 128, 64)  # bitsandbytes' CPU and CUDA block sizes that fit a row of a small model
 # Widths --target-bits chooses from: 4, 5 and 8 bits are exact GGUF blocks of 32 (Q4_0/Q5_0/Q8_0 symmetric), 3 and 6
 # k-quants in groups of 16; 2 bits stay out (unusable on SmolLM2 above: +1163% perplexity on held-out pages).
 MIXED_WIDTHS = (3, 4, 5, 6, 8)
@@ -91,15 +95,21 @@ def resolve(name: str, group_size: int | str | None, symmetric: bool, widths: di
         return Scheme(name, Grid(kind.bits, kind.grid, symmetric, None), kind.act, "per channel")
     if gs is None:
         gs = kind.default_group or "channel"
+    fits = fitting_groups(widths)
+    if kind.grid == "nf4":
+        if not symmetric:
+            raise SchemeError("nf4 is symmetric by definition (each block scaled by its absmax); drop --no-symmetric")
+        fits = [g for g in fits if g in NF4_GROUPS]
+        if gs == "channel" or (isinstance(gs, int) and gs not in NF4_GROUPS):
+            raise SchemeError(f"nf4 blocks are bitsandbytes' sizes {', '.join(map(str, NF4_GROUPS))}; got {gs}")
     if gs == "channel":
         return Scheme(name, Grid(kind.bits, "int", symmetric, None), None, "per channel")
-    fits = fitting_groups(widths)
     if gs == "auto":
         if not fits:
             raise SchemeError(f"no group size in {CANDIDATE_GROUPS} divides every layer; use --group-size channel")
         return Scheme(
             name,
-            Grid(kind.bits, "int", symmetric, fits[0]),
+            Grid(kind.bits, kind.grid, symmetric, fits[0]),
             None,
             f"auto: {fits[0]}, the largest that divides every layer",
         )
@@ -109,14 +119,16 @@ def resolve(name: str, group_size: int | str | None, symmetric: bool, widths: di
         raise SchemeError(
             f"group size {gs} does not divide the input width {widths[bad]} of {bad}; {hint}, or pass --group-size auto"
         )
-    return Scheme(name, Grid(kind.bits, "int", symmetric, gs), None, f"{gs} (asked)")
+    return Scheme(name, Grid(kind.bits, kind.grid, symmetric, gs), None, f"{gs} (asked)")
 
 
 def grid_bits(grid: Grid, in_features: int | None = None) -> float:
-    """Stored bits a weight: the integer, plus its group's bf16 scale and (zero points) a zero point packed at the
-    weights' own width (pack-quantized). Per channel: one scale a row of `in_features` (None: not counted)."""
+    """Stored bits a weight: the integer, plus its group's bf16 scale (NF4: float32 absmax) and (zero points) a zero
+    point packed at the weights' own width (pack-quantized). Per channel: one scale a row of `in_features` (None: not
+    counted)."""
     g = grid.group_size or in_features
-    return grid.bits + ((16 + (0 if grid.symmetric else grid.bits)) / g if g else 0.0)
+    scale_bits = 32 if grid.kind == "nf4" else 16
+    return grid.bits + ((scale_bits + (0 if grid.symmetric else grid.bits)) / g if g else 0.0)
 
 
 def bits_per_weight(name: str, group_size: int | str | None, symmetric: bool, widths) -> float:
@@ -125,5 +137,5 @@ def bits_per_weight(name: str, group_size: int | str | None, symmetric: bool, wi
     try:
         s = resolve(name, group_size, symmetric, {str(i): w for i, w in enumerate(widths)})
     except SchemeError:
-        s = Scheme(name, Grid(SCHEMES[name].bits, symmetric=symmetric), None, "")
+        s = Scheme(name, Grid(SCHEMES[name].bits, SCHEMES[name].grid, symmetric=symmetric), None, "")
     return grid_bits(s.weight)

@@ -4,13 +4,14 @@ methods/, one line here, its test."""
 from __future__ import annotations
 
 from compress.quant.method import QuantMethod
-from compress.quant.methods import awq, gptq, hqq, rtn, signround, smoothquant
+from compress.quant.methods import awq, gptaq, gptq, hqq, rtn, signround, smoothquant
 
 METHODS: dict[str, type[QuantMethod]] = {
     m.name: m
     for m in (
         rtn.RTN,
         gptq.GPTQ,
+        gptaq.GPTAQ,
         awq.AWQ,
         smoothquant.SmoothQuantGPTQ,
         smoothquant.SmoothQuantRTN,

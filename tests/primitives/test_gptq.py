@@ -5,7 +5,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 
 from compress.primitives.gptq import gptq
 from compress.primitives.hessian import Hessian
-from compress.primitives.qparams import Grid, dequantize, quantize, search_range
+from compress.primitives.qparams import NF4, NF4_ZERO, Grid, dequantize, quantize, search_range
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def test_hessian_matches_definition(problem):
 
 
 @pytest.mark.parametrize(
-    "grid", [Grid(4, "int", True, 64), Grid(4, "int", True, None), Grid(8, "float", True, None)], ids=str
+    "grid",
+    [Grid(4, "int", True, 64), Grid(4, "int", True, None), Grid(8, "float", True, None), Grid(4, "nf4", True, 64)],
+    ids=str,
 )
 @pytest.mark.parametrize("actorder", [False, True])
 def test_gptq_beats_rtn_on_output_error(problem, grid, actorder):
@@ -51,6 +53,19 @@ def test_gptq_integers_round_trip_through_the_format(problem, actorder):
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and scale.shape == (96, 8)
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
     assert torch.equal(ct_quantize(dequantize(q, scale, zp).float(), scale, zp, args, dtype=torch.int8), q)
+
+
+def test_gptq_nf4_codes_are_what_bitsandbytes_rebuilds(problem):
+    """NF4: uint8 codes 0..15, float32 absmax per block; each weight NF4[code] * absmax, as bitsandbytes
+    de-quantizes; pruned weights keep code 7 (exactly 0)."""
+    W, _, H = problem
+    W = W * (torch.rand_like(W) > 0.3)
+    q, scale, _ = gptq(W, H, Grid(4, "nf4", True, 64), torch.float32, keep=W != 0)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.dtype == torch.float32 and scale.shape == (96, 4)
+    assert bool((q[W == 0] == NF4_ZERO).all())
+    w_hat = dequantize(q, scale, torch.zeros(()))
+    by_hand = NF4[q.long()] * scale.repeat_interleave(64, dim=1)
+    assert torch.equal(w_hat, by_hand) and bool((w_hat[W == 0] == 0).all())
 
 
 def test_dead_inputs_do_not_break_it(problem):
@@ -92,3 +107,25 @@ def test_stacked_rows_quantize_as_if_alone(problem, grid):
     for rows, part in ((slice(0, 40), top), (slice(40, None), bottom)):
         q1, s1, z1 = gptq(part, H, grid, torch.float32)
         assert torch.equal(q[rows].float(), q1.float()) and torch.equal(s[rows], s1) and torch.equal(z[rows], z1)
+
+
+@pytest.mark.parametrize("grid", [Grid(4, "int", True, 64), Grid(3, "int", False, 32)], ids=str)
+def test_gptaq_aims_at_the_unchanged_models_outputs(problem, grid):
+    """Inputs that drifted from the float model's (x = x_float + noise, as after quantized layers): GPTQ on x
+    matches W x; with the drift term it gets closer to W x_float, the output the model needs."""
+    W, X, _ = problem
+    g = torch.Generator().manual_seed(1)
+    Xq = X + 0.3 * X.std() * torch.randn(X.shape, generator=g) @ (torch.randn(256, 256, generator=g) * 0.1)
+    hq = Hessian(256)
+    hq.add(Xq)
+    drift = 2 * (X - Xq).T @ Xq / len(X)
+    target = X @ W.T
+
+    def err(q, scale, zp):
+        return float((Xq @ dequantize(q, scale, zp).T - target).pow(2).mean() / target.pow(2).mean())
+
+    plain = err(*gptq(W, hq.H, grid, torch.float32))
+    aware = err(*gptq(W, hq.H, grid, torch.float32, drift=drift, drift_weight=1.0))
+    assert aware < 0.9 * plain, (aware, plain)
+    q, _, _ = gptq(W, hq.H, grid, torch.float32, drift=torch.zeros(256, 256))
+    assert torch.equal(q, gptq(W, hq.H, grid, torch.float32)[0])  # no drift: GPTQ exactly

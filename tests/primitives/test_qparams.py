@@ -3,7 +3,7 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
-from compress.primitives.qparams import Grid, compute_qparams, dequantize, quantize, sqnr_db
+from compress.primitives.qparams import NF4, Grid, compute_qparams, dequantize, quantize, search_range, sqnr_db
 
 GRIDS = {
     "int4-g64-sym": Grid(4, "int", True, 64),
@@ -122,3 +122,22 @@ def test_range_search_picks_the_best_ratio_per_group(weight, name):
     finally:
         qp.SEARCH_ELEMENTS = old
     assert torch.equal(s, best_s) and torch.equal(z, best_z)
+
+
+def test_nf4_rounds_to_the_nearest_code_and_searched_ranges_fit_better(weight):
+    """Each weight goes to the NF4 value nearest w / absmax (brute force agrees); searching each block's range
+    (clipping its absmax) lowers the squared error; codes 0 and 15 are -1 and +1, so min/max is exact at the ends."""
+    grid = Grid(4, "nf4", True, 64)
+    scale, zp = compute_qparams(weight, grid, torch.float32)
+    q = quantize(weight, scale, zp, grid)
+    x = weight.float().reshape(96, 4, 64) / scale[..., None]
+    brute = (x[..., None] - NF4).abs().argmin(-1).reshape(96, 256)
+    assert q.dtype == torch.uint8 and torch.equal(q.long(), brute)
+    absmax = weight.float().abs().reshape(96, 4, 64).amax(-1)
+    assert torch.equal(scale, absmax)
+    s2, z2 = search_range(weight, grid, torch.float32)
+    err = [
+        (dequantize(quantize(weight, s, z, grid), s, z) - weight.float()).pow(2).sum()
+        for s, z in ((scale, zp), (s2, z2))
+    ]
+    assert err[1] < err[0]

@@ -112,6 +112,7 @@ def test_gguf_carries_every_width_exactly(mixed_ckpt, tmp_path):
     [
         ({"scheme": "w8a8", "target_bits": 6.0}, "not a weight-only int scheme"),
         ({"scheme": "fp8", "target_bits": 6.0}, "not a weight-only int scheme"),
+        ({"scheme": "nf4", "target_bits": 4.0}, "not a weight-only int scheme"),
         ({"scheme": "w4a16", "target_bits": 4.5, "bit_widths": [4]}, "at least two of 2 to 8"),
         ({"scheme": "w4a16", "target_bits": 5.0, "symmetric": False, "group_size": 32}, "drop --no-symmetric"),
         ({"scheme": "w4a16", "target_bits": 4.5, "bit_widths": [4, 12]}, "at least two of 2 to 8"),

@@ -69,3 +69,15 @@ def test_low_bit_schemes(scheme, bits, group):
     assert res(scheme=scheme, group_size=64).weight.group_size == 64
     assert s.weight.qmin == -(2 ** (bits - 1)) and s.weight.qmax == 2 ** (bits - 1) - 1
     assert bits_per_weight(scheme, None, True, [576, 1536]) == bits + 16 / group
+
+
+def test_nf4_is_bitsandbytes_blocks_of_64_symmetric():
+    s = res(scheme="nf4")
+    assert (s.weight.kind, s.weight.group_size, s.weight.symmetric) == ("nf4", 64, True)
+    assert bits_per_weight("nf4", None, True, [576, 1536]) == 4 + 32 / 64  # float32 absmax a block
+    assert res(scheme="nf4", group_size="auto").weight.group_size == 64  # 128 does not divide 576
+    with pytest.raises(SchemeError, match="symmetric by definition"):
+        res(scheme="nf4", symmetric=False)
+    for gs in (32, "channel"):
+        with pytest.raises(SchemeError, match="bitsandbytes' sizes"):
+            res(scheme="nf4", group_size=gs)

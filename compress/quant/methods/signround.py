@@ -198,7 +198,9 @@ class SignRound(QuantMethod):
     @classmethod
     def check(cls, stage) -> None:
         if SCHEMES[stage.scheme].grid != "int":
-            raise ValueError(f"signround learns the rounding onto an integer grid; {stage.scheme} has none (use rtn)")
+            raise ValueError(
+                f"signround learns the rounding onto an integer grid; {stage.scheme} has none (use gptq or rtn)"
+            )
 
     @classmethod
     def time_multiple(cls, stage) -> float:
