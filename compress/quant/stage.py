@@ -33,6 +33,11 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     model = loaded.model
     start = time.perf_counter()
     moe = bool(experts.fused_modules(model))
+    if moe and schemes.SCHEMES[stage.scheme].grid == "nf4":  # per-expert NF4 linears against fused experts on load
+        raise UsageError(
+            "nf4 on a mixture of experts: transformers loads its experts fused, which bitsandbytes does not "
+            "quantize, so per-expert NF4 weights would not load; use --scheme w4a16"
+        )
     routers = experts.unfuse(model)  # per-expert linears, so every method reaches the experts
     layers, ignore = arch.quant_targets(model, stage.ignore, routers)
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from compress.errors import UsageError
 from compress.eval import size
 from compress.formats import bnb_nf4
 from compress.primitives.qparams import dequantize
@@ -104,3 +105,10 @@ def test_gptq_checkpoint_reloads_bit_for_bit_through_bitsandbytes(tiny_model, tm
     # 4 bits and a float32 absmax a block of 64, plus each linear's 16-value code and its JSON state
     bits = size.bits_per_weight(out, sorted(got["weights"]))
     assert 4.5 < bits < 4.75, bits
+
+
+def test_mixture_of_experts_is_refused(tiny_model, tmp_path):
+    """transformers loads experts fused and bitsandbytes quantizes only linears: per-expert NF4 would not load."""
+    with pytest.raises(UsageError, match="nf4 on a mixture of experts"):
+        quantize(tiny_model("qwen3_moe"), tmp_path / "o", "nf4")
+    assert not (tmp_path / "o").exists()
