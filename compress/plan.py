@@ -21,7 +21,7 @@ from compress.errors import UsageError
 from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
 from compress.models import arch
-from compress.models.compute import compute_dtype
+from compress.models.compute import compute_dtype, stored_dtype
 from compress.models.experts import expert_count, keep_count
 from compress.models.load import check_weights, task_of
 from compress.models.source import Source, cache_dir, fingerprint
@@ -116,14 +116,13 @@ def _classify(name: str, shape: list[int], f: dict[str, int], widths: set[int]) 
 def facts(src: Source, dtype: str) -> Facts:
     counts = {"embed": 0, "head": 0, "linear": 0, "other": 0}
     if src.is_gguf:
-        cached = next(
-            (
-                p
-                for p in (cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*")
-                if (p / "config.json").is_file()
-            ),
-            None,
-        )
+        # the copy the run reads (`-auto`, `-float32`, ...: one per --dtype), else any other
+        found = [
+            p
+            for p in (cache_dir() / "gguf").glob(f"{src.path.stem}-{fingerprint(src.path)}-*")
+            if (p / "config.json").is_file()
+        ]
+        cached = min(found, key=lambda p: not p.name.endswith(f"-{dtype}"), default=None)
         if cached is None:
             return _gguf_facts(src.path, dtype)
         src = replace(src, path=cached)
@@ -140,8 +139,9 @@ def facts(src: Source, dtype: str) -> Facts:
         _classify(name, entry["shape"], counts, widths)
     in_experts = sum(math.prod(e["shape"]) for n, e in head.items() if ".experts." in n and len(e["shape"]) == 2)
     n_experts = (expert_count(cfg) or (None, 0))[1]
-    stored = {v["dtype"] for v in head.values()}
-    d = DTYPE_BYTES.get(dtype) or (4 if "F32" in stored else 2)
+    # as the run stores it (models.load.resolve_dtype): the config's dtype, not the widest tensor's (a float32 norm or
+    # another --dtype's cached copy made SmolLM2's plan count its bf16 embedding at 4 bytes: 165 MiB for 111)
+    d = DTYPE_BYTES.get(dtype) or stored_dtype(cfg).itemsize
     return Facts(
         task=task_of(cfg.get("architectures")),
         layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1,

@@ -1,5 +1,6 @@
 """Dry-run plans: model facts from headers, sizes after each stage, resources refused up front."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,3 +57,26 @@ def test_a_plan_that_does_not_fit_is_refused(smollm2_dir, tmp_path):
         plan.check(replace(p, disk_free=p.disk_bytes - 1))
     with pytest.raises(UsageError, match="not enough memory"):
         plan.check(replace(p, memory_available=p.peak_bytes - 1))
+
+
+def test_gguf_plan_reads_the_copy_the_run_reads(monkeypatch, tmp_path, smollm2_dir):
+    """The built-in GGUF's plan counts bytes as the run stores them (the config's bf16), even when another --dtype's
+    float32 copy sits in the cache beside it (it once planned SmolLM2's nf4 output at 165 MiB for 111)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = sources.resolve("smollm2-135m")
+    monkeypatch.setattr(plan, "cache_dir", lambda: tmp_path)
+    stem = f"{src.path.stem}-{sources.fingerprint(src.path)}"
+    for dtype in ("auto", "float32"):
+        d = tmp_path / "gguf" / f"{stem}-{dtype}"
+        shutil.copytree(smollm2_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+        tensors = load_file(next(smollm2_dir.glob("*.safetensors")))
+        save_file({k: v.float() if dtype == "float32" else v for k, v in tensors.items()}, d / "model.safetensors")
+        if dtype == "float32":  # as models/source.py writes that copy's config
+            cfg = json.loads((d / "config.json").read_text())
+            cfg.update({k: "float32" for k in ("dtype", "torch_dtype") if k in cfg})
+            (d / "config.json").write_text(json.dumps(cfg))
+    assert plan.facts(src, "auto").dtype_bytes == 2
+    assert plan.facts(src, "float32").dtype_bytes == 4
