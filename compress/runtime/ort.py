@@ -27,18 +27,25 @@ def session(path: Path, threads: int | None = None):
 
 class OrtDecoder:
     """An exported decoder (see export/onnx_decoder.py). `forward` is stateless; `prefill` and
-    `step` (the loop protocol) keep the cache between calls."""
+    `step` (the loop protocol) keep the cache between calls, in place.
+
+    The loop keeps one preallocated buffer per past tensor and binds it as both the input `past_key_values.*` and
+    the output `present.*`: GroupQueryAttention then writes each new position into it instead of returning a copy
+    of the whole cache every step (SmolLM2 w4a16, 2 threads, decode after a 512-token prompt, one process,
+    alternating: 130 tokens/s against 101, the same greedy tokens)."""
 
     runtime = "onnxruntime"
+    GROW = 256  # positions added to the buffers when they fill up
 
     def __init__(self, sess, kernel: str = "onnxruntime CPU") -> None:
         self.sess = sess
         self.kernel = kernel
-        self._past: list[np.ndarray] | None = None
         self.past_names = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
         first = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
         self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
         self.out_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self._cache: list[np.ndarray] = []  # [B, kv, capacity, D] per past name, shared by past and present
+        self._length = 0  # positions held
 
     def forward(self, ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """ids [B, S] int64 with `past` ([B, kv, P, D] per name) -> logits [B, S, V], present."""
@@ -46,21 +53,50 @@ class OrtDecoder:
         p = 0 if past is None else past[0].shape[2]
         if past is None:
             past = [np.zeros((b, self.kv_heads, 0, self.head_dim), np.float32)] * len(self.past_names)
-        feed = {
+        logits, *present = self.sess.run(
+            self.out_names, {**self._positions(ids, p), **dict(zip(self.past_names, past))}
+        )
+        return logits, present
+
+    def _positions(self, ids: np.ndarray, p: int) -> dict[str, np.ndarray]:
+        b, s = ids.shape
+        return {
             "input_ids": ids,
             "attention_mask": np.ones((b, p + s), np.int64),
             "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-            **dict(zip(self.past_names, past)),
         }
-        logits, *present = self.sess.run(self.out_names, feed)
-        return logits, present
+
+    def _run_in_place(self, ids: np.ndarray) -> np.ndarray:
+        """ids [B, S] after the `_length` cached positions -> logits [B, S, V]; the cache grows by S in place."""
+        import onnxruntime as ort
+
+        b, s = ids.shape
+        need = self._length + s
+        if not self._cache or self._cache[0].shape[2] < need:  # a larger buffer, the held positions copied over
+            shape = (b, self.kv_heads, need + self.GROW, self.head_dim)
+            grown = [np.zeros(shape, np.float32) for _ in self.past_names]
+            for new, old in zip(grown, self._cache):
+                new[:, :, : self._length] = old[:, :, : self._length]
+            self._cache = grown
+        io = self.sess.io_binding()
+        for name, value in self._positions(ids, self._length).items():
+            io.bind_cpu_input(name, value)
+        for name, out, buf in zip(self.past_names, self.out_names[1:], self._cache):
+            shared = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps the array's memory, no copy
+            io.bind_ortvalue_input(name, shared)
+            io.bind_ortvalue_output(out, shared)
+        io.bind_output("logits")
+        self.sess.run_with_iobinding(io)
+        self._length = need
+        return io.get_outputs()[-1].numpy()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        logits, self._past = self.forward(ids.astype(np.int64))
+        self._cache, self._length = [], 0
+        logits = self._run_in_place(ids.astype(np.int64))
         return logits[:, -1].argmax(-1)[:, None].astype(np.int64)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        logits, self._past = self.forward(tokens, self._past)
+        logits = self._run_in_place(tokens.astype(np.int64))
         return logits[:, -1].argmax(-1)[:, None].astype(np.int64)
 
 

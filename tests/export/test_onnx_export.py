@@ -92,9 +92,11 @@ def test_int2_runs_as_matmulnbits_and_int3_says_why_not(quantized, tmp_path):
 def test_generation_loop_matches_transformers(quantized, tmp_path):
     loaded, _ = export(quantized("llama", "w4a16"), tmp_path / "onnx")
     dec = ort.OrtDecoder(ort.session(tmp_path / "onnx" / "model.onnx", 1))
+    dec.GROW = 3  # the in-place cache fills and grows several times within the 12 tokens
     prompt = np.array([[5, 17, 99, 3, 250, 11, 7, 8]] * 2, dtype=np.int64)  # batch 2
     want = generate(TorchDecoder(loaded.model, ""), prompt, 12)
     assert np.array_equal(generate(dec, prompt, 12), want)
+    assert dec._cache[0].shape[2] > 8 + 3  # grown
 
 
 def test_default_accuracy_level(quantized):
