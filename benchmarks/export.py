@@ -35,6 +35,8 @@ MODELS = [
     # SmolLM2 ties its output layer to the embedding: one quantized table serves both; 8 bits is the default
     ("w4a16 + int8 embedding = output layer (default)", None, []),
     ("w4a16 + int4 embedding = output layer", None, ["--embed-bits", "4"]),
+    # the smallest file, every matmul with int8 activations inside MatMulNBits (faster, not exact)
+    ("w4a16 + int4 embedding = output layer, level 4", None, ["--embed-bits", "4", "--accuracy-level", "4"]),
 ]
 
 
@@ -165,9 +167,9 @@ def main() -> None:
         "built-in tokens in windows of 512, the export's runtime against the compress checkpoint as transformers "
         "runs it (float32; w8a8 with its per-token int8 activations).",
         "",
-        "| model | runtime, kernel | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | perplexity: "
+        "| model | runtime, kernel | MB | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | perplexity: "
         "PyTorch -> export | greedy tokens equal (of 16) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.role == "baseline":
@@ -183,9 +185,11 @@ def main() -> None:
             c = checks[r.role]["check"]
             q = f"| {a:.3f} -> {b:.3f} ({(b / a - 1) * 100:+.2f}%) | {c['greedy_equal']} |"
         sp = f"{r.prefill_speedup:.2f}x | {r.decode_speedup:.2f}x" if r.decode_speedup else " | "
+        files = exports[r.role][1].glob("model.onnx*") if r.role in exports else gguf_dir.glob("*.gguf")
+        mb = f"{sum(f.stat().st_size for f in files) / 1e6:.1f}" if r.role != "baseline" else ""
         lines.append(
-            f"| {r.role} | {r.runtime}: {r.kernel} | {r.prefill_tokens_per_s:.0f} | {r.decode_tokens_per_s:.1f} | "
-            f"{r.ttft_ms:.0f} | {sp} {q}"
+            f"| {r.role} | {r.runtime}: {r.kernel} | {mb} | {r.prefill_tokens_per_s:.0f} | "
+            f"{r.decode_tokens_per_s:.1f} | {r.ttft_ms:.0f} | {sp} {q}"
         )
     g = gguf_info
     lines += [
