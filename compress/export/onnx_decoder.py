@@ -158,6 +158,38 @@ def _projections(g: Graph, x: str, name: str, lins: list[Linear], opts: Options)
     return g.op("Split", [y, g.const(f"{name}.split", np.array(sizes, dtype=np.int64))], outs=len(lins), axis=-1)
 
 
+def rotary_frequencies(model: torch.nn.Module, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """(inv_freq [head_dim/2], attention scaling) when cos/sin are exactly cos(p * inv_freq) * scaling at every
+    position p (static RoPE: the default and most scalings), so the graph can compute the rows it needs instead of
+    storing the tables (SmolLM2: 2.1 MB of 8,192 positions); None otherwise (position-dependent variants)."""
+    rope = model.model.rotary_emb
+    inv_freq = getattr(rope, "inv_freq", None)
+    if inv_freq is None or inv_freq.shape[-1] != cos.shape[-1]:
+        return None
+    scaling = float(getattr(rope, "attention_scaling", 1.0))
+    freqs = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv_freq.float().numpy()[None]  # as torch: fp32
+    if not (
+        np.allclose(np.cos(freqs) * scaling, cos, atol=1e-5) and np.allclose(np.sin(freqs) * scaling, sin, atol=1e-5)
+    ):
+        return None
+    return inv_freq.float().numpy(), scaling
+
+
+def rotary_rows(g: Graph, mask: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
+    """cos/sin [total, head_dim/2] for positions 0 .. total-1 (total: the attention mask's length), computed in the
+    graph: each call needs only the positions it can see."""
+    zero = g.const("zero_i64", np.array(0, dtype=np.int64))
+    total = g.op("Gather", [g.op("Shape", [mask]), g.const("one_i64_rope", np.array(1, dtype=np.int64))], axis=0)
+    positions = g.op("Cast", [g.op("Range", [zero, total, g.const("step_i64", np.array(1, dtype=np.int64))])], to=1)
+    column = g.op("Unsqueeze", [positions, g.const("axis_last", np.array([1], dtype=np.int64))])
+    freqs = g.op("Mul", [column, g.const("rope_inv_freq", inv_freq[None].astype(np.float32))])  # [total, half]
+    cos, sin = g.op("Cos", [freqs]), g.op("Sin", [freqs])
+    if scaling != 1.0:
+        factor = g.const("rope_scaling", np.array(scaling, dtype=np.float32))
+        cos, sin = g.op("Mul", [cos, factor]), g.op("Mul", [sin, factor])
+    return cos, sin
+
+
 def rotary_caches(model: torch.nn.Module, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, head_dim/2] from the model's own rotary module, so every RoPE
     variant transformers implements (base, scaling, attention factor) carries over."""
@@ -203,7 +235,8 @@ def build(
         table = table or quantized_table(model.get_input_embeddings().weight, opts.embed_bits, "--embed-bits")
     embed = None if table else g.const("model.embed_tokens.weight", _weight(model.get_input_embeddings()))
     cos, sin = rotary_caches(model, max_pos)
-    cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
+    static = rotary_frequencies(model, cos, sin)
+    cos, sin = rotary_rows(g, mask, *static) if static else (g.const("cos_cache", cos), g.const("sin_cache", sin))
 
     # GroupQueryAttention's lengths: index of each row's last token, and the total length.
     one = g.const("one_i64", np.array(1, dtype=np.int64))
