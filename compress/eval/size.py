@@ -6,6 +6,8 @@ import json
 import struct
 from pathlib import Path
 
+from compress.formats import bnb_nf4
+
 DTYPE_BITS = {
     "F64": 64,
     "F32": 32,
@@ -43,9 +45,6 @@ def headers(path: Path) -> dict[str, dict]:
     return out
 
 
-NF4_STATE = "weight.quant_state.bitsandbytes__nf4"
-
-
 def read_ints(entry: dict) -> list[int]:
     """The values of a small I64/I32/U8 tensor from its header entry (compressed-tensors' weight_shape)."""
     fmt = {"I64": "q", "I32": "i", "U8": "B"}[entry["dtype"]]
@@ -58,7 +57,7 @@ def read_ints(entry: dict) -> list[int]:
 
 def compressed_layers(path: Path) -> list[str]:
     """The linears stored compressed: quantized (compressed-tensors scales, bitsandbytes absmax) or sparse."""
-    suffixes = (".weight_scale", ".weight_bitmask", ".weight.absmax")
+    suffixes = (".weight_scale", ".weight_bitmask", f".{bnb_nf4.ABSMAX}")
     return sorted({k[: -len(s)] for k in headers(path) for s in suffixes if k.endswith(s)})
 
 
@@ -80,8 +79,8 @@ def bits_per_weight(path: Path, layers: list[str]) -> float | None:
     stored, count = 0, 0
     for layer in layers:
         parts = {k[len(layer) + 1 :]: v for k, v in head.items() if k.startswith(layer + ".")}
-        if NF4_STATE in parts:  # bitsandbytes: two codes a byte; the shape is in its JSON quant state
-            numel = _numel(json.loads(bytes(read_ints(parts[NF4_STATE])))["shape"])
+        if bnb_nf4.QUANT_STATE in parts:  # bitsandbytes: two codes a byte; the shape is in its JSON quant state
+            numel = _numel(json.loads(bytes(read_ints(parts[bnb_nf4.QUANT_STATE])))["shape"])
         elif "weight" in parts:
             numel = _numel(parts["weight"]["shape"])
         elif "weight_packed" in parts:  # packed densely (3 bits: 32 values in 3 words), so the shape is stored

@@ -166,21 +166,21 @@ def rotary_frequencies(model: torch.nn.Module, cos: np.ndarray, sin: np.ndarray)
     inv_freq = getattr(rope, "inv_freq", None)
     if inv_freq is None or inv_freq.shape[-1] != cos.shape[-1]:
         return None
+    inv_freq = inv_freq.float().numpy()
     scaling = float(getattr(rope, "attention_scaling", 1.0))
-    freqs = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv_freq.float().numpy()[None]  # as torch: fp32
+    freqs = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv_freq[None]  # as torch: fp32
     if not (
         np.allclose(np.cos(freqs) * scaling, cos, atol=1e-5) and np.allclose(np.sin(freqs) * scaling, sin, atol=1e-5)
     ):
         return None
-    return inv_freq.float().numpy(), scaling
+    return inv_freq, scaling
 
 
-def rotary_rows(g: Graph, mask: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
-    """cos/sin [total, head_dim/2] for positions 0 .. total-1 (total: the attention mask's length), computed in the
-    graph: each call needs only the positions it can see."""
+def rotary_rows(g: Graph, total: str, one: str, inv_freq: np.ndarray, scaling: float) -> tuple[str, str]:
+    """cos/sin [total, head_dim/2] for positions 0 .. total-1 (total: the attention mask's length, int64; one: the
+    int64 constant 1), computed in the graph: each call needs only the positions it can see."""
     zero = g.const("zero_i64", np.array(0, dtype=np.int64))
-    total = g.op("Gather", [g.op("Shape", [mask]), g.const("one_i64_rope", np.array(1, dtype=np.int64))], axis=0)
-    positions = g.op("Cast", [g.op("Range", [zero, total, g.const("step_i64", np.array(1, dtype=np.int64))])], to=1)
+    positions = g.op("Cast", [g.op("Range", [zero, total, one])], to=onnx.TensorProto.FLOAT)
     column = g.op("Unsqueeze", [positions, g.const("axis_last", np.array([1], dtype=np.int64))])
     freqs = g.op("Mul", [column, g.const("rope_inv_freq", inv_freq[None].astype(np.float32))])  # [total, half]
     cos, sin = g.op("Cos", [freqs]), g.op("Sin", [freqs])
@@ -234,15 +234,19 @@ def build(
     if opts.embed_bits:
         table = table or quantized_table(model.get_input_embeddings().weight, opts.embed_bits, "--embed-bits")
     embed = None if table else g.const("model.embed_tokens.weight", _weight(model.get_input_embeddings()))
+    one = g.const("one_i64", np.array(1, dtype=np.int64))
+    total_i64 = g.op("Gather", [g.op("Shape", [mask]), one], axis=0)  # past and new positions
     cos, sin = rotary_caches(model, max_pos)
     static = rotary_frequencies(model, cos, sin)
-    cos, sin = rotary_rows(g, mask, *static) if static else (g.const("cos_cache", cos), g.const("sin_cache", sin))
+    if static:
+        cos, sin = rotary_rows(g, total_i64, one, *static)
+    else:
+        cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
     # GroupQueryAttention's lengths: index of each row's last token, and the total length.
-    one = g.const("one_i64", np.array(1, dtype=np.int64))
     summed = g.op("ReduceSum", [mask, g.const("axis1", np.array([1], dtype=np.int64))], keepdims=0)
     seqlens_k = g.op("Cast", [g.op("Sub", [summed, one])], to=onnx.TensorProto.INT32)
-    total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), one], axis=0)], to=onnx.TensorProto.INT32)
+    total = g.op("Cast", [total_i64], to=onnx.TensorProto.INT32)
 
     x = gather_nbits(g, ids, "model.embed_tokens", table) if table else g.op("Gather", [embed, ids], axis=0)
     residual, pending = x, None  # pending: the block output still to be added to the residual

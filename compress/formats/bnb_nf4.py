@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from compress.primitives.qparams import NF4, QuantizedWeight, dequantize
+from compress.primitives.qparams import NF4, QuantizedWeight
 
-QUANT_STATE = "quant_state.bitsandbytes__nf4"
+# the tensors beside each linear's packed `weight`, by the names bitsandbytes gives them
+ABSMAX, QUANT_MAP, QUANT_STATE = "weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,10 @@ def unpack(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 class NF4Linear(torch.nn.Module):
-    """A linear layer after quantization, holding what bitsandbytes stores. Its tensors are plain attributes, not
-    buffers, so that casting the model to its stored dtype before saving leaves the float32 absmax alone; the state
-    dict names them as bitsandbytes does."""
+    """A linear layer after quantization, holding what bitsandbytes stores, only to be saved: its layer is final
+    (the engine has moved past it), so it has no forward. Its tensors are plain attributes, not buffers, so that
+    casting the model to its stored dtype before saving leaves the float32 absmax alone; the state dict names them
+    as bitsandbytes does."""
 
     def __init__(self, lin: torch.nn.Linear, qw: QuantizedWeight, dtype: torch.dtype):
         super().__init__()
@@ -50,15 +52,6 @@ class NF4Linear(torch.nn.Module):
         self.absmax = qw.scale.float().reshape(-1).contiguous()
         self.bias = lin.bias
 
-    def weight_values(self) -> torch.Tensor:
-        """[O, I] in the stored dtype, as bitsandbytes de-quantizes: NF4[q] * absmax in float32, then rounded."""
-        q = unpack(self.packed, (self.out_features, self.in_features))
-        return dequantize(q, self.absmax.reshape(self.out_features, -1), torch.zeros(())).to(self.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_values().to(device=x.device, dtype=x.dtype)
-        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         meta = {
@@ -68,9 +61,9 @@ class NF4Linear(torch.nn.Module):
             "shape": [self.out_features, self.in_features],
         }
         destination[prefix + "weight"] = self.packed
-        destination[prefix + "weight.absmax"] = self.absmax
-        destination[prefix + "weight.quant_map"] = NF4.clone()  # one per linear: safetensors refuses shared storage
-        destination[prefix + "weight." + QUANT_STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        destination[prefix + ABSMAX] = self.absmax
+        destination[prefix + QUANT_MAP] = NF4.clone()  # one per linear: safetensors refuses shared storage
+        destination[prefix + QUANT_STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
 
 
 def compress_linears(model: torch.nn.Module, weights: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.primitives.qparams import NF4, NF4_ZERO, Grid, compute_qparams, nf4_codes, search_range
+from compress.primitives.qparams import NF4_ZERO, Grid, compute_qparams, nf4_codes, nf4_values, search_range
 
 
 def inverse_hessian_factor(H: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _round(
     x = w / scale_f
     if grid.kind == "nf4":
         q = nf4_codes(x)
-        return q, NF4.to(x.device)[q.long()] * scale_f  # scales are float32, as bitsandbytes stores them
+        return q, nf4_values(q) * scale_f  # scales are float32, as bitsandbytes stores them
     if grid.kind == "float":
         q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn)
         return q, (q.to(scale.dtype) * scale).float()

@@ -96,6 +96,11 @@ def nf4_codes(x: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, _NF4_MIDPOINTS.to(x.device)).to(torch.uint8)
 
 
+def nf4_values(q: torch.Tensor) -> torch.Tensor:
+    """float32 NF4 value of each code."""
+    return NF4.to(q.device)[q.long()]
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Integers (int8 tensor), e4m3 values (float8 tensor) or NF4 codes (uint8) of w on the grid, shape [O, I]."""
     wg = grouped(w.float(), w.shape[1] // scale.shape[1])  # [O, G, g]
@@ -114,7 +119,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.
     out_f, in_f = q.shape
     shape = (out_f, scale.shape[1], in_f // scale.shape[1])
     if q.dtype == torch.uint8:
-        qg = NF4.to(q.device)[q.long()].reshape(shape).to(scale.dtype)
+        qg = nf4_values(q).reshape(shape).to(scale.dtype)
     else:
         qg = q.reshape(shape).to(scale.dtype)
         if q.dtype != torch.float8_e4m3fn:
@@ -214,7 +219,7 @@ def _group_error(
     wg = grouped(w, w.shape[1] // scale.shape[-1])  # [O, G, g]
     x = wg / scale.float().unsqueeze(-1)  # [R, O, G, g]
     if grid.kind == "nf4":
-        q = NF4.to(x.device)[nf4_codes(x).long()].to(scale.dtype)
+        q = nf4_values(nf4_codes(x)).to(scale.dtype)
     elif grid.kind == "float":
         q = x.clamp_(grid.qmin, grid.qmax).to(torch.float8_e4m3fn).to(scale.dtype)
     else:

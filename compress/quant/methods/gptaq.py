@@ -7,12 +7,9 @@ Hessian; as GPTQ fixes each column, that column's share of the drift goes to the
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from compress.calibrate import Gather, InputStats
-from compress.primitives.gptq import gptq
-from compress.quant.method import Quantized
 from compress.quant.methods.gptq import GPTQ, GPTQOptions
 
 
@@ -36,19 +33,5 @@ class GPTAQ(GPTQ):
     def gather(self, model, layer, targets) -> Gather:
         return Gather(hessian=True, drift=True)
 
-    def quantize(self, w: torch.Tensor, stats: InputStats | None) -> Quantized:
-        o, t = self.options, self.target
-        keep = w != 0 if t.keep_zeros else None
-        return gptq(
-            w,
-            stats.hessian.H,
-            t.grid,
-            t.scale_dtype(w),
-            o.block_size,
-            o.dampening,
-            o.actorder,
-            t.range_search,
-            keep,
-            drift=stats.drift,
-            drift_weight=o.gptaq_alpha,
-        )
+    def correction(self, stats: InputStats) -> dict:
+        return {"drift": stats.drift, "drift_weight": self.options.gptaq_alpha}

@@ -35,5 +35,18 @@ class GPTQ(QuantMethod):
         o, t = self.options, self.target
         keep = w != 0 if t.keep_zeros else None  # a pruned model: GPTQ would refill its zeros
         return gptq(
-            w, stats.hessian.H, t.grid, t.scale_dtype(w), o.block_size, o.dampening, o.actorder, t.range_search, keep
+            w,
+            stats.hessian.H,
+            t.grid,
+            t.scale_dtype(w),
+            o.block_size,
+            o.dampening,
+            o.actorder,
+            t.range_search,
+            keep,
+            **self.correction(stats),
         )
+
+    def correction(self, stats: InputStats) -> dict:
+        """Further arguments of `primitives.gptq.gptq` (a variant's correction; GPTQ has none)."""
+        return {}
