@@ -25,7 +25,7 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile  # two workers, a file each at a time (tests/conftest.py)
 
 bench: install
 	$(PY) benchmarks/quantize_rtn.py

@@ -10,9 +10,19 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers (a file each at a time): one thread each, and
+    os.environ["OMP_NUM_THREADS"] = "1"  # the processes they start inherit it (two 2-thread torch processes on 2
+    torch.set_num_threads(1)  # cores ran each over 5x slower: OpenMP teams spinning against each other)
 
 from compress.models import source as sources  # noqa: E402
 from compress.models.load import checkpoint_dir  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model files first: they take minutes each, so with two workers (`make test`) the short files fill in
+    beside them instead of one worker finishing a long file alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("real") is None)
+
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 TINY = dict(SMALL, num_key_value_heads=2)  # grouped-query attention where the architecture has it

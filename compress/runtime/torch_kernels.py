@@ -103,8 +103,9 @@ class Int8Linear(torch.nn.Module):
 @functools.cache
 def int_mm_exact(device_type: str) -> bool:
     """Whether torch._int_mm sums exactly on this device. On x86 CPUs without VNNI, oneDNN multiplies
-    int8 pairs with vpmaddubsw, whose int16 sums saturate: forced so here (ONEDNN_MAX_CPU_ISA=AVX2), the
-    kernel test's outputs (up to ~40 in magnitude) came out up to 15 away from the exact product."""
+    int8 pairs with vpmaddubsw, whose int16 sums saturate: forced so on one x86 machine (ONEDNN_MAX_CPU_ISA=AVX2), the
+    kernel test's outputs (up to ~40 in magnitude) came out up to 15 away from the exact product; another x86
+    machine (AMD EPYC, no VNNI) summed exactly under the same switch, so this is probed, not read off the CPU flags."""
     a = torch.full((32, 64), 127, dtype=torch.int8, device=device_type)
     b = torch.full((32, 64), 127, dtype=torch.int8, device=device_type)
     b[::2] = -128  # [N, K]: every other output channel the most negative
