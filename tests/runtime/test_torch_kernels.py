@@ -159,6 +159,7 @@ def test_int_mm_exact_never_vouches_for_a_saturating_kernel(isa):
     this machine does, the check must not call exact a kernel that gets random full-range products wrong."""
     env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
     said, probe = proc.stdout.split()
     assert said == "False" or probe == "True", proc.stderr[-1000:]
 
