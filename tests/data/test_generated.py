@@ -108,3 +108,20 @@ def test_fewer_whole_batches_are_read_from_a_longer_cached_run(tiny_model, tmp_p
     again, desc = generated.windows(model, tok, 4, 16)
     assert torch.equal(again, four) and "the first of" in desc  # 2 whole batches of the 3: the same text
     assert torch.equal(generated.windows(model, tok, 3, 16)[0], three)  # a partial batch: generated, not sliced
+
+
+def test_batch_shrinks_to_fit_the_kv_budget_and_keys_the_cache(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    src = tiny_model("llama")
+    model, tok = AutoModelForCausalLM.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src)
+    cfg = model.config
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    per_sequence = cfg.num_hidden_layers * 2 * kv * 16 * next(model.parameters()).element_size()  # 16 tokens' K, V
+    assert generated.batch_size(model, 16) == generated.BATCH
+    monkeypatch.setattr(generated, "KV_BUDGET", 5 * per_sequence)
+    assert generated.batch_size(model, 16) == 4  # halved from 64 until 4 sequences fit 5 sequences' bytes
+    monkeypatch.setattr(generated, "KV_BUDGET", per_sequence // 2)
+    assert generated.batch_size(model, 16) == 1  # never below one
+    monkeypatch.setattr(generated, "KV_BUDGET", 3 * per_sequence)
+    generated.windows(model, tok, 4, 16)
+    assert [p.name.split("-")[2] for p in (tmp_path / "cache" / "generated").iterdir()] == ["batch2"]
