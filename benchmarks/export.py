@@ -1,7 +1,8 @@
 """Exported SmolLM2-135M on CPU runtimes against PyTorch fp32: speed with one greedy protocol,
 perplexity of the export against the compress checkpoint in PyTorch, greedy tokens, GGUF.
 
-    .venv/bin/python benchmarks/export.py [--threads 2] [--prompt-len 512] [--new-tokens 128] [--rounds 3] [--no-write]
+    .venv/bin/python benchmarks/export.py [--threads 2] [--batches 1,8] [--prompt-len 512] [--new-tokens 128]
+        [--rounds 3] [--no-write]
 
 Quantizes with `compress quantize` (round to nearest), exports with `compress export`, then
 measures in this process: the PyTorch fp32 baseline and every export interleaved round by
@@ -77,6 +78,7 @@ def self_sensitivity(ckpt: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes, each timed against PyTorch's")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -149,7 +151,11 @@ def main() -> None:
             bench.open_subject("w8a16 GGUF", str(gguf_dir), "llama.cpp", args.threads, "cpu", work, None, n_ctx)
         )
     t0 = time.perf_counter()
-    rows = bench.measure(subjects, [1], args.prompt_len, args.new_tokens, args.rounds)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for batch in batches:  # llama.cpp's binding measures batch 1 only
+        these = [s for s in subjects if batch == 1 or s.decoder.runtime != "llama.cpp"]
+        rows += bench.measure(these, [batch], args.prompt_len, args.new_tokens, args.rounds)
     for s in subjects:
         getattr(s.decoder, "close", lambda: None)()
     env = bench.environment(args.threads, "cpu")
@@ -158,7 +164,8 @@ def main() -> None:
     lines = [
         "## Export to ONNX Runtime and GGUF, CPU (`benchmarks/export.py`)",
         "",
-        f"SmolLM2-135M, {env['device']}, {args.threads} threads, batch 1, prompt {args.prompt_len} tokens, "
+        f"SmolLM2-135M, {env['device']}, {args.threads} threads, batch {args.batches}, prompt {args.prompt_len} tokens "
+        "(each sequence of a batch the same), "
         f"{args.new_tokens} new tokens, greedy with KV cache, median of {args.rounds} rounds interleaved in one "
         f"process "
         f"(`compress bench` protocol). Weights: `compress quantize --method rtn` (w4a16 groups of 64, w8 per channel). "
@@ -167,9 +174,9 @@ def main() -> None:
         "built-in tokens in windows of 512, the export's runtime against the compress checkpoint as transformers "
         "runs it (float32; w8a8 with its per-token int8 activations).",
         "",
-        "| model | runtime, kernel | MB | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | perplexity: "
-        "PyTorch -> export | greedy tokens equal (of 16) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | runtime, kernel | batch | MB | prefill tok/s | decode tok/s | TTFT ms | prefill x | decode x | "
+        "perplexity: PyTorch -> export | greedy tokens equal (of 16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.role == "baseline":
@@ -188,7 +195,7 @@ def main() -> None:
         files = exports[r.role][1].glob("model.onnx*") if r.role in exports else gguf_dir.glob("*.gguf")
         mb = f"{sum(f.stat().st_size for f in files) / 1e6:.1f}" if r.role != "baseline" else ""
         lines.append(
-            f"| {r.role} | {r.runtime}: {r.kernel} | {mb} | {r.prefill_tokens_per_s:.0f} | "
+            f"| {r.role} | {r.runtime}: {r.kernel} | {r.batch} | {mb} | {r.prefill_tokens_per_s:.0f} | "
             f"{r.decode_tokens_per_s:.1f} | {r.ttft_ms:.0f} | {sp} {q}"
         )
     g = gguf_info

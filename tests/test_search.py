@@ -67,11 +67,12 @@ def test_grid_takes_only_group_sizes_that_fit():
 
 
 def test_search_writes_the_smallest_candidate_that_meets_the_budget(tiny_model, tmp_path):
-    # On a random tiny llama, w4a16 with zero points (the default grid) moves perplexity by ~0.01%, w8a16 by less
-    # than 0.001%.
+    # On a random tiny llama, w4a16 with zero points (the default grid) has a mean KL of 4.7e-5 from the base, w8a16
+    # per channel 4.4e-7. (Perplexity, near 50,000 on a random model, moves by a few thousandths of a percent either
+    # way at 8 bits: too close to w4a16's +0.01% to separate them reliably.)
     out = tmp_path / "out"
     proc = compress(
-        "search", tiny_model("llama"), "-o", out, "--max-ppl-increase", "0.001%",
+        "search", tiny_model("llama"), "-o", out, "--max-kl-divergence", "1e-5",
         "--methods", "rtn", "--group-sizes", "64", "--eval-tokens", "2048", "--json",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -82,7 +83,7 @@ def test_search_writes_the_smallest_candidate_that_meets_the_budget(tiny_model, 
     assert found["winner"] == "w8a16 channel rtn" and cands[1]["winner"] and cands[1]["front"]
     # the candidate smaller than the winner was measured and missed the budget
     win = cands[1]["result"]["bytes_on_disk"]
-    assert cands[0]["result"]["bytes_on_disk"] < win and "max_ppl_increase" in cands[0]["reason"]
+    assert cands[0]["result"]["bytes_on_disk"] < win and "max_kl_divergence" in cands[0]["reason"]
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][0]["settings"]["scheme"] == "w8a16"
     assert [c["label"] for c in report["search"]] == [c["label"] for c in cands]

@@ -115,7 +115,9 @@ def blocks_symmetric(q: np.ndarray, scale: np.ndarray, bits: int) -> tuple[np.nd
     nb = k // QK_K
     qs = q.astype(np.int16).reshape(n, nb, 16, SUB_SYM)
     a = scale.astype(np.float32).reshape(n, nb, 16)
-    d, sc = _super_scale(a, (qs.astype(np.float32) ** 2).sum(-1), SCALE_MAX[bits])
+    sign = np.where(a < 0, -1, 1).astype(np.int16)  # our symmetric scales carry a sign; the codes are signed too
+    d, sc = _super_scale(np.abs(a), (qs.astype(np.float32) ** 2).sum(-1), SCALE_MAX[bits])
+    sc = sc * sign
     w_ours = a[..., None] * qs
     w_k = (d.astype(np.float32)[..., None] * sc)[..., None] * qs
     rel = float(np.sqrt(((w_k - w_ours) ** 2).sum() / max((w_ours**2).sum(), 1e-30)))

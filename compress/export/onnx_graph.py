@@ -135,7 +135,8 @@ def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
     n, k = weight.shape
     qmax = (1 << (bits - 1)) - 1
     wg = weight.reshape(n, k // block, block).astype(np.float32)
-    scale = np.abs(wg).max(-1) / (qmax + 0.5)  # as compress's symmetric grids: absmax / 7.5 for int4
+    hi, lo = wg.max(-1), wg.min(-1)
+    scale = np.where(hi > -lo, hi, lo) / -(qmax + 1)  # as compress's symmetric grids: the extreme onto -8 for int4
     scale[scale == 0] = 1.0
     q = np.clip(np.round(wg / scale[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
     return pack_nbits(q, scale, None, bits, block)

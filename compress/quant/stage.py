@@ -264,11 +264,12 @@ def _keep(lin: torch.nn.Linear, q: torch.Tensor, scale: torch.Tensor, zp: torch.
 
 
 def check_scales(scale: torch.Tensor, lins: list[torch.nn.Linear], name: str | None = None) -> None:
-    """Scales must be finite and positive, or the checkpoint de-quantizes to garbage."""
+    """Scales must be finite and non-zero (symmetric int scales may be negative: see qparams), or the checkpoint
+    de-quantizes to garbage."""
     s = scale.float()
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+    if not bool(torch.isfinite(s).all()) or not bool((s != 0).all()):
         what = name or f"{len(lins)} linear(s) of shape {tuple(lins[0].weight.shape)}"
-        raise CompressError(f"{what}: the method produced non-finite or non-positive scales; nothing was written")
+        raise CompressError(f"{what}: the method produced non-finite or zero scales; nothing was written")
 
 
 def rtn_error(

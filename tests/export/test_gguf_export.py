@@ -69,7 +69,7 @@ def test_q4_0_layout_matches_gguf_reference():
     rng = np.random.default_rng(0)
     for bits, qtype in ((4, gguf.GGMLQuantizationType.Q4_0), (8, gguf.GGMLQuantizationType.Q8_0)):
         q = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), size=(8, 96)).astype(np.int8)
-        scale = rng.random((8, 3)).astype(np.float16).astype(np.float32)
+        scale = (rng.random((8, 3)) - 0.5).astype(np.float16).astype(np.float32)  # signed, as symmetric grids are
         blocks, rounded = gguf_export.q_blocks(q, scale, bits)
         want = (q.reshape(8, 3, 32) * scale[..., None]).reshape(8, 96)
         assert rounded == 0
@@ -163,6 +163,7 @@ def test_symmetric_k_quant_blocks_keep_our_integers(bits):
     half = 1 << (bits - 1)
     q = rng.integers(-half, half, size=(6, 512)).astype(np.int8)
     scale = (0.01 * np.exp(rng.normal(0, 0.3, size=(6, 32)))).astype(np.float32)
+    scale *= rng.choice([-1, 1], size=scale.shape)  # symmetric scales carry the sign of their group's extreme
     blocks, rel = gguf_kquants.blocks_symmetric(q, scale, bits)
     assert blocks.shape == (6, 2 * {3: 110, 6: 210}[bits])
     got = gguf.quants.dequantize(blocks, getattr(gguf.GGMLQuantizationType, gguf_kquants.KQUANT_SYM[bits]))
@@ -170,7 +171,9 @@ def test_symmetric_k_quant_blocks_keep_our_integers(bits):
     assert np.isclose(np.linalg.norm(got - want) / np.linalg.norm(want), rel, rtol=1e-4) and rel < 0.02
     ratio = got / np.where(q == 0, 1, q).reshape(6, 32, 16)  # one scale per sub-block, our integers untouched
     nonzero = q.reshape(6, 32, 16) != 0
-    assert np.allclose(np.where(nonzero, ratio, ratio.max(-1, keepdims=True)), ratio.max(-1, keepdims=True))
+    first = np.take_along_axis(ratio, nonzero.argmax(-1)[..., None], -1)  # each sub-block's first nonzero's
+    assert np.allclose(np.where(nonzero, ratio, first), first)
+    assert np.array_equal(np.sign(first[..., 0]), np.sign(scale))
     assert np.all(np.where(q.reshape(6, 32, 16) == 0, got, 0) == 0)
     assert gguf_kquants.kind(512, 16, bits, True) == gguf_kquants.KQUANT_SYM[bits]
     assert gguf_kquants.kind(576, 16, bits, True) is None and gguf_kquants.kind(512, None, bits, True) is None

@@ -55,10 +55,22 @@ def test_int_rounding_error_is_at_most_half_a_step(weight):
     grid = GRIDS["int4-g64-sym"]
     scale, zp = compute_qparams(weight.float(), grid, torch.float32)
     approx = dequantize(quantize(weight, scale, zp, grid), scale, zp)
-    step = scale.repeat_interleave(64, 1)
-    # the positive end may clip by one half step more (grid -8..7 over absmax/7.5)
+    step = scale.abs().repeat_interleave(64, 1)
+    # the extreme is exactly on -8; only the other end may clip, by at most one step (it reaches 7 steps of 8)
     assert ((weight.float() - approx).abs() <= step * 0.5 + 1e-6).float().mean() > 0.99
     assert ((weight.float() - approx).abs() <= step * 1.0 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_extreme_lands_on_the_lowest_integer_whatever_its_sign(bits):
+    grid = Grid(bits, "int", True, 4)
+    w = torch.tensor([[0.5, -0.1, 0.2, 1.0], [-1.0, 0.3, 0.9, 0.0]])  # extremes +1.0 and -1.0
+    scale, zp = compute_qparams(w, grid, torch.float32)
+    q = quantize(w, scale, zp, grid)
+    assert scale[0, 0] < 0 < scale[1, 0] and bool((zp == 0).all())
+    assert q[0, 3] == q[1, 0] == grid.qmin  # the step is absmax / 2^(bits-1), not absmax / (2^(bits-1) - 0.5)
+    assert torch.allclose(scale.abs(), torch.full_like(scale, 2.0 ** (1 - bits)))
+    assert torch.equal(dequantize(q, scale, zp)[:, [3, 0]].diagonal(), torch.tensor([1.0, -1.0]))
 
 
 def test_range_and_zero_point(weight):

@@ -50,8 +50,9 @@ def test_method_beats_rtn_layer_error(tiny_model, arch_name, method):
     _, layers, _, _, weights, errors = run_method(tiny_model(arch_name), method)
     assert set(weights) == set(layers) and len(errors) == 2
     rtn = sum(e.rtn for e in errors)
-    # random tiny models give AWQ little to exploit: 0.91-0.92x RTN's error on opt, gpt_neox, bloom and falcon
-    assert sum(e.method for e in errors) < (0.9 if method == "gptq" else 0.95) * rtn
+    # random tiny models give AWQ little to exploit: 0.93-0.98x RTN's error (llama 0.1049 against 0.1071; symmetric
+    # grids with the extreme on -8, which took RTN's error down 15% on llama and AWQ's 5%); GPTQ 0.66-0.73x
+    assert sum(e.method for e in errors) < (0.8 if method == "gptq" else 0.99) * rtn
 
 
 @pytest.mark.parametrize("method", ["smoothquant+gptq", "smoothquant+rtn"])

@@ -57,7 +57,7 @@ def hqq(w: torch.Tensor, grid, scale_dtype: torch.dtype, iters: int) -> Quantize
             z = (q - target / s[..., None]).mean(-1).round().clamp(grid.qmin, grid.qmax)
         c = q - z[..., None]
         fit = (target * c).sum(-1) / (c * c).sum(-1).clamp(min=1e-12)
-        s = torch.where(fit > 0, fit, s).to(scale_dtype).float()  # as stored
+        s = torch.where(fit * s > 0, fit, s).to(scale_dtype).float()  # as stored; a symmetric scale keeps its sign
         q = rounded(s, z)
         err = lp_error(wg, q, s, z)
         better = err < best_err

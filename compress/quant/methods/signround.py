@@ -69,7 +69,8 @@ def tuned_quantize(
     low = wg.amin(-1).clamp(max=0) * lo  # 0 stays representable
     high = wg.amax(-1).clamp(min=0) * hi
     scale, zp = range_to_grid(low, high, grid, rounding=round_ste)
-    scale = scale.clamp(min=torch.finfo(scale_dtype).eps)
+    eps = torch.finfo(scale_dtype).eps  # symmetric int scales carry the sign of their group's extreme (qparams)
+    scale = torch.where(scale < 0, scale.clamp(max=-eps), scale.clamp(min=eps))
     scale = scale + (scale.to(scale_dtype).float() - scale).detach()  # as stored
     q = (round_ste(wg / scale[..., None] + v) + zp[..., None]).clamp(grid.qmin, grid.qmax)
     return (q - zp[..., None]) * scale[..., None], q, scale, zp
