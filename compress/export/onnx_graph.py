@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.formats.stored import StoredLinear
+from compress.primitives.qparams import Grid, compute_qparams, quantize
 
 MS = "com.microsoft"
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # block lengths ONNX Runtime's CPU kernels take
@@ -131,15 +133,11 @@ def nbits_from_stored(w: StoredLinear) -> NBits | None:
 
 
 def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
-    """Round-to-nearest symmetric quantization (for the optional quantized output layer)."""
-    n, k = weight.shape
-    qmax = (1 << (bits - 1)) - 1
-    wg = weight.reshape(n, k // block, block).astype(np.float32)
-    hi, lo = wg.max(-1), wg.min(-1)
-    scale = np.where(hi > -lo, hi, lo) / -(qmax + 1)  # as compress's symmetric grids: the extreme onto -8 for int4
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(wg / scale[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
-    return pack_nbits(q, scale, None, bits, block)
+    """Round-to-nearest on compress's symmetric grid (for the optional quantized output layer)."""
+    grid = Grid(bits, "int", True, block)
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    scale, zp = compute_qparams(w, grid, torch.float32)
+    return pack_nbits(quantize(w, scale, zp, grid).numpy(), scale.numpy(), None, bits, block)
 
 
 def dequantize_nbits(w: NBits) -> np.ndarray:

@@ -199,7 +199,7 @@ def range_to_grid(lo: torch.Tensor, hi: torch.Tensor, grid: Grid, rounding=torch
     if grid.symmetric and grid.kind == "int":  # the extreme onto qmin: a positive extreme gets a negative scale
         extreme = torch.where(hi > -lo, hi, lo)
         return extreme / grid.qmin, torch.zeros_like(extreme)
-    if grid.symmetric or grid.kind != "int":
+    if grid.kind != "int":  # fp8 and NF4: symmetric by definition
         scale = torch.maximum(lo.abs(), hi) / (span / 2)
         return scale, torch.zeros_like(scale)
     scale = (hi - lo) / span
