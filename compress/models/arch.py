@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from compressed_tensors.utils.match import is_match, match_named_modules
@@ -96,11 +96,35 @@ class Smooth:
 
     prev: str
     linears: tuple[str, ...]
+    values: bool = False  # prev is attention's value projection, the linears read the attention heads' outputs
+    # set by `smooth_maps` under grouped-query attention: (kv heads, query heads per kv head, head dim); each value
+    # channel then feeds one input channel of every query head of its group
+    repeat: tuple[int, int, int] | None = None
+
+    def tie(self, t: torch.Tensor, reduce: str) -> torch.Tensor:
+        """[I] per-channel statistics of the linears' inputs -> [I] with the channels one prev channel feeds set to
+        their `reduce` ("mean" or "amax"), so a scale made of them folds into prev exactly."""
+        if self.repeat is None:
+            return t
+        kv, rep, dim = self.repeat
+        g = t.reshape(kv, rep, dim)
+        g = g.amax(1, keepdim=True) if reduce == "amax" else g.mean(1, keepdim=True)
+        return g.expand(kv, rep, dim).reshape(-1)
+
+    def prev_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """A tied scale [I] of the linears' inputs -> [prev's outputs]."""
+        if self.repeat is None:
+            return s
+        kv, rep, dim = self.repeat
+        g = s.reshape(kv, rep, dim)
+        if not torch.equal(g, g[:, :1].expand_as(g)):
+            raise ValueError(f"{self.prev} -> {self.linears}: the scale differs within a group of query heads")
+        return g[:, 0].reshape(-1)
 
 
 _LLAMA = (
     Smooth("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    Smooth("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
+    Smooth("self_attn.v_proj", ("self_attn.o_proj",), values=True),  # grouped-query attention: scales tied per group
     Smooth("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     Smooth("mlp.up_proj", ("mlp.down_proj",)),
 )
@@ -120,7 +144,7 @@ SMOOTH_MAPS: dict[str, tuple[Smooth, ...]] = {
     ),
     "opt": (
         Smooth("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        Smooth("self_attn.v_proj", ("self_attn.out_proj",)),
+        Smooth("self_attn.v_proj", ("self_attn.out_proj",), values=True),
         Smooth("final_layer_norm", ("fc1",)),
         Smooth("fc1", ("fc2",)),  # through ReLU, which commutes with positive scales
     ),
@@ -152,8 +176,8 @@ def _falcon_maps(config) -> tuple[Smooth, ...]:
 
 
 def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
-    """The mappings of this architecture whose shapes fit (v_proj -> o_proj needs as many
-    value channels as attention outputs, which grouped-query attention does not have)."""
+    """The mappings of this architecture whose shapes fit. Under grouped-query attention, v_proj -> o_proj carries
+    `repeat`: a value channel feeds that channel of every query head of its group, so their scales are tied."""
     kind = getattr(model.config, "model_type", type(model).__name__)
     if kind not in SMOOTH_MAPS and kind != "falcon":
         raise UsageError(
@@ -169,7 +193,19 @@ def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
         width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
         if all(layer.get_submodule(n).in_features == width for n in m.linears):
             maps.append(m)
+        elif m.values and (repeat := _value_groups(model.config, width)):
+            if all(layer.get_submodule(n).in_features == width * repeat[1] for n in m.linears):
+                maps.append(replace(m, repeat=repeat))
     return maps
+
+
+def _value_groups(config, width: int) -> tuple[int, int, int] | None:
+    """(kv heads, query heads per kv head, head dim) of grouped-query attention whose value projection is `width`
+    wide; None when the config says otherwise."""
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if not heads or not kv or heads % kv or width % kv:
+        return None
+    return kv, heads // kv, width // kv
 
 
 def _expert_maps(layer: torch.nn.Module) -> list[Smooth]:

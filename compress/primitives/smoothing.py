@@ -6,34 +6,54 @@ which leaves the float model's outputs unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# [I] per-channel statistics, "mean" | "amax" -> [I] with the channels that must share one scale set to their mean
+# or maximum (`arch.Smooth.tie`: grouped-query attention's value -> output); `untied` leaves them alone
+Tie = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def untied(t: torch.Tensor, reduce: str) -> torch.Tensor:
+    return t
 
 
 @torch.no_grad()
 def fold(
-    prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor, dtype: torch.dtype | None = None
+    prev: torch.nn.Module,
+    linears: list[torch.nn.Linear],
+    s: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    prev_s: torch.Tensor | None = None,
 ) -> None:
-    """Divide prev's output channels by s and multiply the linears' input columns by s; the
-    results are rounded to `dtype` (the stored one, when the model computes in float32) and
-    kept in each tensor's own dtype."""
+    """Divide prev's output channels by prev_s (default: s) and multiply the linears' input columns
+    by s (grouped-query attention: a value channel's scale repeats over its query heads); the results
+    are rounded to `dtype` (the stored one, when the model computes in float32) and kept in each
+    tensor's own dtype."""
     s = s.float()
+    ps = s if prev_s is None else prev_s.float()
 
     def put(t: torch.Tensor, value: torch.Tensor) -> None:
         t.data = value.to(dtype or t.dtype).to(t.dtype)
 
     if isinstance(prev, torch.nn.Linear):
-        put(prev.weight, prev.weight.float() / s[:, None])
+        put(prev.weight, prev.weight.float() / ps[:, None])
     else:  # a norm: y = weight * normalized (+ bias)
-        put(prev.weight, prev.weight.float() / s)
+        put(prev.weight, prev.weight.float() / ps)
     if getattr(prev, "bias", None) is not None:
-        put(prev.bias, prev.bias.float() / s)
+        put(prev.bias, prev.bias.float() / ps)
     for lin in linears:
         put(lin.weight, lin.weight.float() * s[None, :])
 
 
-def smoothquant_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant (Xiao et al., 2022): s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)."""
-    w_absmax = torch.cat([w.float().abs() for w in weights]).amax(0)  # [I]
+def smoothquant_scales(
+    x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float, tie: Tie = untied
+) -> torch.Tensor:
+    """SmoothQuant (Xiao et al., 2022): s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha), both maxima
+    taken over the channels one scale serves (`tie`)."""
+    x_absmax = tie(x_absmax, "amax")
+    w_absmax = tie(torch.cat([w.float().abs() for w in weights]).amax(0), "amax")  # [I]
     s = x_absmax.float().clamp(min=1e-5).pow(alpha) / w_absmax.clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(min=1e-5)
 

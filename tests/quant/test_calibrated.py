@@ -61,10 +61,10 @@ def test_smoothquant_methods_run_w8a8(tiny_model, method):
     assert all(e.method < 0.05 for e in errors)
 
 
-# maps per decoder layer: llama: input norm -> qkv, post norm -> gate/up, up -> down (GQA: no v -> o); opt adds
-# v -> out_proj and fc1 -> fc2 (ReLU); gpt_neox and bloom: the two norms (GELU MLPs); falcon 7B-style: one norm
-# before parallel attention and MLP
-@pytest.mark.parametrize("arch_name,maps", [("llama", 3), ("opt", 4), ("gpt_neox", 2), ("bloom", 2), ("falcon", 1)])
+# maps per decoder layer: llama: input norm -> qkv, v -> o (grouped-query: 2 query heads per value head, scales tied),
+# post norm -> gate/up, up -> down; opt: the same with out_proj and fc1 -> fc2 (ReLU); gpt_neox and bloom: the two
+# norms (GELU MLPs); falcon 7B-style: one norm before parallel attention and MLP
+@pytest.mark.parametrize("arch_name,maps", [("llama", 4), ("opt", 4), ("gpt_neox", 2), ("bloom", 2), ("falcon", 1)])
 @torch.no_grad()
 def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model, arch_name, maps):
     from transformers import AutoModelForCausalLM
@@ -88,7 +88,8 @@ def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model, arch_nam
         h.remove()
     for (i, m), xmax in absmax.items():
         lins = [layers[i].get_submodule(n) for n in m.linears]
-        fold(layers[i].get_submodule(m.prev), lins, smoothquant_scales(xmax, [lin.weight for lin in lins], 0.5))
+        s = smoothquant_scales(xmax, [lin.weight for lin in lins], 0.5, m.tie)
+        fold(layers[i].get_submodule(m.prev), lins, s, prev_s=m.prev_scale(s))
     assert len(absmax) == len(layers) * maps
     assert torch.allclose(model(ids).logits, before, atol=1e-4, rtol=1e-4)
 
@@ -157,3 +158,21 @@ def test_fewer_samples_than_asked_warns_and_goes_on(tiny_model, tmp_path):
     st = report.stages[0]
     assert st.warnings and "fewer than the 50 asked" in st.warnings[0]
     assert "samples x 64 tokens" in st.calibration and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_value_scales_are_tied_per_group_of_query_heads(tiny_model):
+    """Grouped-query attention: value channel c of kv head h feeds channel c of every query head of h's group, so the
+    v_proj -> o_proj scale is one per value channel; an untied one is refused, not folded wrong."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"), dtype=torch.float32)
+    layer = arch.decoder_layers(model)[0]
+    (m,) = [m for m in arch.smooth_maps(model, layer) if m.prev == "self_attn.v_proj"]
+    kv, rep, dim = m.repeat
+    assert (kv, rep) == (model.config.num_key_value_heads, 2) and kv * rep * dim == layer.self_attn.o_proj.in_features
+    t = torch.arange(kv * rep * dim, dtype=torch.float32)
+    tied = m.tie(t, "amax")
+    assert torch.equal(tied.reshape(kv, rep, dim)[:, 0], t.reshape(kv, rep, dim)[:, -1])  # each group's largest
+    assert torch.equal(m.prev_scale(tied), t.reshape(kv, rep, dim)[:, -1].reshape(-1))
+    with pytest.raises(ValueError, match="differs within a group of query heads"):
+        m.prev_scale(t)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.calibrate import Gather, InputStats, Layer
 from compress.primitives.qparams import Grid, fake_quantize
-from compress.primitives.smoothing import awq_candidates, normalized_weight_mean
+from compress.primitives.smoothing import Tie, awq_candidates, normalized_weight_mean, untied
 from compress.quant.method import Quantized, QuantMethod, round_weights, smooth
 
 
@@ -20,7 +20,12 @@ class AWQOptions(BaseModel):
 
 
 def awq_scale(
-    second_moment: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], grid: Grid, steps: int
+    second_moment: torch.Tensor,
+    x_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    grid: Grid,
+    steps: int,
+    tie: Tie = untied,
 ) -> torch.Tensor:
     """The candidate scale whose RTN-quantized linears best reproduce their float outputs.
 
@@ -36,7 +41,8 @@ def awq_scale(
         return float(((d @ m) * d).sum()) / w.shape[0]
 
     best, best_loss = torch.ones(w.shape[1]), loss(fake_quantize(w, grid))
-    for s in awq_candidates(x_mean, normalized_weight_mean(weights, grid.group_size), steps):
+    w_mean = tie(normalized_weight_mean(weights, grid.group_size), "mean")
+    for s in awq_candidates(tie(x_mean, "mean"), w_mean, steps):  # tied statistics make tied candidates
         if (err := loss(fake_quantize(w * s, grid) / s)) < best_loss:
             best, best_loss = s, err
     return best
@@ -56,7 +62,12 @@ class AWQ(QuantMethod):
             st = layer.stats[m.linears[0]]
             weights = [lin.weight.cpu() for lin in lins]
             return awq_scale(
-                st.hessian.H.cpu() / 2, st.mean_abs().cpu(), weights, self.target.grid_of(lins), self.options.awq_grid
+                st.hessian.H.cpu() / 2,
+                st.mean_abs().cpu(),
+                weights,
+                self.target.grid_of(lins),
+                self.options.awq_grid,
+                m.tie,
             )
 
         smooth(model, layer, scale, self.target.dtype)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compress.calibrate import Gather, InputStats, Layer
 from compress.models.arch import smooth_maps
 from compress.primitives.qparams import Grid, fake_quantize, fake_quantize_tokens
-from compress.primitives.smoothing import smoothquant_scales
+from compress.primitives.smoothing import Tie, smoothquant_scales, untied
 from compress.quant.method import Quantized, QuantMethod, round_weights, smooth
 from compress.quant.methods.gptq import GPTQ, GPTQOptions
 
@@ -32,9 +32,12 @@ class SmoothQuantGPTQOptions(GPTQOptions, SmoothQuantOptions):
     pass
 
 
-def searched_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None) -> torch.Tensor:
+def searched_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act: str | None, tie: Tie = untied
+) -> torch.Tensor:
     """SmoothQuant scales for the alpha (or none) whose quantized weights and activations
-    best reproduce the float outputs on the calibration rows x [N, I]."""
+    best reproduce the float outputs on the calibration rows x [N, I]; `tie`: the channels that
+    share a scale."""
     absmax = x.abs().amax(0)
     w = torch.cat([t.float() for t in weights])  # [sum O, I]
     chunks = x.split(CHUNK_ROWS)
@@ -49,7 +52,7 @@ def searched_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, act
 
     best, best_loss = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1]))
     for a in ALPHAS:
-        s = smoothquant_scales(absmax, weights, a)
+        s = smoothquant_scales(absmax, weights, a, tie)
         if (err := loss(s)) < best_loss:
             best, best_loss = s, err
     return best
@@ -71,8 +74,8 @@ class _Smoothing:
         def scale(m, lins):
             st, weights = layer.stats[m.linears[0]], [lin.weight.cpu() for lin in lins]
             if alpha is None:
-                return searched_scale(torch.cat(st.samples), weights, grid, act)
-            return smoothquant_scales(st.absmax.cpu(), weights, alpha)
+                return searched_scale(torch.cat(st.samples), weights, grid, act, m.tie)
+            return smoothquant_scales(st.absmax.cpu(), weights, alpha, m.tie)
 
         smooth(model, layer, scale, self.target.dtype)
 
