@@ -46,7 +46,9 @@ class SignRoundOptions(BaseModel):
         8, ge=1, description="SignRound: calibration samples per step (whole calibration batches of 4)"
     )
     # SmolLM2 w4a16 g64, 16 samples, 50 steps of 4 (benchmarks/RESULTS.md): "model" +5.7% / KL 0.075 on held-out
-    # pages like the calibration's, +22.5% / 0.292 on license texts; "layer" +8.4% / 0.113 and +18.5% / 0.279
+    # pages like the calibration's, +22.5% / 0.292 on license texts; "layer" +8.4% / 0.113 and +18.5% / 0.279.
+    # w3a16 g64 (same settings, symmetric): "model" +18.6% / 0.207 and +56.3% / 0.638, "layer" +22.8% / 0.286 and
+    # +56.0% / 0.679 (auto-round 0.16: +18.7% / 0.213, +62.8% / 0.664): "model" is the better choice at 3 bits
     signround_target: Literal["layer", "model"] = Field(
         "layer",
         description="SignRound: each layer's outputs are tuned towards the float layer's outputs on the already "
