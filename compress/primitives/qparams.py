@@ -143,7 +143,7 @@ def default_ratios(grid: Grid) -> torch.Tensor:
     round) and some clipping below; int and NF4 grids: from min/max (1.0) down to 0.7."""
     if grid.kind == "float":
         return torch.cat([torch.ones(1), torch.linspace(2.0, 0.8, 25)])
-    return torch.cat([torch.ones(1), torch.linspace(1.0, 0.7, 20)])  # 1.0 first: min/max
+    return torch.linspace(1.0, 0.7, 20)  # 1.0 (min/max) first, so it wins ties
 
 
 def search_range(
