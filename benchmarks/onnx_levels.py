@@ -69,15 +69,16 @@ def main() -> None:
             onnx.save(m, str(d / "model.onnx"))
         dirs[label] = d
     tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    decoders = {label: ort.OrtDecoder(ort.session(d / "model.onnx", args.threads)) for label, d in dirs.items()}
     texts = {"held-out pages": textdata.builtin("evaluation").texts, "license texts": textdata.licenses().texts}
     table: dict[str, list[str]] = {label: [] for label in dirs}
     refs = []
     for texts_ in texts.values():
         windows = token_windows(tok, texts_, 512, args.eval_tokens)
-        ref = torch_ppl(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval(), windows)
+        ref = torch_ppl(model, windows)
         refs.append(f"{ref:.3f}")
-        for label, d in dirs.items():
-            dec = ort.OrtDecoder(ort.session(d / "model.onnx", args.threads))
+        for label, dec in decoders.items():
             p = ort.perplexity(dec, [w.numpy() for w in windows])
             table[label].append(f"{p:.3f} ({(p / ref - 1) * 100:+.2f}%)")
     print(f"PyTorch on the checkpoint: {' / '.join(refs)} ({', '.join(texts)}; {args.eval_tokens} tokens each)")
