@@ -6,7 +6,10 @@
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
 scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
 environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
-`compress eval` on both domains; nf4:64:bitsandbytes writes bitsandbytes' own NF4 (transformers'
+`compress eval` on both domains; scheme:group:llm-compressor:gptq:sym|asym[:OBSERVER] and
+scheme:group:llm-compressor:autoround:STEPS:BATCH run llm-compressor 0.14 (its GPTQ, with its imatrix_mse range
+observer when named, or its AutoRoundModifier) in .venv-llmc ($LLMC_PYTHON; see benchmarks/llmc.py), its checkpoint
+scored the same way; nf4:64:bitsandbytes writes bitsandbytes' own NF4 (transformers'
 BitsAndBytesConfig, round to nearest, saved before any forward pass) and scores it the same way.
 
 Each run is `compress quantize` (perplexity and KL divergence against the base on the built-in
@@ -47,6 +50,7 @@ RUNS = ",".join(
 )
 LICENSES = Path("/usr/share/common-licenses")
 HERE = Path(__file__).parent
+LLMC_PY = Path(os.environ.get("LLMC_PYTHON", HERE.parent / ".venv-llmc" / "bin" / "python"))
 AUTOROUND_PY = Path(os.environ.get("AUTOROUND_PYTHON", HERE.parent / ".venv-autoround" / "bin" / "python"))
 
 
@@ -73,6 +77,8 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
         return autoround_row(scheme, group, *options, samples, tmp, domain2)
     if method == "bitsandbytes":
         return bitsandbytes_row(group, tmp, domain2)
+    if method == "llm-compressor":
+        return llmc_row(scheme, group, options, samples, tmp, domain2)
     out = tmp / spec.replace(":", "_").replace("=", "-")
     calib = ["--samples", str(samples)] if method != "rtn" else []
     q = cli(
@@ -109,6 +115,26 @@ def autoround_row(
     d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m")
     d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2))
     line = table_row(scheme, group, f"auto-round {steps} steps, batch {batch}", d1, d2, r["seconds"])
+    return line, d1["base"], d2["base"]
+
+
+def llmc_row(scheme: str, group: str, options: list[str], samples: int, tmp: Path, domain2: Path):
+    """llm-compressor's GPTQ (options: sym|asym[, observer]) or AutoRoundModifier (options: autoround, steps, batch)."""
+    if not LLMC_PY.exists():
+        sys.exit(f"{LLMC_PY} is missing: make llm-compressor's virtual environment (see benchmarks/llmc.py)")
+    base, calib, _ = token_files(samples, 512, tmp)
+    out, bits = tmp / f"{scheme}-{group}-llmc-{'-'.join(options)}", scheme[1]
+    kind, *rest = options
+    args = [group, rest[0], bits, *rest[1:]] if kind == "gptq" else [bits, group, *rest]
+    cmd = [str(LLMC_PY), str(HERE / "llmc.py"), str(base), str(calib), "-", kind, *args]
+    env = {**os.environ, "TQDM_DISABLE": "1", "LLMC_SAVE": str(out)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"llm-compressor failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    d1 = cli("eval", str(out), "--baseline", "smollm2-135m")
+    d2 = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2))
+    line = table_row(scheme, group, f"llm-compressor {' '.join(options)}", d1, d2, r["seconds"])
     return line, d1["base"], d2["base"]
 
 

@@ -1,0 +1,73 @@
+"""What rounding the activations alone costs: SmolLM2-135M with its weights untouched and every linear's inputs
+(not the output layer's, as compress's schemes) rounded per token to 8 bits, fp8 (e4m3) or int8, by
+compressed-tensors' own forward, the code that runs a reloaded w8a8 or fp8 checkpoint. Perplexity, KL divergence from
+the base and top-1 agreement on both evaluation domains: the built-in held-out pages and the license texts.
+
+    .venv/bin/python benchmarks/activation_floor.py [--types float,int] [--tokens 8192]
+
+A scheme that rounds its activations this way cannot be closer to the base than this row, whatever its method does to
+the weights. Prints a table; RESULTS.md quotes it by hand (the fp8 paragraph of the calibrated-quantization section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default="float,int", help="compressed-tensors activation types, comma-separated")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens scored on each domain (windows of 512)")
+    args = ap.parse_args()
+
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.data import text as textdata
+    from compress.eval.divergence import compare
+    from compress.eval.perplexity import perplexity, token_windows
+    from compress.models.load import checkpoint_dir
+    from compress.models.source import resolve
+
+    torch.set_num_threads(2)
+    src = checkpoint_dir(resolve("smollm2-135m"), "auto")
+    tok = AutoTokenizer.from_pretrained(src)
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()  # compress eval's compute dtype
+    texts = {"held-out pages": textdata.builtin("evaluation"), "license texts": textdata.licenses()}
+    windows = {k: token_windows(tok, t.texts, 512, args.tokens) for k, t in texts.items()}
+    base_ppl = {k: perplexity(base, w) for k, w in windows.items()}
+    print(
+        f"SmolLM2-135M, float32, {args.tokens} tokens of each domain; base perplexity "
+        + ", ".join(f"{k} {v:.3f}" for k, v in base_ppl.items())
+    )
+    print("\n| activations (per token, 8 bits) | domain | perplexity (change) | KL | top-1 |\n|---|---|---|---|---|")
+    for kind in args.types.split(","):
+        model = copy.deepcopy(base)
+        acts = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
+        scheme = QuantizationScheme(targets=["Linear"], input_activations=acts)
+        config = QuantizationConfig(
+            config_groups={"group_0": scheme}, ignore=["lm_head"], quantization_status=QuantizationStatus.FROZEN
+        )
+        apply_quantization_config(model, config)
+        for domain, w in windows.items():
+            ppl, d = perplexity(model, w), compare(base, model, w, domain)
+            change = (ppl / base_ppl[domain] - 1) * 100
+            name = "fp8 e4m3" if kind == "float" else f"{kind}8"
+            print(f"| {name} | {domain} | {ppl:.3f} ({change:+.2f}%) | {d.kl_mean:.4f} | {d.top1_agreement:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
