@@ -48,12 +48,12 @@ class SignRoundOptions(BaseModel):
     # SmolLM2 w4a16 g64, 16 samples, 50 steps of 4 (benchmarks/RESULTS.md): "model" +5.7% / KL 0.075 on held-out
     # pages like the calibration's, +22.5% / 0.292 on license texts; "layer" +8.4% / 0.113 and +18.5% / 0.279.
     # w3a16 g64 (same settings, symmetric): "model" +18.6% / 0.207 and +56.3% / 0.638, "layer" +22.8% / 0.286 and
-    # +56.0% / 0.679 (auto-round 0.16: +18.7% / 0.213, +62.8% / 0.664): "model" is the better choice at 3 bits
-    signround_target: Literal["layer", "model"] = Field(
-        "layer",
+    # +56.0% / 0.679 (auto-round 0.16: +18.7% / 0.213, +62.8% / 0.664). Hence the default: "model" below 4 bits
+    signround_target: Literal["layer", "model"] | None = Field(
+        None,
         description="SignRound: each layer's outputs are tuned towards the float layer's outputs on the already "
         "quantized layers' outputs (layer), or towards the unchanged model's hidden states (model: closer on text "
-        "like the calibration's, not on other text)",
+        "like the calibration's; off it, better at 3 bits and worse at 4); default: model below 4 bits, else layer",
     )
 
 
@@ -187,16 +187,23 @@ class SignRound(QuantMethod):
     working_memory = 1.5  # a float32 copy of one layer, its activations for a step's batches
     STEP_COST = 3.0  # one step's forward and backward over a sample, in forwards of that sample
 
+    LOW_BITS = 3  # this width and below aim at the model's hidden states by default (the option's comment)
+
+    @property
+    def aim(self) -> Literal["layer", "model"]:
+        """The target in force: the option's, else by the scheme's width."""
+        return self.options.signround_target or ("model" if self.target.grid.bits <= self.LOW_BITS else "layer")
+
     @property
     def float_stream(self) -> bool:
-        return self.options.signround_target == "model"
+        return self.aim == "model"
 
     @property
     def lr(self) -> float:
         return self.options.signround_lr or 1 / self.options.signround_steps
 
     def settings(self) -> dict:
-        return {**self.options.model_dump(), "signround_lr": self.lr}
+        return {**self.options.model_dump(), "signround_lr": self.lr, "signround_target": self.aim}
 
     @classmethod
     def check(cls, stage) -> None:

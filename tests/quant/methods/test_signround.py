@@ -110,6 +110,19 @@ def test_dry_run_time_follows_the_steps():
     assert many.method_class.time_multiple(many) > 6 * few.method_class.time_multiple(few)
 
 
+def test_the_target_defaults_by_width():
+    from compress.quant.method import Target
+    from compress.quant.methods.signround import SignRound, SignRoundOptions
+
+    def aim(bits: int, **options) -> str:
+        method = SignRound(SignRoundOptions(**options), Target(grid=Grid(bits, "int", True, 64)))
+        assert method.float_stream == (method.aim == "model") and method.settings()["signround_target"] == method.aim
+        return method.aim
+
+    assert [aim(b) for b in (2, 3, 4, 8)] == ["model", "model", "layer", "layer"]
+    assert aim(3, signround_target="layer") == "layer" and aim(4, signround_target="model") == "model"
+
+
 def test_signround_options_are_checked(tiny_model, tmp_path):
     src, out = tiny_model("llama"), tmp_path / "o"
     for args, words in (
@@ -134,6 +147,7 @@ def test_signround_checkpoint_reloads_to_its_weights(tiny_model, tmp_path):
     settings = report.stages[0].settings
     assert settings["method"] == "signround" and settings["signround_steps"] == 5
     assert settings["signround_lr"] == pytest.approx(1 / 5) and settings["signround_batch"] == 8
+    assert settings["signround_target"] == "layer"  # 4 bits
     mine = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     mine(torch.tensor([[1, 2, 3]]))  # transformers de-compresses on the first forward
     stored = read(out)
