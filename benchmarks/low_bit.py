@@ -6,7 +6,7 @@
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
 scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
 environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
-`compress eval` on both domains; scheme:group:llm-compressor:gptq:sym|asym[:OBSERVER] and
+`compress eval` on both domains; scheme:group:llm-compressor:gptq:sym[:OBSERVER] and
 scheme:group:llm-compressor:autoround:STEPS:BATCH run llm-compressor 0.14 (its GPTQ, with its imatrix_mse range
 observer when named, or its AutoRoundModifier) in .venv-llmc ($LLMC_PYTHON; see benchmarks/llmc.py), its checkpoint
 scored the same way; nf4:64:bitsandbytes writes bitsandbytes' own NF4 (transformers'
@@ -199,6 +199,12 @@ def main() -> None:
     ap.add_argument("--section", default="low_bit", help="the RESULTS.md section to write (another study: its own)")
     ap.add_argument("--title", default="Low-bit weights", help="that section's heading")
     args = ap.parse_args()
+    for spec in args.runs.split(","):  # before the first run: a run of an hour should not stop at its second row
+        if spec.split(":")[2:5] == ["llm-compressor", "gptq", "asym"]:
+            sys.exit(
+                f"{spec}: llm-compressor 0.14 writes zero points (compressed-tensors 0.19) that compress's "
+                "transformers 5.24 and compressed-tensors 0.20 refuse to load (a size mismatch); use sym"
+            )
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         domain2, desc2 = second_domain(Path(tmp))
         rows = []
