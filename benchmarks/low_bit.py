@@ -103,39 +103,42 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
 def autoround_row(
     scheme: str, group: str, steps: str, batch: str, samples: int, tmp: Path, domain2: Path
 ) -> tuple[str, dict, dict]:
-    if not AUTOROUND_PY.exists():
-        sys.exit(f"{AUTOROUND_PY} is missing: make auto-round's virtual environment (see benchmarks/autoround.py)")
     base, calib, _ = token_files(samples, 512, tmp)
     out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}", scheme[1]
-    cmd = [str(AUTOROUND_PY), str(HERE / "autoround.py"), str(base), str(calib), str(out), bits, group, steps, batch]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode:
-        sys.exit(f"auto-round failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    d1 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m")
-    d2 = cli("eval", r["checkpoint"], "--baseline", "smollm2-135m", "--dataset", str(domain2))
-    line = table_row(scheme, group, f"auto-round {steps} steps, batch {batch}", d1, d2, r["seconds"])
-    return line, d1["base"], d2["base"]
+    args = [str(base), str(calib), str(out), bits, group, steps, batch]
+    r = tool_json(AUTOROUND_PY, "autoround.py", args, "auto-round")
+    return scored_row(r["checkpoint"], scheme, group, f"auto-round {steps} steps, batch {batch}", r["seconds"], domain2)
 
 
 def llmc_row(scheme: str, group: str, options: list[str], samples: int, tmp: Path, domain2: Path):
     """llm-compressor's GPTQ (options: sym|asym[, observer]) or AutoRoundModifier (options: autoround, steps, batch)."""
-    if not LLMC_PY.exists():
-        sys.exit(f"{LLMC_PY} is missing: make llm-compressor's virtual environment (see benchmarks/llmc.py)")
     base, calib, _ = token_files(samples, 512, tmp)
     out, bits = tmp / f"{scheme}-{group}-llmc-{'-'.join(options)}", scheme[1]
     kind, *rest = options
     args = [group, rest[0], bits, *rest[1:]] if kind == "gptq" else [bits, group, *rest]
-    cmd = [str(LLMC_PY), str(HERE / "llmc.py"), str(base), str(calib), "-", kind, *args]
-    env = {**os.environ, "TQDM_DISABLE": "1", "LLMC_SAVE": str(out)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = tool_json(LLMC_PY, "llmc.py", [str(base), str(calib), "-", kind, *args], "llm-compressor", LLMC_SAVE=str(out))
+    return scored_row(out, scheme, group, f"llm-compressor {' '.join(options)}", r["seconds"], domain2)
+
+
+def tool_json(python: Path, script: str, args: list[str], tool: str, **env: str) -> dict:
+    """Another toolkit's benchmarks/`script` run in its own virtual environment -> the JSON of its last output line;
+    a missing environment or a failure stops the benchmark with one line."""
+    if not python.exists():
+        sys.exit(f"{python} is missing: make {tool}'s virtual environment (see benchmarks/{script})")
+    cmd = [str(python), str(HERE / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **env})
     if proc.returncode:
-        sys.exit(f"llm-compressor failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    d1 = cli("eval", str(out), "--baseline", "smollm2-135m")
-    d2 = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2))
-    line = table_row(scheme, group, f"llm-compressor {' '.join(options)}", d1, d2, r["seconds"])
-    return line, d1["base"], d2["base"]
+        sys.exit(f"{tool} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def scored_row(
+    checkpoint: str | Path, scheme: str, group: str, method: str, seconds: float, domain2: Path
+) -> tuple[str, dict, dict]:
+    """A checkpoint another tool wrote, scored by `compress eval --baseline` on both domains."""
+    d1 = cli("eval", str(checkpoint), "--baseline", "smollm2-135m")
+    d2 = cli("eval", str(checkpoint), "--baseline", "smollm2-135m", "--dataset", str(domain2))
+    return table_row(scheme, group, method, d1, d2, seconds), d1["base"], d2["base"]
 
 
 BNB_WRITE = """
@@ -163,10 +166,7 @@ def bitsandbytes_row(group: str, tmp: Path, domain2: Path) -> tuple[str, dict, d
     proc = subprocess.run([sys.executable, "-c", BNB_WRITE, str(src), str(out), group], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"bitsandbytes failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    d1 = cli("eval", str(out), "--baseline", "smollm2-135m")
-    d2 = cli("eval", str(out), "--baseline", "smollm2-135m", "--dataset", str(domain2))
-    line = table_row("nf4", group, "bitsandbytes (round to nearest)", d1, d2, float(proc.stdout.split()[-1]))
-    return line, d1["base"], d2["base"]
+    return scored_row(out, "nf4", group, "bitsandbytes (round to nearest)", float(proc.stdout.split()[-1]), domain2)
 
 
 def table_row(scheme: str, group: str, method: str, d1: dict, d2: dict, seconds: float) -> str:
