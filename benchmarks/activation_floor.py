@@ -3,7 +3,11 @@
 compressed-tensors' own forward, the code that runs a reloaded w8a8 or fp8 checkpoint. Perplexity, KL divergence from
 the base and top-1 agreement on both evaluation domains: the built-in held-out pages and the license texts.
 
-    .venv/bin/python benchmarks/activation_floor.py [--types float,int] [--tokens 8192]
+    .venv/bin/python benchmarks/activation_floor.py [--rows float,int,float:down_proj] [--tokens 8192]
+
+A row is a compressed-tensors activation type, optionally with the linears (by name suffix, joined by +) whose
+inputs stay unrounded: `float:down_proj` rounds every input but the MLP's down projection's, which says what each
+kind of linear's inputs cost.
 
 A scheme that rounds its activations this way cannot be closer to the base than this row, whatever its method does to
 the weights. Prints a table; RESULTS.md quotes it by hand (the fp8 paragraph of the calibrated-quantization section).
@@ -23,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", default="float,int", help="compressed-tensors activation types, comma-separated")
+    ap.add_argument(
+        "--rows", default="float,int", help="activation types, comma-separated, each with :KIND+KIND left unrounded"
+    )
     ap.add_argument("--tokens", type=int, default=8192, help="tokens scored on each domain (windows of 512)")
     args = ap.parse_args()
 
@@ -53,20 +59,28 @@ def main() -> None:
         f"SmolLM2-135M, float32, {args.tokens} tokens of each domain; base perplexity "
         + ", ".join(f"{k} {v:.3f}" for k, v in base_ppl.items())
     )
-    print("\n| activations (per token, 8 bits) | domain | perplexity (change) | KL | top-1 |\n|---|---|---|---|---|")
-    for kind in args.types.split(","):
+    print(
+        "\n| activations (per token, 8 bits) | inputs left unrounded | domain | perplexity (change) | KL | top-1 |"
+        "\n|---|---|---|---|---|---|"
+    )
+    for row in args.rows.split(","):
+        kind, _, wide = row.partition(":")
+        kept = [k for k in wide.split("+") if k]
         model = copy.deepcopy(base)
         acts = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
         scheme = QuantizationScheme(targets=["Linear"], input_activations=acts)
         config = QuantizationConfig(
-            config_groups={"group_0": scheme}, ignore=["lm_head"], quantization_status=QuantizationStatus.FROZEN
+            config_groups={"group_0": scheme},
+            ignore=["lm_head", *(f"re:.*{k}$" for k in kept)],
+            quantization_status=QuantizationStatus.FROZEN,
         )
         apply_quantization_config(model, config)
         for domain, w in windows.items():
             ppl, d = perplexity(model, w), compare(base, model, w, domain)
             change = (ppl / base_ppl[domain] - 1) * 100
             name = "fp8 e4m3" if kind == "float" else f"{kind}8"
-            print(f"| {name} | {domain} | {ppl:.3f} ({change:+.2f}%) | {d.kl_mean:.4f} | {d.top1_agreement:.1%} |")
+            cells = [name, ", ".join(["output layer", *kept]), domain, f"{ppl:.3f} ({change:+.2f}%)"]
+            print("| " + " | ".join([*cells, f"{d.kl_mean:.4f}", f"{d.top1_agreement:.1%}"]) + " |")
 
 
 if __name__ == "__main__":
