@@ -10,7 +10,7 @@ inputs stay unrounded: `float:down_proj` rounds every input but the MLP's down p
 kind of linear's inputs cost.
 
 A scheme that rounds its activations this way cannot be closer to the base than this row, whatever its method does to
-the weights. Prints a table; RESULTS.md quotes it by hand (the fp8 paragraph of the calibrated-quantization section).
+the weights. Prints a table; RESULTS.md quotes it by hand (section "What 8-bit activations cost alone").
 """
 
 from __future__ import annotations
