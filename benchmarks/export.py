@@ -57,7 +57,7 @@ def self_sensitivity(ckpt: Path) -> int:
 
     from compress.data.text import builtin
     from compress.data.tokens import windows
-    from compress.export.onnx_export import activations_int8, exact_reference
+    from compress.export.onnx_export import exact_reference, int8_activations
     from compress.formats.stored import read
     from compress.models.load import load
     from compress.models.source import resolve
@@ -65,7 +65,7 @@ def self_sensitivity(ckpt: Path) -> int:
     from compress.runtime.torch_decoder import TorchDecoder
 
     loaded = load(resolve(str(ckpt)), dtype="float32", quantized=True)
-    exact_reference(loaded, read(loaded.checkpoint), activations_int8(loaded.checkpoint))
+    exact_reference(loaded, read(loaded.checkpoint), int8_activations(loaded.checkpoint))
     ids = windows(loaded.tokenizer, builtin("evaluation").texts, 64, 64)[:1].numpy()  # the export check's prompt
     clean = generate(TorchDecoder(loaded.model, ""), ids, 16)[0]
     emb = loaded.model.get_input_embeddings().weight

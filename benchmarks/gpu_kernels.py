@@ -54,9 +54,10 @@ SCHEMES = {  # weight grid, activations
     "w4a16": (Grid(4, "int", True, 128), None),
     "fp8": (Grid(8, "float", True, None), "fp8"),
     "w8a8": (Grid(8, "int", True, None), "int8"),
+    "w8a8-asym": (Grid(8, "int", True, None), "int8-asym"),  # a zero point per token: one more int32 product a row
     "2:4": (None, None),  # bf16 weights, 2:4 sparse
 }
-TARGETS = {"w4a16": "decode >= 2.5x", "fp8": "decode >= 1.5x, prefill >= 1.3x", "w8a8": "", "2:4": ""}
+TARGETS = {"w4a16": "decode >= 2.5x", "fp8": "decode >= 1.5x, prefill >= 1.3x", "w8a8": "", "w8a8-asym": "", "2:4": ""}
 
 
 def build(config, device: str) -> torch.nn.Module:
@@ -87,7 +88,7 @@ def to_kernels(model: torch.nn.Module, grid: Grid | None, act: str | None) -> st
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", default="w4a16,fp8,w8a8,2:4")
+    ap.add_argument("--schemes", default="w4a16,fp8,w8a8,w8a8-asym,2:4")
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)

@@ -45,6 +45,7 @@ JOBS = {
     "w4a16 g64 asymmetric": ("smollm2", ["quantize", "--scheme", "w4a16", "--group-size", "64", "--no-symmetric"]),
     "w8a16": ("smollm2", ["quantize", "--scheme", "w8a16"]),
     "w8a8 (int8 acts)": ("smollm2", ["quantize", "--scheme", "w8a8"]),
+    "w8a8-asym (int8 acts, a zero point per token)": ("smollm2", ["quantize", "--scheme", "w8a8-asym"]),
     "fp8": ("smollm2", ["quantize", "--scheme", "fp8"]),
     "sparsegpt 50% (dense)": ("smollm2", ["prune", "--method", "sparsegpt", "--sparsity", "0.5"]),
     "2:4 sparsegpt (dense)": ("smollm2", ["prune", "--method", "sparsegpt", "--pattern", "2:4"]),

@@ -107,6 +107,7 @@ def describe_onnx(path: Path) -> str:
             node = next(n for n in graph.node if n.op_type == "MatMulNBits")
             a = {x.name: x.i for x in node.attribute}
             acts = ", inputs rounded to int8 per token" if e.get("act_int8") else ""
+            acts += " with a zero point" if e.get("act_zero_point") else ""
             level = a.get("accuracy_level", 0)
             return f"{kernel}, MatMulNBits {a['bits']}-bit blocks of {a['block_size']}, accuracy_level {level}{acts}"
     return f"{kernel}, float32 MatMul"

@@ -47,6 +47,7 @@ class Options:
     accuracy_level: int | None = None  # MatMulNBits: 0/1 float32 math (exact), 4 int8 activations; None: see `resolved`
     lm_head_bits: int | None = None  # quantize the output layer (round to nearest) to 4 or 8 bits
     act_int8: bool = False  # the checkpoint quantizes inputs of its quantized linears to int8 per token (w8a8)
+    act_zero_point: bool = False  # ... with a zero point per token (w8a8-asym)
     embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
     head_accuracy_level: int | None = None  # the quantized output layer's MatMulNBits level (None: accuracy_level)
     eight_bit_level: int | None = None  # 8-bit linears' level among other widths (None: accuracy_level)
@@ -118,9 +119,11 @@ def _fused(parts: list[Linear]) -> Linear | None:
     return None
 
 
-def per_token_int8(g: Graph, x: str) -> str:
+def per_token_int8(g: Graph, x: str, zero_point: bool = False) -> str:
     """x rounded to int8 per token (last axis) and back, as compressed-tensors' dynamic
     symmetric per-token activations: s = absmax / 127.5, q = clamp(round(x / s), -128, 127)."""
+    if zero_point:
+        return _per_token_int8_zp(g, x)
     absmax = g.op("ReduceMax", [g.op("Abs", [x]), g.const("last_axis", np.array([-1], dtype=np.int64))], keepdims=1)
     scale = g.op(
         "Max",
@@ -140,9 +143,30 @@ def per_token_int8(g: Graph, x: str) -> str:
     return g.op("Mul", [q, scale])
 
 
+def _per_token_int8_zp(g: Graph, x: str) -> str:
+    """The asymmetric form (w8a8-asym): over [lo, hi] = [min(x, 0), max(x, 0)] per token, s = (hi - lo) / 255,
+    z = round(clamp(-128 - lo / s, -128, 127)), q = clamp(round(x / s) + z, -128, 127), x ~ (q - z) * s."""
+    axis = g.const("last_axis", np.array([-1], dtype=np.int64))
+    zero = g.const("zero_f", np.array(0.0, dtype=np.float32))
+    lo = g.op("Min", [g.op("ReduceMin", [x, axis], keepdims=1), zero])
+    hi = g.op("Max", [g.op("ReduceMax", [x, axis], keepdims=1), zero])
+    scale = g.op(
+        "Max",
+        [
+            g.op("Div", [g.op("Sub", [hi, lo]), g.const("uint8_range", np.array(255.0, dtype=np.float32))]),
+            g.const("tiny_scale", np.array(np.finfo(np.float32).tiny, dtype=np.float32)),
+        ],
+    )
+    qmin = g.const("int8_min", np.array(-128.0, dtype=np.float32))
+    qmax = g.const("int8_max", np.array(127.0, dtype=np.float32))
+    zp = g.op("Round", [g.op("Clip", [g.op("Sub", [qmin, g.op("Div", [lo, scale])]), qmin, qmax])])
+    q = g.op("Clip", [g.op("Add", [g.op("Round", [g.op("Div", [x, scale])]), zp]), qmin, qmax])
+    return g.op("Mul", [g.op("Sub", [q, zp]), scale])
+
+
 def _apply(g: Graph, x: str, name: str, lin: Linear, opts: Options) -> str:
     if opts.act_int8 and lin.quantized:
-        x = per_token_int8(g, x)
+        x = per_token_int8(g, x, opts.act_zero_point)
     if lin.nbits is not None:
         eight = lin.nbits.bits == 8 and opts.eight_bit_level is not None
         return matmul_nbits(g, x, name, lin.nbits, opts.eight_bit_level if eight else opts.accuracy_level, lin.bias)

@@ -76,26 +76,29 @@ class Exported:
     head_accuracy_level: int | None = None  # the quantized output layer's own MatMulNBits level, when it differs
     quality: list[Quality] = dataclasses.field(default_factory=list)  # decoders: held-out pages, licenses
     eight_bit_level: int | None = None  # mixed precision: the 8-bit linears' own level, when it differs
+    act_zero_point: bool = False  # act_int8 with a zero point per token (w8a8-asym)
 
 
-def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act_int8: bool = False) -> None:
+def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act: str | None = None) -> None:
     """Put the stored grids' values, de-quantized in float32, into the loaded model: the
     PyTorch side of every check then runs on exactly the weights the export carries (and,
     for w8a8, on inputs rounded to int8 per token, as the checkpoint's scheme says)."""
     for name, w in stored.items():
         module = loaded.model.get_submodule(name)
         module.weight.data = w.dequantized()
-        if act_int8:
-            module.register_forward_pre_hook(lambda _m, args: (_tokens_int8(args[0]), *args[1:]))
+        if act is not None:
+            module.register_forward_pre_hook(lambda _m, args: (_tokens(args[0], act), *args[1:]))
 
 
-def _tokens_int8(x: torch.Tensor) -> torch.Tensor:
-    return fake_quantize_tokens(x.reshape(-1, x.shape[-1]).float(), "int8").reshape(x.shape).to(x.dtype)
+def _tokens(x: torch.Tensor, act: str) -> torch.Tensor:
+    return fake_quantize_tokens(x.reshape(-1, x.shape[-1]).float(), act).reshape(x.shape).to(x.dtype)
 
 
-def activations_int8(ckpt: Path) -> bool:
-    """The checkpoint quantizes its quantized linears' inputs to int8 per token (w8a8)."""
-    return stored_mod.activation_kind(stored_mod.quantization_config(ckpt)) == "int8"
+def int8_activations(ckpt: Path) -> str | None:
+    """How the checkpoint rounds its quantized linears' inputs per token when it rounds them to int8: "int8"
+    (w8a8), "int8-asym" (w8a8-asym, a zero point per token); None otherwise."""
+    act = stored_mod.activation_kind(stored_mod.quantization_config(ckpt))
+    return act if act in ("int8", "int8-asym") else None
 
 
 def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options, head=None, table=None) -> onnx.ModelProto:
@@ -116,8 +119,9 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     if loaded.task == "causal-lm":
         onnx_decoder.check_supported(loaded.model.config)  # before its stored layers are looked up by name
     stored = stored_mod.read(loaded.checkpoint)
-    opts = dataclasses.replace(opts, act_int8=activations_int8(loaded.checkpoint))
-    exact_reference(loaded, stored, opts.act_int8)
+    act = int8_activations(loaded.checkpoint)
+    opts = dataclasses.replace(opts, act_int8=act is not None, act_zero_point=act == "int8-asym")
+    exact_reference(loaded, stored, act)
     tied = loaded.task == "causal-lm" and widths.tied(loaded.model)
     if loaded.task == "causal-lm":
         opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), tied)
@@ -190,8 +194,9 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         )
     if opts.act_int8:
         notes.append(
-            "w8a8: each quantized linear's input is rounded to int8 per token in the graph, as the checkpoint's scheme "
-            "does"
+            "w8a8: each quantized linear's input is rounded to int8 per token in the graph"
+            + (" (with a zero point)" if opts.act_zero_point else "")
+            + ", as the checkpoint's scheme does"
         )
     if opts.accuracy_level == 4 and nbits:
         notes.append(
@@ -232,6 +237,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     exp = Exported(
         dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes,
         opts.embed_bits, opts.head_accuracy_level, eight_bit_level=opts.eight_bit_level,
+        act_zero_point=opts.act_zero_point,
     )  # fmt: skip
     _verify(exp)
     if loaded.task == "causal-lm":

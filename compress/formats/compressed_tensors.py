@@ -25,12 +25,12 @@ from safetensors import safe_open
 from compress.errors import UsageError
 from compress.formats import stored
 from compress.models.arch import TARGETS
-from compress.primitives.qparams import Grid, GridParams, QuantizedWeight, dequantize
+from compress.primitives.qparams import Grid, GridParams, QuantizedWeight, activation_grid, dequantize
 
 
 def ct_scheme(grid: Grid, act: str | None, targets: list[str]) -> QuantizationScheme:
     """compressed-tensors' description of a weight grid and of dynamic per-token activations
-    (act: None, "int8" or "fp8")."""
+    (act: None or one of qparams.ACTIVATIONS)."""
     weights = QuantizationArgs(
         num_bits=grid.bits,
         type=grid.kind,
@@ -40,9 +40,8 @@ def ct_scheme(grid: Grid, act: str | None, targets: list[str]) -> QuantizationSc
     )
     acts = None
     if act:
-        acts = QuantizationArgs(
-            num_bits=8, type="float" if act == "fp8" else "int", strategy="token", symmetric=True, dynamic=True
-        )
+        g = activation_grid(act)
+        acts = QuantizationArgs(num_bits=8, type=g.kind, strategy="token", symmetric=g.symmetric, dynamic=True)
     return QuantizationScheme(targets=targets, weights=weights, input_activations=acts)
 
 

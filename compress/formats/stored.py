@@ -59,7 +59,9 @@ def activation_kind(quantization_config: dict | None) -> str | None:
     for group in (quantization_config or {}).get("config_groups", {}).values():
         a = group.get("input_activations")
         if a and a.get("strategy") == "token":
-            return "fp8" if a.get("type") == "float" else "int8"
+            if a.get("type") == "float":
+                return "fp8"
+            return "int8" if a.get("symmetric", True) else "int8-asym"
     return None
 
 

@@ -169,7 +169,7 @@ def check_loadable(symmetric: bool, act: str | None) -> None:
             "mixture of experts: transformers cannot load experts with zero points (its expert loader drops them); "
             "quantize symmetric (drop --no-symmetric)"
         )
-    if act == "int8":
+    if act in ("int8", "int8-asym"):
         raise UsageError(
             "mixture of experts: transformers cannot load int8 experts stored for int8 activations (w8a8); "
             "use w8a16 or fp8"

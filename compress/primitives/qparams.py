@@ -247,9 +247,26 @@ def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return dequantize(quantize(w, scale, zp, grid), scale, zp)
 
 
+ACTIVATIONS = ("int8", "int8-asym", "fp8")  # dynamic per token; int8-asym: with a zero point per token
+
+
+def activation_grid(act: str) -> Grid:
+    """The per-token grid of an activation kind (one of ACTIVATIONS)."""
+    return Grid(8, "float" if act == "fp8" else "int", act != "int8-asym", None)
+
+
 def fake_quantize_tokens(x: torch.Tensor, act: str | None) -> torch.Tensor:
-    """Dynamic per-token activation quantization ("int8" or "fp8"), as compressed-tensors
-    applies it at run time: each row of x [T, K] on its own symmetric grid."""
+    """Dynamic per-token activation quantization (one of ACTIVATIONS), as compressed-tensors
+    applies it at run time: each row of x [T, K] on its own grid."""
     if act is None:
         return x
-    return fake_quantize(x, Grid(8, "float" if act == "fp8" else "int", True, None))
+    if act == "int8":  # compressed-tensors' symmetric rule, not the weights' (extreme on -128): absmax / 127.5
+        s = (x.abs().amax(-1, keepdim=True).float() / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
+        return (x / s).round().clamp(-128, 127) * s
+    if act == "int8-asym":  # [min(x, 0), max(x, 0)] onto [-128, 127]: compute_qparams's values, without its ratios
+        lo, hi = x.amin(-1, keepdim=True).float().clamp(max=0), x.amax(-1, keepdim=True).float().clamp(min=0)
+        s = (hi - lo) / 255
+        s = torch.where(s == 0, torch.finfo(torch.float32).eps, s)
+        z = (-128 - lo / s).clamp(-128, 127).round()
+        return ((x / s).round() + z).clamp(-128, 127).sub(z) * s
+    return fake_quantize(x, activation_grid(act))

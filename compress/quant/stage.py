@@ -76,9 +76,10 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
         "activations": f"dynamic per-token {scheme.act}" if scheme.act else "16-bit",
     }
     text, errors, warnings = None, [], []
-    if note := arch.unreached_note(model):
-        warnings.append(note)
-        console.print(f"[yellow]warning:[/] {note}")
+    for note in (arch.unreached_note(model), schemes.RUNTIME_NOTES.get(scheme.name)):
+        if note:
+            warnings.append(note)
+            console.print(f"[yellow]warning:[/] {note}")
     batches, allocation = None, None
     settings.update(method.settings())
     if method.calibrated or stage.target_bits is not None:

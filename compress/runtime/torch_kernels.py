@@ -2,7 +2,7 @@
 
     w4a16 -> torch's int4 weight-only kernel (_weight_int4pack_mm, groups of 32..256)
     fp8   -> torch._scaled_mm, e4m3 activations and weights, per-token x per-channel scales
-    w8a8  -> torch._int_mm, int8 activations per token x int8 weights per channel
+    w8a8  -> torch._int_mm, int8 activations per token (w8a8-asym: with a zero point) x int8 weights per channel
     2:4 sparse (unquantized) -> torch's semi-structured sparse matmul (cuSPARSELt or CUTLASS)
 Anything else stays a de-quantized (or dense) matmul, with a one-line warning saying why. The same
 modules run on CPU where torch has the op (the tests compare each with the de-quantized
@@ -100,6 +100,30 @@ class Int8Linear(torch.nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
+class Int8ZeroPointLinear(Int8Linear):
+    """torch._int_mm with a zero point per token (compressed-tensors' asymmetric dynamic activations):
+    x ~ (xq - z) * s over [min(x, 0), max(x, 0)], so x @ W^T ~ s * (xq @ W^T - z * sum_k W[:, k])."""
+
+    def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(w, bias, device, dtype)
+        self.register_buffer("weight_sum", w.q.to(device).sum(1, dtype=torch.int32).reshape(1, -1))  # [1, N]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        m = flat.shape[0]
+        lo, hi = flat.amin(-1, keepdim=True).clamp(max=0), flat.amax(-1, keepdim=True).clamp(min=0)
+        scale_x = ((hi - lo) / 255).clamp_min(torch.finfo(torch.float32).tiny)
+        zp = (-128 - lo / scale_x).clamp(-128, 127).round()
+        xq = ((flat / scale_x).round() + zp).clamp(-128, 127).to(torch.int8)
+        if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
+        acc = torch._int_mm(xq, self.weight_t)[:m] - zp.to(torch.int32) * self.weight_sum  # exact in int32
+        y = acc.float() * scale_x * self.scale_w
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
 @functools.cache
 def int_mm_exact(device_type: str) -> bool:
     """Whether torch._int_mm sums exactly on this device. On x86 CPUs without VNNI, oneDNN multiplies
@@ -122,9 +146,11 @@ def kernel_for(
     """The kernel module for a stored grid on a device, or None and the reason there is none."""
     if w.kind == "float" and act == "fp8" and w.group_size is None:
         return Fp8Linear, "torch._scaled_mm (fp8)"
-    if w.kind == "int" and w.bits == 8 and act == "int8" and w.group_size is None and w.symmetric:
+    if w.kind == "int" and w.bits == 8 and act in ("int8", "int8-asym") and w.group_size is None and w.symmetric:
         if not int_mm_exact(device.type):
             return None, "torch._int_mm saturates on this CPU (no VNNI int8 instructions); de-quantized matmul"
+        if act == "int8-asym":
+            return Int8ZeroPointLinear, "torch._int_mm (int8, a zero point per token)"
         return Int8Linear, "torch._int_mm (int8)"
     if w.kind == "int" and w.bits == 4 and act is None and w.group_size in INT4_GROUPS:
         if w.q.shape[0] % 16:

@@ -34,12 +34,15 @@ def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("scheme", [None, "w4a16", "w8a16", "w8a8"])
+@pytest.mark.parametrize("scheme", [None, "w4a16", "w8a16", "w8a8", "w8a8-asym"])
 def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
     loaded, exp = export(quantized(arch, scheme), tmp_path / "onnx", accuracy_level=0)
     c = exp.check
-    assert exp.act_int8 == (scheme == "w8a8")
-    if scheme == "w8a8":  # inputs rounded to int8 per token on both sides: a rounding boundary may flip
+    assert exp.act_int8 == (scheme in ("w8a8", "w8a8-asym"))
+    assert exp.act_zero_point == (scheme == "w8a8-asym")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.node}
+    assert ("ReduceMin" in ops) == exp.act_zero_point  # each token's minimum sets its zero point
+    if exp.act_int8:  # inputs rounded to int8 per token on both sides: a rounding boundary may flip
         assert c.top1_agreement >= 0.95 and c.max_abs_logit_diff < 0.05 * max(1.0, c.logit_scale)
     else:
         assert c.top1_agreement == 1.0 and c.greedy_equal == c.greedy_of == 16
@@ -53,7 +56,7 @@ def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
     assert [q["text"] for q in info["quality"]] == ["built-in", "licenses"]
     for q in info["quality"]:
         assert q["tokens"] == 2 * 511 and q["kl_mean"] >= 0
-        if scheme != "w8a8":  # exact kernels: the same distributions
+        if not exp.act_int8:  # exact kernels: the same distributions
             assert abs(q["perplexity"] / q["perplexity_pytorch"] - 1) < 1e-4 and q["kl_mean"] < 1e-5
     # the standard decoder interface
     sess = ort.session(tmp_path / "onnx" / "model.onnx", 1)

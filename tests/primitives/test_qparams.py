@@ -3,7 +3,17 @@ import torch
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
-from compress.primitives.qparams import NF4, Grid, compute_qparams, dequantize, quantize, search_range, sqnr_db
+from compress.primitives.qparams import (
+    ACTIVATIONS,
+    NF4,
+    Grid,
+    compute_qparams,
+    dequantize,
+    fake_quantize_tokens,
+    quantize,
+    search_range,
+    sqnr_db,
+)
 
 GRIDS = {
     "int4-g64-sym": Grid(4, "int", True, 64),
@@ -153,3 +163,30 @@ def test_nf4_rounds_to_the_nearest_code_and_searched_ranges_fit_better(weight):
         for s, z in ((scale, zp), (s2, z2))
     ]
     assert err[1] < err[0]
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_token_rounding_is_compressed_tensors_forward(act):
+    """What the calibration and the exports simulate is, value for value, what a reloaded checkpoint runs: an
+    identity linear under compressed-tensors' dynamic per-token activations returns its rounded input."""
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    from compress.formats.compressed_tensors import ct_scheme
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False))
+    lin[0].weight.data = torch.eye(64)
+    scheme = ct_scheme(Grid(8, "int", True, None), act, ["Linear"])
+    scheme.weights = None
+    cfg = QuantizationConfig(config_groups={"g": scheme}, quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(lin, cfg)
+    x = torch.randn(3, 7, 64) * torch.linspace(0.1, 5, 64) + 0.7  # [B, T, K]; uneven channels, off-centre
+    with torch.no_grad():
+        want = lin(x)
+    got = fake_quantize_tokens(x.reshape(-1, 64), act).reshape(x.shape)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, x)

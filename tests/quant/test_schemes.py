@@ -1,6 +1,7 @@
 import pytest
 
 from compress.formats.compressed_tensors import ct_scheme
+from compress.formats.stored import activation_kind
 from compress.quant.schemes import SchemeError, bits_per_weight, fitting_groups, resolve
 from compress.recipe import QuantizeStage
 
@@ -31,12 +32,16 @@ def test_channel_and_explicit_group():
     assert res(scheme="w8a16").weight.group_size is None
 
 
-@pytest.mark.parametrize("scheme,act,kind", [("w8a8", "int8", "int"), ("fp8", "fp8", "float")])
+@pytest.mark.parametrize(
+    "scheme,act,kind", [("w8a8", "int8", "int"), ("w8a8-asym", "int8-asym", "int"), ("fp8", "fp8", "float")]
+)
 def test_activation_schemes(scheme, act, kind):
     s = res(scheme=scheme)
-    assert s.act == act and s.weight.kind == kind and s.weight.group_size is None
+    assert s.act == act and s.weight.kind == kind and s.weight.group_size is None and s.weight.symmetric
     ct = ct_scheme(s.weight, s.act, ["Linear"])
     assert ct.input_activations.dynamic is True and ct.input_activations.strategy == "token"
+    assert ct.input_activations.symmetric == (scheme != "w8a8-asym")  # vLLM reads both (a zero point per token)
+    assert activation_kind({"config_groups": {"g": ct.model_dump()}}) == act
 
 
 def test_rejected_combinations():
@@ -44,6 +49,9 @@ def test_rejected_combinations():
         res(scheme="w8a8", group_size=64)
     with pytest.raises(SchemeError, match="symmetric"):
         res(scheme="fp8", symmetric=False)
+    for scheme in ("w8a8", "w8a8-asym"):  # vLLM's W8A8 reads symmetric weights only
+        with pytest.raises(SchemeError, match="w8a8-asym puts a zero point on each token"):
+            res(scheme=scheme, symmetric=False)
     with pytest.raises(ValueError, match="power of two"):
         QuantizeStage(scheme="w4a16", group_size=100)
 

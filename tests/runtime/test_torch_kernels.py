@@ -10,6 +10,7 @@ import torch
 
 from compress.formats.stored import StoredLinear
 from compress.primitives.masks import keep_n_of_m
+from compress.primitives.qparams import fake_quantize_tokens
 from compress.runtime import torch_kernels as tk
 
 CUDA_REASON = "no CUDA device: the CUDA kernels (tiled int4 packing, cuBLAS fp8/int8) are not exercised"
@@ -48,15 +49,17 @@ def test_int4_weight_only(device, shape, group):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 7, 33])
-def test_int8_matmul(device, m):
+@pytest.mark.parametrize("act,cls", [("int8", tk.Int8Linear), ("int8-asym", tk.Int8ZeroPointLinear)])
+def test_int8_matmul(device, m, act, cls):
+    """Inputs rounded per token as compressed-tensors does (test_qparams checks that rule against its forward)."""
     if not tk.int_mm_exact(device):
         pytest.skip("torch._int_mm saturates on this CPU (no VNNI): compress uses no int8 kernel here")
     w = stored(64, 256, 8)
-    lin = tk.Int8Linear(w, None, torch.device(device), torch.float32)
-    x = torch.randn(m, 256, device=device)
-    xq = fake_quant_tokens(x, 127.5, lambda v: v.round().clamp(-128, 127))
-    want = xq @ w.dequantized().to(device).t()
+    lin = cls(w, torch.randn(64), torch.device(device), torch.float32)
+    x = torch.randn(m, 256, device=device) * 2 + 1.5  # off-centre: a zero point has something to do
+    want = fake_quantize_tokens(x, act) @ w.dequantized().to(device).t() + lin.bias
     torch.testing.assert_close(lin(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert tk.kernel_for(w, act, torch.device(device))[0] is cls
 
 
 @pytest.mark.parametrize("device", DEVICES)
