@@ -58,9 +58,9 @@ SCHEMES: dict[str, Kind] = {
 # What a user should know about where a scheme runs, printed and kept in the report's warnings.
 RUNTIME_NOTES = {
     "w8a8-asym": (
-        "w8a8-asym: vLLM 0.32's CPU build loads it and generates garbage (its oneDNN zero-point path; "
-        "benchmarks/RESULTS.md, vLLM section); transformers, compressed-tensors and compress export run it as "
-        "calibrated; for vLLM on CPU use w8a8"
+        "w8a8-asym: vLLM 0.32's CPU build loaded it and generated garbage on the AMD EPYC it was checked on (its "
+        "oneDNN zero-point path; benchmarks/RESULTS.md, vLLM section); transformers, compressed-tensors and compress "
+        "export run it as calibrated; for vLLM on CPU use w8a8"
     ),
 }
 CANDIDATE_GROUPS = (256, 128, 64, 32, 16)
