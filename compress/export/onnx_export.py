@@ -21,7 +21,7 @@ from compress.export.onnx_graph import NBITS, dequantize_nbits, nbits_block_of
 from compress.formats import stored as stored_mod
 from compress.models.load import Loaded
 from compress.primitives.kl import kl_top1
-from compress.primitives.qparams import fake_quantize_tokens
+from compress.primitives.qparams import INT8_ACTIVATIONS, fake_quantize_tokens
 from compress.runtime import ort
 from compress.runtime.loop import generate
 
@@ -98,7 +98,7 @@ def int8_activations(ckpt: Path) -> str | None:
     """How the checkpoint rounds its quantized linears' inputs per token when it rounds them to int8: "int8"
     (w8a8), "int8-asym" (w8a8-asym, a zero point per token); None otherwise."""
     act = stored_mod.activation_kind(stored_mod.quantization_config(ckpt))
-    return act if act in ("int8", "int8-asym") else None
+    return act if act in INT8_ACTIVATIONS else None
 
 
 def build(loaded: Loaded, stored: dict, opts: onnx_decoder.Options, head=None, table=None) -> onnx.ModelProto:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
+from compress.primitives.qparams import INT8_ACTIVATIONS
 
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # a config's expert count, by family
 _SOURCE = re.compile(r"experts\.\*\.(\w+)\.weight$")
@@ -169,7 +170,7 @@ def check_loadable(symmetric: bool, act: str | None) -> None:
             "mixture of experts: transformers cannot load experts with zero points (its expert loader drops them); "
             "quantize symmetric (drop --no-symmetric)"
         )
-    if act in ("int8", "int8-asym"):
+    if act in INT8_ACTIVATIONS:
         raise UsageError(
             "mixture of experts: transformers cannot load int8 experts stored for int8 activations (w8a8); "
             "use w8a16 or fp8"

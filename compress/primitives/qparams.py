@@ -248,6 +248,7 @@ def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 ACTIVATIONS = ("int8", "int8-asym", "fp8")  # dynamic per token; int8-asym: with a zero point per token
+INT8_ACTIVATIONS = ("int8", "int8-asym")
 
 
 def activation_grid(act: str) -> Grid:
@@ -255,18 +256,26 @@ def activation_grid(act: str) -> Grid:
     return Grid(8, "float" if act == "fp8" else "int", act != "int8-asym", None)
 
 
+def int8_tokens(x: torch.Tensor, zero_point: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, K] float32 -> integers q (as floats, in [-128, 127]), scale and zero point [T, 1] with x ~ (q - z) * s:
+    compressed-tensors' dynamic per-token rule. Symmetric: s = absmax / 127.5, not the weights' grid (extreme on
+    -128), z = 0. Zero point: [min(x, 0), max(x, 0)] onto [-128, 127]."""
+    tiny = torch.finfo(torch.float32).tiny
+    if not zero_point:
+        s = (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(tiny)
+        return (x / s).round().clamp(-128, 127), s, torch.zeros_like(s)
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255).clamp_min(tiny)
+    z = (-128 - lo / s).clamp(-128, 127).round()
+    return ((x / s).round() + z).clamp(-128, 127), s, z
+
+
 def fake_quantize_tokens(x: torch.Tensor, act: str | None) -> torch.Tensor:
     """Dynamic per-token activation quantization (one of ACTIVATIONS), as compressed-tensors
     applies it at run time: each row of x [T, K] on its own grid."""
     if act is None:
         return x
-    if act == "int8":  # compressed-tensors' symmetric rule, not the weights' (extreme on -128): absmax / 127.5
-        s = (x.abs().amax(-1, keepdim=True).float() / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
-        return (x / s).round().clamp(-128, 127) * s
-    if act == "int8-asym":  # [min(x, 0), max(x, 0)] onto [-128, 127]: compute_qparams's values, without its ratios
-        lo, hi = x.amin(-1, keepdim=True).float().clamp(max=0), x.amax(-1, keepdim=True).float().clamp(min=0)
-        s = (hi - lo) / 255
-        s = torch.where(s == 0, torch.finfo(torch.float32).eps, s)
-        z = (-128 - lo / s).clamp(-128, 127).round()
-        return ((x / s).round() + z).clamp(-128, 127).sub(z) * s
+    if act in INT8_ACTIVATIONS:
+        q, s, z = int8_tokens(x.float(), act == "int8-asym")
+        return (q - z) * s
     return fake_quantize(x, activation_grid(act))

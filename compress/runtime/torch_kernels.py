@@ -19,6 +19,7 @@ import torch
 
 from compress.formats.stored import StoredLinear
 from compress.primitives.masks import n_of_m_holds
+from compress.primitives.qparams import INT8_ACTIVATIONS, int8_tokens
 
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 INT4_GROUPS = (32, 64, 128, 256)
@@ -90,8 +91,8 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         m = flat.shape[0]
-        scale_x = (flat.abs().amax(-1, keepdim=True) / 127.5).clamp_min(torch.finfo(torch.float32).tiny)
-        xq = (flat / scale_x).round().clamp(-128, 127).to(torch.int8)
+        q, scale_x, _ = int8_tokens(flat, zero_point=False)
+        xq = q.to(torch.int8)
         if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
         y = torch._int_mm(xq, self.weight_t)[:m].float() * scale_x * self.scale_w
@@ -111,10 +112,8 @@ class Int8ZeroPointLinear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         m = flat.shape[0]
-        lo, hi = flat.amin(-1, keepdim=True).clamp(max=0), flat.amax(-1, keepdim=True).clamp(min=0)
-        scale_x = ((hi - lo) / 255).clamp_min(torch.finfo(torch.float32).tiny)
-        zp = (-128 - lo / scale_x).clamp(-128, 127).round()
-        xq = ((flat / scale_x).round() + zp).clamp(-128, 127).to(torch.int8)
+        q, scale_x, zp = int8_tokens(flat, zero_point=True)
+        xq = q.to(torch.int8)
         if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
         acc = torch._int_mm(xq, self.weight_t)[:m] - zp.to(torch.int32) * self.weight_sum  # exact in int32
@@ -146,7 +145,7 @@ def kernel_for(
     """The kernel module for a stored grid on a device, or None and the reason there is none."""
     if w.kind == "float" and act == "fp8" and w.group_size is None:
         return Fp8Linear, "torch._scaled_mm (fp8)"
-    if w.kind == "int" and w.bits == 8 and act in ("int8", "int8-asym") and w.group_size is None and w.symmetric:
+    if w.kind == "int" and w.bits == 8 and act in INT8_ACTIVATIONS and w.group_size is None and w.symmetric:
         if not int_mm_exact(device.type):
             return None, "torch._int_mm saturates on this CPU (no VNNI int8 instructions); de-quantized matmul"
         if act == "int8-asym":
