@@ -79,6 +79,14 @@ class LayerInputs:
     float_inputs: list[torch.Tensor] | None = None
 
 
+def load_cuda_linalg(device: torch.device) -> None:
+    """torch loads its CUDA linear algebra (libtorch_cuda_linalg) on the first Cholesky, and two threads making
+    that first call at once fail ("lazy wrapper should be called at most once": GPTQ and SparseGPT on an H200,
+    torch 2.11): make it here, on the calling thread, before the pool's threads do."""
+    if device.type == "cuda":
+        torch.linalg.cholesky_ex(torch.ones(1, 1, device=device))
+
+
 @torch.no_grad()
 def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
     """Run the model up to its first layer for every batch and keep that layer's inputs."""
@@ -395,6 +403,7 @@ def calibrate_linears(
         if threads == 1:
             results = [one(names) for names in groups]
         else:
+            load_cuda_linalg(device)
             with ThreadPoolExecutor(threads) as pool:
                 results = list(pool.map(one, groups))
         pending[i] = {own + n: r for names, rs in zip(groups, results) for n, r in zip(names, rs)}

