@@ -37,6 +37,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log under a header, 
     echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
 }
 cli=("$PY" -m compress)
+drop10=("${cli[@]}" prune "$SMOLLM2" -o "$WORK/drop" --method structured --drop-layers 10 --device "$DEVICE" \
+    --no-eval --overwrite)  # the student `distill` heals (real, heal)
 
 for part in $parts; do
     case $part in
@@ -65,15 +67,13 @@ torch.cuda.get_device_name(), transformers.__version__, ct.__version__)"
         step w8a8-asym-sq-gptq 150 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/w8" --scheme w8a8-asym \
             --method smoothquant+gptq "${q[@]}"
         step sparsegpt-2of4 150 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/s24" --method sparsegpt --pattern 2:4 "${q[@]}"
-        step drop10 120 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/drop" --method structured --drop-layers 10 \
-            --device "$DEVICE" --no-eval --overwrite
+        step drop10 120 "${drop10[@]}"
         step distill 240 "${cli[@]}" distill --teacher "$SMOLLM2" --student "$WORK/drop" -o "$WORK/heal" "${q[@]}"
         step bench 150 "${cli[@]}" bench "$WORK/fp8" --baseline "$SMOLLM2" --device "$DEVICE" --prompt-len 512 \
             --new-tokens 64 --json
         ;;
     heal)
-        [ -d "$WORK/drop" ] || step drop10 120 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/drop" --method structured \
-            --drop-layers 10 --device "$DEVICE" --no-eval --overwrite
+        [ -d "$WORK/drop" ] || step drop10 120 "${drop10[@]}"
         step heal 420 "${cli[@]}" distill --teacher "$SMOLLM2" --student "$WORK/drop" -o "$WORK/heal-long" \
             --steps "${HEAL_STEPS:-1600}" --dataset builtin+generated --samples "${HEAL_GENERATED:-512}" \
             --device "$DEVICE" --eval-also licenses --no-latency --json --overwrite

@@ -403,7 +403,6 @@ def calibrate_linears(
         if threads == 1:
             results = [one(names) for names in groups]
         else:
-            load_cuda_linalg(device)
             with ThreadPoolExecutor(threads) as pool:
                 results = list(pool.map(one, groups))
         pending[i] = {own + n: r for names, rs in zip(groups, results) for n, r in zip(names, rs)}
@@ -416,6 +415,8 @@ def calibrate_linears(
             sink(pending[i])
         del pending[i]
 
+    if threads > 1:
+        load_cuda_linalg(device)
     layer_by_layer(
         model, batches, device, calibrate, progress, on_outputs=finished, store=store, float_stream=float_stream
     )

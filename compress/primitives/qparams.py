@@ -247,8 +247,8 @@ def fake_quantize(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     return dequantize(quantize(w, scale, zp, grid), scale, zp)
 
 
-ACTIVATIONS = ("int8", "int8-asym", "fp8")  # dynamic per token; int8-asym: with a zero point per token
-INT8_ACTIVATIONS = ("int8", "int8-asym")
+INT8_ACTIVATIONS = ("int8", "int8-asym")  # int8-asym: with a zero point per token
+ACTIVATIONS = (*INT8_ACTIVATIONS, "fp8")  # dynamic per token
 
 
 def activation_grid(act: str) -> Grid:

@@ -82,6 +82,8 @@ class Fp8Linear(torch.nn.Module):
 class Int8Linear(torch.nn.Module):
     """torch._int_mm: x rounded to int8 per token (absmax / 127.5), weight int8 per channel."""
 
+    zero_point = False
+
     def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("weight_t", w.q.to(device).t())  # [K, N] int8, column-major
@@ -91,11 +93,14 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         m = flat.shape[0]
-        q, scale_x, _ = int8_tokens(flat, zero_point=False)
+        q, scale_x, zp = int8_tokens(flat, self.zero_point)
         xq = q.to(torch.int8)
         if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
-        y = torch._int_mm(xq, self.weight_t)[:m].float() * scale_x * self.scale_w
+        acc = torch._int_mm(xq, self.weight_t)[:m]
+        if self.zero_point:
+            acc = acc - zp.to(torch.int32) * self.weight_sum  # exact in int32
+        y = acc.float() * scale_x * self.scale_w
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -105,22 +110,11 @@ class Int8ZeroPointLinear(Int8Linear):
     """torch._int_mm with a zero point per token (compressed-tensors' asymmetric dynamic activations):
     x ~ (xq - z) * s over [min(x, 0), max(x, 0)], so x @ W^T ~ s * (xq @ W^T - z * sum_k W[:, k])."""
 
+    zero_point = True
+
     def __init__(self, w: StoredLinear, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(w, bias, device, dtype)
         self.register_buffer("weight_sum", w.q.to(device).sum(1, dtype=torch.int32).reshape(1, -1))  # [1, N]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        m = flat.shape[0]
-        q, scale_x, zp = int8_tokens(flat, zero_point=True)
-        xq = q.to(torch.int8)
-        if xq.device.type == "cuda" and m <= 16:  # cuBLAS int8 needs more than 16 rows
-            xq = torch.nn.functional.pad(xq, (0, 0, 0, 32 - m))
-        acc = torch._int_mm(xq, self.weight_t)[:m] - zp.to(torch.int32) * self.weight_sum  # exact in int32
-        y = acc.float() * scale_x * self.scale_w
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 @functools.cache
