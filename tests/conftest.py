@@ -69,7 +69,7 @@ def tiny_config(arch: str, vocab: int):
         cls = {"qwen3": tf.Qwen3Config, "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config}.get(
             arch, tf.Starcoder2Config
         )
-        extra = {"head_dim": 16} if arch.startswith("gemma") else {}
+        extra = {"head_dim": 16} if arch.startswith("gemma") or arch == "qwen3" else {}  # qwen3 defaults to 128
         name = {"qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2", "starcoder2": "Starcoder2"}[arch]
         return cls(vocab_size=vocab, **TINY, **extra, architectures=[f"{name}ForCausalLM"])
     if arch == "gpt_neox":  # its output layer is `embed_out` on disk, `lm_head` in transformers 5

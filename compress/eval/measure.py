@@ -76,7 +76,10 @@ def measure(
         if code != 0:
             log = log_file.read_text(errors="replace") if log_file.exists() else ""
             lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-            raise CompressError(f"measuring {path} failed: {lines[-1] if lines else f'exit {code}'}")
+            last = lines[-1] if lines else f"exit {code}"
+            if last.startswith("compress.errors."):  # our own error, worded for the user: its message alone
+                raise CompressError(last.partition(": ")[2])
+            raise CompressError(f"measuring {path} failed: {last}")
         got = json.loads(out_file.read_text())
         result = Measurement.model_validate(got["measurement"])
         if task != "causal-lm" and base_embeddings is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import CompressError
 from compress.eval import divergence, embedding, latency, memory, perplexity, size, tasks
 from compress.formats import sparse
 from compress.models.arch import max_positions
@@ -68,7 +69,13 @@ def _load(path: Path, req: dict, stack: contextlib.ExitStack) -> tuple[torch.nn.
     config = json.loads((load_from / "config.json").read_text())
     stored = stored_dtype(config)
     dtype = compute_dtype(stored, req["device"], float32_bytes(load_from, config.get("quantization_config")))
-    model = cls.from_pretrained(load_from, trust_remote_code=trust, dtype=dtype).to(req["device"]).eval()
+    model, info = cls.from_pretrained(load_from, trust_remote_code=trust, dtype=dtype, output_loading_info=True)
+    if missing := sorted(info.get("missing_keys") or []):  # transformers started them from random values
+        raise CompressError(
+            f"{path}: plain transformers reloads it with {len(missing)} weights missing ({missing[0]}, ...) and "
+            "starts them from random values: there is nothing meaningful to measure"
+        )
+    model = model.to(req["device"]).eval()
     seconds = time.perf_counter() - start
     return model, AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust), seconds
 

@@ -28,7 +28,7 @@ from compress.formats.stored import StoredLinear, read
 from compress.models.load import Loaded
 
 FILE = "model.gguf"
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.N
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
@@ -36,6 +36,8 @@ LAYER_NAMES = {  # HF name inside a layer -> GGUF name inside blk.N
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",  # qwen3: RMSNorm of each head's queries and keys, before the rotation
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -155,6 +157,8 @@ def export(
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)  # llama.cpp assumes hidden / heads unless told (qwen3: 128 where that is 64)
+    w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(theta)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
@@ -205,6 +209,9 @@ def export(
             full = f"model.layers.{i}.{hf}"
             perm = {"attn_q": heads, "attn_k": kv_heads}.get(name) if arch == "llama" else None
             if name.endswith("norm"):
+                if name.endswith("_q_norm") or name.endswith("_k_norm"):
+                    if not hasattr(model.get_submodule(f"model.layers.{i}.self_attn"), hf.split(".")[-1]):
+                        continue  # only qwen3 has them
                 w.add_tensor(f"blk.{i}.{name}.weight", _weight(model, full))
                 out.tensors += 1
                 continue

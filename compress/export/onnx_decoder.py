@@ -39,7 +39,7 @@ from compress.export.onnx_graph import (
 from compress.export.widths import tied
 from compress.formats.stored import StoredLinear
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -286,6 +286,9 @@ def build(
 
         qkv = [_linear(model, stored, f"{p}.self_attn.{n}_proj") for n in "qkv"]
         q, k, v = _projections(g, h, f"{p}.self_attn.qkv_proj", qkv, opts)
+        if hasattr(model.get_submodule(f"{p}.self_attn"), "q_norm"):  # qwen3: each head's queries and keys
+            q = _per_head_norm(g, q, model, f"{p}.self_attn.q_norm", head_dim, eps)
+            k = _per_head_norm(g, k, model, f"{p}.self_attn.k_norm", head_dim, eps)
         q = g.op("RotaryEmbedding", [q, pos, cos, sin], domain=MS, interleaved=0, num_heads=heads)
         k = g.op("RotaryEmbedding", [k, pos, cos, sin], domain=MS, interleaved=0, num_heads=kv_heads)
         attn, pk, pv = g.op(
@@ -320,6 +323,16 @@ def build(
         ["batch", "seq", vocab],
     )
     return g.model(f"{cfg.model_type}-decoder")
+
+
+def _per_head_norm(g: Graph, x: str, model: torch.nn.Module, name: str, head_dim: int, eps: float) -> str:
+    """RMSNorm over each head's head_dim values: x [B, S, heads * head_dim] -> the same shape."""
+    heads = g.op("Reshape", [x, g.const("per_head_shape", np.array([0, 0, -1, head_dim], dtype=np.int64))])
+    normed = g.op(
+        "SimplifiedLayerNormalization", [heads, g.const(f"{name}.weight", _vec(model, name))], axis=-1, epsilon=eps,
+        stash_type=1,
+    )  # fmt: skip
+    return g.op("Reshape", [normed, g.const("merged_heads_shape", np.array([0, 0, -1], dtype=np.int64))])
 
 
 def quantized_table(weight: torch.Tensor, bits: int, option: str, hessian: torch.Tensor | None = None) -> NBits:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
 from compressed_tensors.utils.match import is_match, match_named_modules
 
 from compress.errors import UsageError
-from compress.models.experts import Experts
+from compress.models.experts import Experts, router_linears
+from compress.primitives.smoothing import fold
 
 TARGETS = ["Linear"]
 
@@ -46,7 +49,8 @@ def quant_targets(
     """Linear layers to quantize (compressed-tensors' own matching) and the ignore list used: the output layer and a
     mixture of experts' routers stay in full precision."""
     check_supported(model)
-    ignore = output_layer_names(model) + list(routers) + list(extra_ignore)
+    routers = list(dict.fromkeys([*routers, *router_linears(model)]))
+    ignore = output_layer_names(model) + routers + list(extra_ignore)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for pattern in extra_ignore:
         if not any(is_match(n, m, pattern) for n, m in linears):
@@ -100,6 +104,7 @@ class Smooth:
     # set by `smooth_maps` under grouped-query attention: (kv heads, query heads per kv head, head dim); each value
     # channel then feeds one input channel of every query head of its group
     repeat: tuple[int, int, int] | None = None
+    offset: float = 0.0  # prev is a norm scaling by (offset + weight): Gemma's 1 + weight
 
     def tie(self, t: torch.Tensor, reduce: str) -> torch.Tensor:
         """[I] per-channel statistics of the linears' inputs -> [I] with the channels one prev channel feeds set to
@@ -177,16 +182,20 @@ def _falcon_maps(config) -> tuple[Smooth, ...]:
 
 def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
     """The mappings of this architecture whose shapes fit. Under grouped-query attention, v_proj -> o_proj carries
-    `repeat`: a value channel feeds that channel of every query head of its group, so their scales are tied."""
+    `repeat`: a value channel feeds that channel of every query head of its group, so their scales are tied. An
+    architecture without an adapter gets the maps proven exact on its own layers (`proven_maps`)."""
     kind = getattr(model.config, "model_type", type(model).__name__)
-    if kind not in SMOOTH_MAPS and kind != "falcon":
-        raise UsageError(
-            f"{kind}: AWQ and SmoothQuant need to know which norms feed which projections, and there is "
-            f"no adapter for it (have: {', '.join(sorted([*SMOOTH_MAPS, 'falcon']))}); use --method gptq or rtn"
-        )
+    if kind == "falcon":
+        return _fitting(model, layer, (*_falcon_maps(model.config), *_expert_maps(layer)))
+    if kind in SMOOTH_MAPS:
+        return _fitting(model, layer, (*SMOOTH_MAPS[kind], *_expert_maps(layer)))
+    return proven_maps(model, layer)
+
+
+def _fitting(model: torch.nn.Module, layer: torch.nn.Module, candidates) -> list[Smooth]:
     maps = []
     names = {n for n, _ in layer.named_modules()}
-    for m in (*(_falcon_maps(model.config) if kind == "falcon" else SMOOTH_MAPS[kind]), *_expert_maps(layer)):
+    for m in candidates:
         if m.prev not in names or not all(n in names for n in m.linears):
             continue  # a dense layer's map in a mixture-of-experts layer, or the other way round
         prev = layer.get_submodule(m.prev)
@@ -197,6 +206,133 @@ def smooth_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
             if all(layer.get_submodule(n).in_features == width * repeat[1] for n in m.linears):
                 maps.append(replace(m, repeat=repeat))
     return maps
+
+
+# An architecture without an adapter: candidate maps are read off one forward of the layer (a norm whose output
+# tensor is the very input of linears) and its names (a value -> output and an up -> down projection pair), and each
+# is kept only if folding random scales into it leaves the layer's outputs unchanged. Tolerance: an exact fold moves
+# float32 outputs by ~1e-6 of their largest; a wrong one (a norm scaling by 1 + weight, an activation that does not
+# commute with scales, a router reading the norm too) by far more than 1e-4.
+PROOF_TOLERANCE = 1e-4
+PROOF_TOKENS = 32  # per sequence, 2 sequences: every expert of a small mixture gets tokens
+_PAIRS = (("v_proj", "o_proj", True), ("up_proj", "down_proj", False), ("fc1", "fc2", False))
+_PROVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer layout: its proven maps}
+
+
+def proven_maps(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
+    """The smoothing maps that hold exactly in this layer, proven once per layer layout of the model."""
+    by_layout = _PROVEN.setdefault(model, {})
+    layout = tuple(
+        (n, type(m).__name__, *(tuple(p.shape) for p in m.parameters(recurse=False))) for n, m in layer.named_modules()
+    )
+    if layout not in by_layout:
+        by_layout[layout] = _prove(model, layer)
+    if not any(by_layout.values()):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise UsageError(
+            f"{kind}: no norm -> projection scale folds exactly in its layers (each candidate tried on the layer "
+            "itself), so AWQ and SmoothQuant have nothing to smooth; use --method gptq or rtn"
+        )
+    return by_layout[layout]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _cpu_float(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cpu_float(v) for v in value)
+    return value
+
+
+def _probe_inputs(model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+    """The first decoder layer's input and keyword arguments (masks, rotary tables) on a few random tokens, float32
+    on the CPU."""
+    box: dict = {}
+
+    def hook(module, args, kwargs):
+        box["hidden"] = args[0] if args else kwargs["hidden_states"]
+        skip = ("hidden_states", "past_key_values", "past_key_value", "use_cache")
+        box["kwargs"] = {k: v for k, v in kwargs.items() if k not in skip}
+        raise _Captured
+
+    embed = model.get_input_embeddings()
+    vocab = embed.weight.shape[0]
+    ids = torch.randint(0, vocab, (2, PROOF_TOKENS), generator=torch.Generator().manual_seed(0))
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(ids.to(embed.weight.device), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return _cpu_float(box["hidden"]), _cpu_float(box["kwargs"])
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (
+        not isinstance(module, torch.nn.Linear)
+        and not any(True for _ in module.children())
+        and isinstance(w, torch.nn.Parameter)
+        and w.dim() == 1
+    )
+
+
+@torch.no_grad()
+def _prove(model: torch.nn.Module, layer: torch.nn.Module) -> list[Smooth]:
+    hidden, kwargs = _probe_inputs(model)
+    block = copy.deepcopy(layer).float().cpu().eval()
+    for m in block.modules():  # the engine's hooks, copied along
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+
+    def run() -> torch.Tensor:
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    inputs, outputs = {}, {}
+    hooks = []
+    for n, m in block.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, a[0])))
+        elif _is_norm(m):
+            hooks.append(m.register_forward_hook(lambda mod, a, out, n=n: outputs.setdefault(n, out)))
+    try:
+        ref = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    fed = {norm: tuple(lin for lin, x in inputs.items() if x is out) for norm, out in outputs.items()}
+    join = lambda parent, child: f"{parent}.{child}" if parent else child  # noqa: E731
+    candidates = [Smooth(norm, lins) for norm, lins in fed.items() if lins]
+    for parent, m in block.named_modules():
+        children = {n for n, _ in m.named_children()}
+        candidates += [
+            Smooth(join(parent, a), (join(parent, b),), values=values)
+            for a, b, values in _PAIRS
+            if a in children and b in children
+        ]
+    proven = []
+    gen = torch.Generator().manual_seed(0)
+    for m in _fitting(model, block, candidates):
+        if not all(n in inputs for n in (*m.linears, m.prev) if isinstance(block.get_submodule(n), torch.nn.Linear)):
+            continue  # an expert no probe token reached: nothing shows the fold holds
+        prev, lins = block.get_submodule(m.prev), [block.get_submodule(n) for n in m.linears]
+        width = prev.out_features if isinstance(prev, torch.nn.Linear) else prev.weight.shape[0]
+        s_prev = torch.rand(width, generator=gen) * 1.5 + 0.5
+        s = s_prev if m.repeat is None else s_prev.reshape(m.repeat[0], 1, -1).expand(*m.repeat).reshape(-1)
+        for offset in (0.0,) if isinstance(prev, torch.nn.Linear) else (0.0, 1.0):
+            fold(prev, lins, s, prev_s=s_prev, offset=offset)
+            err = float((run() - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+            fold(prev, lins, 1 / s, prev_s=1 / s_prev, offset=offset)  # back
+            if err < PROOF_TOLERANCE:
+                proven.append(replace(m, offset=offset))
+                break
+    return proven
 
 
 def _value_groups(config, width: int) -> tuple[int, int, int] | None:

@@ -104,6 +104,16 @@ def checkpoint_names(model: nn.Module) -> Names | None:
     return Names(found["gate_up"][0], found["gate_up"][1], found["down"][0])
 
 
+def in_memory(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Module names as a checkpoint writes them -> as the model holds them, through transformers' renamings
+    (Mixtral's and PhiMoE's `block_sparse_moe` is `mlp` in transformers 5)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [c for c in get_model_conversion_mapping(model, add_legacy=False) if isinstance(c, WeightRenaming)]
+    return {n: apply_renamings(f"{n}.weight", renamings).removesuffix(".weight") for n in names}
+
+
 def expert_count(config) -> tuple[str, int] | None:
     """The key holding a config's expert count and the count (a config object or config.json's dict); None when it
     states none."""
@@ -141,10 +151,14 @@ def unfuse(model: nn.Module) -> list[str]:
     fused = fused_modules(model)
     if not fused:
         return []
+    # the block's own linears outside the experts (its router, Qwen2-MoE's shared_expert_gate) weigh or pick experts
+    parents = {name.rpartition(".")[0] for name in fused}
+    routers = sorted(
+        f"{p}.{n}" for p in parents for n, m in model.get_submodule(p).named_children() if isinstance(m, nn.Linear)
+    )
     names = checkpoint_names(model)
     if names is None:
-        return []  # no per-expert layout to store them in: they stay as they are, and the stage says so
-    routers = []
+        return routers  # no per-expert layout to store them in: they stay as they are, and the stage says so
     for name, module in fused.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -157,9 +171,34 @@ def unfuse(model: nn.Module) -> list[str]:
         )
         _check_same(module, experts, name)
         setattr(parent, child, experts)
-        # the block's own linears outside the experts (Qwen2-MoE's shared_expert_gate) weigh or pick experts
-        routers += [f"{parent_name}.{n}" for n, m in parent.named_children() if isinstance(m, nn.Linear)]
     return routers
+
+
+def router_linears(model: nn.Module) -> list[str]:
+    """Linear layers scoring the experts (as many outputs as the config has experts): rounding them changes which
+    experts run, so they stay in full precision, wherever the experts themselves are (fused in a layout `unfuse`
+    does not know, as Llama 4's router beside its experts)."""
+    count = expert_count(model.config)
+    if count is None:
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == count[1]]
+
+
+def check_rereadable(model: nn.Module) -> None:
+    """Refuse experts transformers re-reads per expert from a compressed-tensors checkpoint (it swaps Llama 4's fused
+    experts for a list of per-expert linears before loading) while compress writes them fused: the reload would
+    start those experts from random values."""
+    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    for name, m in model.named_modules():
+        entry = MODULES_TO_PATCH_FOR_QUANTIZATION.get(type(m).__name__)
+        if entry and QuantizationMethod.COMPRESSED_TENSORS in entry["quantization_methods"]:
+            raise UsageError(
+                f"{name} ({type(m).__name__}): transformers reads these experts back one by one from a "
+                "compressed-tensors checkpoint, and compress writes them fused, so they would reload as random values; "
+                "this architecture cannot be quantized or stored sparse yet"
+            )
 
 
 def check_loadable(symmetric: bool, act: str | None) -> None:

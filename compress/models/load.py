@@ -18,7 +18,7 @@ from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
 from compress.models.compute import DTYPES, compute_dtype, float32_bytes, stored_dtype
-from compress.models.experts import fused_modules, unfuse
+from compress.models.experts import fused_modules, in_memory, unfuse
 from compress.models.offload import InMemory, OnDisk, empty_model
 from compress.models.source import Source, cache_dir, fingerprint
 from compress.primitives.qparams import GridParams, all_finite
@@ -201,7 +201,10 @@ def load(
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             unfuse(model)  # quantized experts are per-expert linears, as their grids name them
+            names = in_memory(model, list(grids[1]))  # Mixtral's block_sparse_moe is `mlp` here
+            grids = (grids[0], {names[n]: g for n, g in grids[1].items()})
             modules = dict(model.named_modules())
+            _exact_experts(model, ckpt, names, computed)
             lost = [n for n in grids[1] if not isinstance(modules.get(n), torch.nn.Linear)]
             if lost:
                 raise UsageError(f"{source.spec}: {len(lost)} quantized layers are not linear layers here ({lost[0]})")
@@ -211,6 +214,21 @@ def load(
     check_finite(source.spec, model)
     heap.own_weights([*model.parameters(), *model.buffers()])
     return Loaded(model.to(device), tokenizer, task, ckpt, quantized=grids and Quantized(*grids), dtype=stored)
+
+
+def _exact_experts(model: torch.nn.Module, ckpt: Path, names: dict[str, str], dtype: torch.dtype) -> None:
+    """transformers (5.25) de-quantizes fused experts into the checkpoint's dtype (bfloat16) whatever the model's:
+    such a linear gets its stored values back, de-quantized in `dtype` as every other linear is."""
+    modules = dict(model.named_modules())
+    off = {disk for disk, mem in names.items() if getattr(modules.get(mem), "weight", None) is not None
+           and modules[mem].weight.dtype != dtype}  # fmt: skip
+    if not off:
+        return
+    from compress.formats.stored import read
+
+    for disk, linear in read(ckpt).items():
+        if disk in off:
+            modules[names[disk]].weight = torch.nn.Parameter(linear.dequantized().to(dtype))
 
 
 def check_coverage(spec: str, info: dict) -> None:

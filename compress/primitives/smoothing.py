@@ -26,11 +26,12 @@ def fold(
     s: torch.Tensor,
     dtype: torch.dtype | None = None,
     prev_s: torch.Tensor | None = None,
+    offset: float = 0.0,
 ) -> None:
     """Divide prev's output channels by prev_s (default: s) and multiply the linears' input columns
     by s (grouped-query attention: a value channel's scale repeats over its query heads); the results
     are rounded to `dtype` (the stored one, when the model computes in float32) and kept in each
-    tensor's own dtype."""
+    tensor's own dtype. `offset`: a norm that scales by (offset + weight), as Gemma's (1 + weight)."""
     s = s.float()
     ps = s if prev_s is None else prev_s.float()
 
@@ -39,8 +40,8 @@ def fold(
 
     if isinstance(prev, torch.nn.Linear):
         put(prev.weight, prev.weight.float() / ps[:, None])
-    else:  # a norm: y = weight * normalized (+ bias)
-        put(prev.weight, prev.weight.float() / ps)
+    else:  # a norm: y = (offset + weight) * normalized (+ bias)
+        put(prev.weight, (prev.weight.float() + offset) / ps - offset)
     if getattr(prev, "bias", None) is not None:
         put(prev.bias, prev.bias.float() / ps)
     for lin in linears:

@@ -60,6 +60,8 @@ def _structured(stage: PruneStage, method, loaded: Loaded, device, console) -> S
 
 def _unstructured(stage: PruneStage, method: PruneMethod, loaded: Loaded, device, console) -> StageResult:
     model, nm, share = loaded.model, stage.nm, stage.share
+    if stage.storage == "sparse":  # a compressed-tensors checkpoint, which transformers reads experts from one by one
+        experts.check_rereadable(model)
     routers = experts.unfuse(model)  # per-expert linears, so the experts are pruned like any linear
     targets, ignore = arch.quant_targets(model, stage.ignore, routers)
     if nm:

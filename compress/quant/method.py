@@ -103,6 +103,6 @@ def smooth(
             continue  # a linear the user kept dense: leave this pair alone
         lins = [layer.targets[n] for n in m.linears]
         s = scale_for(m, lins)
-        fold(layer.module.get_submodule(m.prev), lins, s.to(device), dtype, m.prev_scale(s).to(device))
+        fold(layer.module.get_submodule(m.prev), lins, s.to(device), dtype, m.prev_scale(s).to(device), m.offset)
         for st in {id(layer.stats[n]): layer.stats[n] for n in m.linears}.values():
             st.rescale(s)

@@ -38,6 +38,7 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
             "nf4 on a mixture of experts: transformers loads its experts fused, which bitsandbytes does not "
             "quantize, so per-expert NF4 weights would not load; use --scheme w4a16"
         )
+    experts.check_rereadable(model)
     routers = experts.unfuse(model)  # per-expert linears, so every method reaches the experts
     layers, ignore = arch.quant_targets(model, stage.ignore, routers)
     try:

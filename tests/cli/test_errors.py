@@ -203,3 +203,18 @@ def test_interrupt_leaves_nothing(tiny_model, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
+
+
+def test_a_checkpoint_that_reloads_with_random_weights_is_not_measured(tiny_model, tmp_path):
+    """A checkpoint missing a tensor loads in transformers (filled with random values): eval refuses to score it."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "m"
+    src.mkdir()
+    for f in tiny_model("llama").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    msg = assert_one_line_error(compress("eval", src, "--eval-tokens", "256", "--no-latency"), 1)
+    assert "reloads it with 1 weights missing (model.layers.1.mlp.down_proj.weight" in msg

@@ -40,7 +40,8 @@ def export(ckpt, dest, **options):
 # both block types, a group of one block and of two.
 @pytest.mark.parametrize(
     "arch,scheme,group,kind",
-    [("llama", "w8a16", "channel", "Q8_0"), ("llama", "w4a16", 64, "Q4_0"), ("qwen2", "w4a16", 32, "Q4_0")],
+    [("llama", "w8a16", "channel", "Q8_0"), ("llama", "w4a16", 64, "Q4_0"), ("qwen2", "w4a16", 32, "Q4_0")]
+    + [("qwen3", "w4a16", 32, "Q4_0")],  # its per-head query and key norms, head_dim apart from hidden / heads
 )
 def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, group, kind):
     ckpt = quantized(arch, scheme, group)
@@ -52,6 +53,8 @@ def test_exact_types_read_back_identical(quantized, tmp_path, arch, scheme, grou
     assert out.check.verdict == "every exact tensor identical" and out.check.max_abs_diff_exact == 0.0
     assert out.check.tensors_compared == linears + 2 and out.check.table_rel_error < 0.01
     assert out.file_bytes == (tmp_path / "gguf" / "model.gguf").stat().st_size
+    # embedding, final norm, output layer; per layer (2): 7 linears and 2 norms, qwen2's q/k/v biases, qwen3's q/k norms
+    assert out.tensors == 3 + 2 * (9 + {"qwen2": 3, "qwen3": 2}.get(arch, 0))
 
 
 def test_int3_is_exact_q4_0(quantized, tmp_path):
@@ -228,8 +231,9 @@ def test_encoder_refused(quantized, tmp_path):
 
 
 @pytest.mark.skipif(not llama_cpp.available(), reason="llama-cpp-python is not installed")
-def test_llama_cpp_runs_the_export(quantized, tmp_path):
-    loaded, out = export(quantized("llama", "w8a16"), tmp_path / "gguf")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_llama_cpp_runs_the_export(quantized, tmp_path, arch):
+    loaded, out = export(quantized(arch, "w8a16"), tmp_path / "gguf")
     from compress.export.onnx_export import exact_reference
 
     exact_reference(loaded, read(loaded.checkpoint))

@@ -33,7 +33,7 @@ def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
     return codes.reshape(n, k).astype(np.int16) - (1 << (bits - 1))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])  # qwen3: per-head query and key norms
 @pytest.mark.parametrize("scheme", [None, "w4a16", "w8a16", "w8a8", "w8a8-asym"])
 def test_decoder_matches_pytorch(quantized, tmp_path, arch, scheme):
     loaded, exp = export(quantized(arch, scheme), tmp_path / "onnx", accuracy_level=0)

@@ -66,3 +66,36 @@ def test_unknown_layout_is_left_alone():
     """gpt-oss's experts (biases, a clamped activation) are not matched: nothing is swapped."""
     model = _model("gpt_oss")
     assert experts.fused_modules(model) == {} and experts.unfuse(model) == []
+
+
+def _for_model(kind: str, **extra):
+    cfg = tf.AutoConfig.for_model(
+        kind, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg)
+
+
+def test_routers_stay_full_precision_wherever_they_sit():
+    """Llama 4's router is a linear beside experts `unfuse` does not know (gate_up_proj [E, H, 2I]): found by its
+    width (as many outputs as experts), so it is ignored with the output layer."""
+    from compress.models import arch
+
+    model = _for_model("llama4_text")
+    assert experts.unfuse(model) == []
+    targets, ignore = arch.quant_targets(model, [])
+    routers = [f"model.layers.{i}.feed_forward.router" for i in range(2)]
+    assert set(routers) <= set(ignore) and not set(routers) & set(targets)
+    assert "model.layers.0.feed_forward.shared_expert.down_proj" in targets
+
+
+def test_experts_transformers_reads_one_by_one_are_refused():
+    """transformers swaps Llama 4's fused experts for per-expert linears before reading a compressed-tensors
+    checkpoint: written fused, they would reload as random values (measured: 144 missing tensors)."""
+    from compress.errors import UsageError
+
+    model = _for_model("llama4_text")
+    with pytest.raises(UsageError, match="Llama4TextExperts.*reload as random values"):
+        experts.check_rereadable(model)
+    experts.check_rereadable(_model("mixtral"))  # its per-expert names are the checkpoint's own

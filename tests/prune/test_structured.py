@@ -76,10 +76,11 @@ def test_structured_shrinks_and_reloads_identically(tiny_model, tmp_path):
         assert torch.equal(mine(torch.tensor([[5, 17, 300, 42, 7, 99]])).logits, reloaded)
 
 
-def test_in_memory_pruned_model_matches_its_checkpoint(tiny_model, tmp_path):
+@pytest.mark.parametrize("arch_name", ["qwen2", "qwen3", "gemma2"])  # qwen3: per-head q/k norms; gemma2: head_dim
+def test_in_memory_pruned_model_matches_its_checkpoint(tiny_model, tmp_path, arch_name):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model("qwen2"), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch_name), dtype=torch.float32).eval()
     torch.manual_seed(0)
     batches = [torch.randint(0, 1000, (2, 16)) for _ in range(2)]
     plan = structured.Plan(drop_layers=[0], mlp_keep=0.75, heads_keep=0.5)
@@ -154,13 +155,13 @@ def test_structured_errors_through_the_command(tiny_model, tmp_path):
             tmp_path / "o",
             "--method",
             "structured",
-            "--drop-layers",
-            "1",
+            "--heads-keep",
+            "0.5",
             "--no-eval",
         ),
         2,
     )
-    assert "llama-style" in line
+    assert "llama-style" in line and "layer 0 has no linear self_attn.o_proj" in line
     line = assert_one_line_error(
         compress(
             "prune",
@@ -176,3 +177,36 @@ def test_structured_errors_through_the_command(tiny_model, tmp_path):
         2,
     )
     assert "--drop-layers" in line and not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch_name", ["opt", "gpt_neox"])
+def test_any_decoder_drops_layers(tiny_model, tmp_path, arch_name):
+    """Dropping a layer needs no llama-style block: OPT and GPT-NeoX (its own layer names) reload the same."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model(arch_name), dtype=torch.float32).eval()
+    plan = structured.Plan(drop_layers=1)
+    structured.check(model, plan)
+    structured.apply(model, plan, structured.measure_importance(model, [torch.randint(0, 1000, (2, 16))], "cpu"))
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    model.save_pretrained(tmp_path / "m")
+    assert model.config.num_hidden_layers == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_config_that_cannot_describe_the_result_is_refused_before_calibration():
+    """Helium's attention sizes o_proj by hidden_size / heads, whatever head_dim says: after removing heads its
+    config would rebuild wider layers than the pruned ones, so the plan is refused while checking, weights intact."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "helium", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UsageError, match="no longer describes the pruned layers .*o_proj"):
+        structured.check(model, structured.Plan(heads_keep=0.5))
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (64, 64) and model.config.num_attention_heads == 4
+    structured.check(model, structured.Plan(drop_layers=1, mlp_keep=0.5))  # what its config can describe

@@ -44,7 +44,7 @@ def run_method(model_dir, method, scheme="w4a16", **opts):
     return loaded, layers, ignore, sch, weights, errors
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "opt", "gpt_neox", "bloom", "falcon"])
+@pytest.mark.parametrize("arch_name", ["llama", "opt", "gpt_neox", "bloom", "falcon", "qwen3", "gemma2"])
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_method_beats_rtn_layer_error(tiny_model, arch_name, method):
     _, layers, _, _, weights, errors = run_method(tiny_model(arch_name), method)
@@ -63,8 +63,13 @@ def test_smoothquant_methods_run_w8a8(tiny_model, method):
 
 # maps per decoder layer: llama: input norm -> qkv, v -> o (grouped-query: 2 query heads per value head, scales tied),
 # post norm -> gate/up, up -> down; opt: the same with out_proj and fc1 -> fc2 (ReLU); gpt_neox and bloom: the two
-# norms (GELU MLPs); falcon 7B-style: one norm before parallel attention and MLP
-@pytest.mark.parametrize("arch_name,maps", [("llama", 4), ("opt", 4), ("gpt_neox", 2), ("bloom", 2), ("falcon", 1)])
+# norms (GELU MLPs); falcon 7B-style: one norm before parallel attention and MLP. Without an adapter (maps proven on
+# the layer): qwen3 as llama; gemma2 as llama, its norms scaling by 1 + weight; starcoder2 without up -> down (GELU)
+@pytest.mark.parametrize(
+    "arch_name,maps",
+    [("llama", 4), ("opt", 4), ("gpt_neox", 2), ("bloom", 2), ("falcon", 1)]
+    + [("qwen3", 4), ("gemma2", 4), ("starcoder2", 3)],
+)
 @torch.no_grad()
 def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model, arch_name, maps):
     from transformers import AutoModelForCausalLM
@@ -89,7 +94,7 @@ def test_smoothquant_folding_leaves_float_outputs_unchanged(tiny_model, arch_nam
     for (i, m), xmax in absmax.items():
         lins = [layers[i].get_submodule(n) for n in m.linears]
         s = smoothquant_scales(xmax, [lin.weight for lin in lins], 0.5, m.tie)
-        fold(layers[i].get_submodule(m.prev), lins, s, prev_s=m.prev_scale(s))
+        fold(layers[i].get_submodule(m.prev), lins, s, prev_s=m.prev_scale(s), offset=m.offset)
     assert len(absmax) == len(layers) * maps
     assert torch.allclose(model(ids).logits, before, atol=1e-4, rtol=1e-4)
 

@@ -7,11 +7,15 @@ Importance comes from one layer-by-layer pass over calibration text on the unpru
 - an MLP channel j: E[a_j^2] * ||W_down[:, j]||^2, the energy it adds to the output;
 - a query head: E||x_h W_o,h^T||^2, the energy of its share of the attention output.
 Every layer keeps the same shapes (transformers' configs have one width per model).
-Llama-style blocks only (llama, mistral, qwen2): q/k/v/o_proj and gate/up/down_proj.
+Dropping layers works on any decoder; heads and MLP channels need llama-style blocks
+(self_attn.q/k/v/o_proj, mlp.gate/up/down_proj: llama, mistral, qwen2/3, gemma, granite, ...).
+Whatever the architecture, the rewritten config must rebuild exactly the pruned tensors, or
+nothing is written (`check_rebuilds`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -25,7 +29,8 @@ from compress.method import CLI_TEXT
 from compress.models.arch import decoder_layers
 from compress.prune.method import PruneMethod
 
-ARCHS = ("llama", "mistral", "qwen2")
+HEADS = tuple(f"self_attn.{p}_proj" for p in "qkvo")
+CHANNELS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,25 @@ def check(model: torch.nn.Module, plan: Plan) -> None:
     """Refuse what cannot be done, before any calibration runs."""
     cfg = model.config
     kind = getattr(cfg, "model_type", type(model).__name__)
-    if kind not in ARCHS:
-        raise UsageError(
-            f"{kind}: structured pruning knows llama-style blocks ({', '.join(ARCHS)}); use an unstructured method"
-        )
-    n_layers = cfg.num_hidden_layers
+    blocks = decoder_layers(model)
+    need = (HEADS if plan.heads_keep is not None else ()) + (CHANNELS if plan.mlp_keep is not None else ())
+    for i, layer in enumerate(blocks):
+        missing = [n for n in need if not isinstance(_get(layer, n), torch.nn.Linear)]
+        if missing:
+            raise UsageError(
+                f"{kind}: --heads-keep and --mlp-keep need llama-style blocks (self_attn.q/k/v/o_proj, "
+                f"mlp.gate/up/down_proj); layer {i} has no linear {missing[0]} (--drop-layers works on any decoder)"
+            )
+        if plan.heads_keep is not None:
+            width = layer.self_attn.q_proj.out_features
+            across = [n for n, m in layer.self_attn.named_modules() if getattr(m, "weight", None) is not None
+                      and m.weight.dim() == 1 and m.weight.numel() == width]  # fmt: skip
+            if across:
+                raise UsageError(
+                    f"{kind}: self_attn.{across[0]} normalizes across all query heads at once, so removing heads "
+                    "would change what it computes; use --drop-layers or --mlp-keep"
+                )
+    n_layers = len(blocks)
     drop = plan.drop_layers
     if isinstance(drop, list):
         bad = [i for i in drop if not 0 <= i < n_layers]
@@ -61,9 +80,26 @@ def check(model: torch.nn.Module, plan: Plan) -> None:
     elif isinstance(drop, int) and drop >= n_layers:
         raise UsageError(f"--drop-layers {drop}: the model has {n_layers} layers; at least one must stay")
     if plan.heads_keep is not None:
-        heads_kept(cfg.num_attention_heads, cfg.num_key_value_heads, plan.heads_keep)
+        heads_kept(cfg.num_attention_heads, _kv_heads(cfg), plan.heads_keep)
     if plan.drop_layers is None and plan.mlp_keep is None and plan.heads_keep is None:
         raise UsageError("structured pruning needs --drop-layers, --mlp-keep or --heads-keep")
+    _rehearse(model, plan)
+
+
+def _rehearse(model: torch.nn.Module, plan: Plan) -> None:
+    """The plan applied to a weightless copy first, so a config that cannot describe the result is refused before
+    any calibration runs."""
+    with torch.device("meta"):
+        ghost = type(model)._from_config(copy.deepcopy(model.config))
+    blocks = decoder_layers(ghost)
+    heads = torch.zeros(ghost.config.num_attention_heads) if plan.heads_keep is not None else None
+    chans = _get(blocks[0], CHANNELS[-1])
+    imp = Importance(
+        layers=[0.0] * len(blocks),
+        channels=[torch.zeros(chans.in_features)] * len(blocks) if plan.mlp_keep is not None else [],
+        heads=[heads] * len(blocks) if heads is not None else [],
+    )
+    apply(ghost, plan, imp)
 
 
 def heads_kept(heads: int, kv_heads: int, keep: float) -> int:
@@ -83,6 +119,13 @@ def _attn(layer):
     return layer.self_attn
 
 
+def _get(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def measure_importance(
     model: torch.nn.Module,
     batches: list[torch.Tensor],
@@ -95,20 +138,25 @@ def measure_importance(
 
     def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
         state["inputs"] = list(inputs.hidden)
-        attn, mlp = _attn(layer), layer.mlp
-        heads = torch.zeros(model.config.num_attention_heads, device=device)
-        chans = torch.zeros(mlp.down_proj.in_features, device=device)
-        w_o = attn.o_proj.weight.float().reshape(attn.o_proj.out_features, -1, head_dim)  # [H_out, heads, hd]
+        o_proj, down = _get(layer, HEADS[-1]), _get(layer, CHANNELS[-1])
+        heads = torch.zeros(model.config.num_attention_heads if o_proj is not None else 0, device=device)
+        chans = torch.zeros(down.in_features if down is not None else 0, device=device)
+        hooks = []
+        if o_proj is not None:  # heads and channels: llama-style blocks only (`check`); layers: any
+            w_o = o_proj.weight.float().reshape(o_proj.out_features, -1, head_dim)  # [H_out, heads, hd]
+            hooks.append(o_proj.register_forward_pre_hook(lambda mod, args: on_o(w_o, args)))
+        if down is not None:
+            hooks.append(down.register_forward_pre_hook(lambda mod, args: on_down(args)))
 
-        def on_o(mod, args):
+        def on_o(w_o, args):
             x = args[0].float().reshape(-1, w_o.shape[1], head_dim)  # [n, heads, hd]
             y = torch.einsum("nhd,ohd->nho", x, w_o)  # each head's share of the output
             heads.add_(y.pow(2).sum((0, 2)))
 
-        def on_down(mod, args):
+        def on_down(args):
             chans.add_(args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0))
 
-        state["hooks"] = [attn.o_proj.register_forward_pre_hook(on_o), mlp.down_proj.register_forward_pre_hook(on_down)]
+        state["hooks"] = hooks
         state["acc"] = (heads, chans)
 
     def on_outputs(i: int, outputs: list[torch.Tensor]) -> None:
@@ -117,7 +165,8 @@ def measure_importance(
         heads, chans = state.pop("acc")
         layer = decoder_layers(model)[i]
         imp.heads.append(heads.cpu())
-        imp.channels.append((chans * layer.mlp.down_proj.weight.float().pow(2).sum(0)).cpu())
+        down = _get(layer, CHANNELS[-1])
+        imp.channels.append((chans * down.weight.float().pow(2).sum(0)).cpu() if down is not None else chans.cpu())
         cos = [
             torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
             for a, b in zip(state.pop("inputs"), outputs)
@@ -126,6 +175,10 @@ def measure_importance(
 
     calibrate.layer_by_layer(model, batches, device, calibrate_layer, progress, on_outputs=on_outputs)
     return imp
+
+
+def _kv_heads(cfg) -> int:
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def _head_dim(cfg) -> int:
@@ -164,7 +217,7 @@ def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
         cfg.intermediate_size = keep
         done["mlp_channels"] = f"{width} -> {keep} per layer"
     if plan.heads_keep is not None:
-        hd, heads, kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+        hd, heads, kv = _head_dim(cfg), cfg.num_attention_heads, _kv_heads(cfg)
         per_group, kept = heads // kv, heads_kept(heads, kv, plan.heads_keep)
         for layer, score in zip(blocks, imp.heads):
             groups = score.reshape(kv, per_group)
@@ -184,14 +237,34 @@ def apply(model: torch.nn.Module, plan: Plan, imp: Importance) -> dict:
         kept = [i for i in range(n_layers) if i not in set(drop)]
         _set_layers(model, blocks, torch.nn.ModuleList([blocks[i] for i in kept]))
         for new_idx, layer in enumerate(decoder_layers(model)):
-            _attn(layer).layer_idx = new_idx
+            for m in layer.modules():  # the KV cache indexes layers by it (attention's, some layers' own)
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new_idx
         cfg.num_hidden_layers = len(kept)
         # Which original layer each kept one was: distillation matches hidden states by it.
         cfg.compress_kept_layers = [getattr(cfg, "compress_kept_layers", range(n_layers))[i] for i in kept]
         if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n_layers:
             cfg.layer_types = [cfg.layer_types[i] for i in kept]
         done["dropped_layers"] = sorted(drop)
+    check_rebuilds(model)
     return done
+
+
+def check_rebuilds(model: torch.nn.Module) -> None:
+    """The rewritten config must build the pruned model's very tensors (names and shapes), as transformers will on
+    reload: a config that ties a layer's kind to its index (mixtures of experts on every k-th layer, dense first
+    layers) would reload other layers than the ones kept."""
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    with torch.device("meta"):
+        fresh = type(model)._from_config(model.config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if want != got:
+        key = next(k for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
+        raise UsageError(
+            f"{kind}: after pruning, its rewritten config no longer describes the pruned layers ({key}: "
+            f"{want.get(key, 'absent')} pruned, {got.get(key, 'absent')} on reload); nothing was written"
+        )
 
 
 def _set_layers(model: torch.nn.Module, old: torch.nn.ModuleList, new: torch.nn.ModuleList) -> None:
