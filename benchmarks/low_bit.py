@@ -4,7 +4,7 @@
         [--section NAME --title TITLE]
 
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
-scheme:group:auto-round:STEPS:BATCH runs Intel's auto-round on the same calibration tokens in its own virtual
+scheme:group:auto-round:STEPS:BATCH[:SEED] runs Intel's auto-round on the same calibration tokens in its own virtual
 environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
 `compress eval` on both domains; scheme:group:llm-compressor:gptq:sym[:OBSERVER] and
 scheme:group:llm-compressor:autoround:STEPS:BATCH run llm-compressor 0.14 (its GPTQ, with its imatrix_mse range
@@ -74,7 +74,8 @@ def change(m: dict, base: dict) -> str:
 def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
     scheme, group, method, *options = spec.split(":")
     if method == "auto-round":
-        return autoround_row(scheme, group, *options, samples, tmp, domain2)
+        steps, batch, *seed = options
+        return autoround_row(scheme, group, steps, batch, samples, tmp, domain2, *seed)
     if method == "bitsandbytes":
         return bitsandbytes_row(group, tmp, domain2)
     if method == "llm-compressor":
@@ -101,13 +102,15 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
 
 
 def autoround_row(
-    scheme: str, group: str, steps: str, batch: str, samples: int, tmp: Path, domain2: Path
+    scheme: str, group: str, steps: str, batch: str, samples: int, tmp: Path, domain2: Path, seed: str = "42"
 ) -> tuple[str, dict, dict]:
+    """seed: auto-round's own (42 by default), which orders its batches."""
     base, calib, _ = token_files(samples, 512, tmp)
-    out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}", scheme[1]
-    args = [str(base), str(calib), str(out), bits, group, steps, batch]
+    out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}-{seed}", scheme[1]
+    args = [str(base), str(calib), str(out), bits, group, steps, batch, seed]
     r = tool_json(AUTOROUND_PY, "autoround.py", args, "auto-round")
-    return scored_row(r["checkpoint"], scheme, group, f"auto-round {steps} steps, batch {batch}", r["seconds"], domain2)
+    label = f"auto-round {steps} steps, batch {batch}" + ("" if seed == "42" else f", seed {seed}")
+    return scored_row(r["checkpoint"], scheme, group, label, r["seconds"], domain2)
 
 
 def llmc_row(scheme: str, group: str, options: list[str], samples: int, tmp: Path, domain2: Path):

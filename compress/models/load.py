@@ -17,6 +17,7 @@ from compress import heap
 from compress.errors import CompressError, UsageError
 from compress.formats import atomic, sparse
 from compress.formats.compressed_tensors import read_grids
+from compress.formats.stored import read
 from compress.models.compute import DTYPES, compute_dtype, float32_bytes, stored_dtype
 from compress.models.experts import fused_modules, in_memory, unfuse
 from compress.models.offload import InMemory, OnDisk, empty_model
@@ -224,8 +225,6 @@ def _exact_experts(model: torch.nn.Module, ckpt: Path, names: dict[str, str], dt
            and modules[mem].weight.dtype != dtype}  # fmt: skip
     if not off:
         return
-    from compress.formats.stored import read
-
     for disk, linear in read(ckpt).items():
         if disk in off:
             modules[names[disk]].weight = torch.nn.Parameter(linear.dequantized().to(dtype))
