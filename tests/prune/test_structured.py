@@ -196,6 +196,32 @@ def test_any_decoder_drops_layers(tiny_model, tmp_path, arch_name):
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+@torch.no_grad()
+def test_dropping_layers_never_reads_heads_it_does_not_prune(tmp_path):
+    """DeepSeek's latent attention: o_proj takes heads x v_head_dim (8 here), not heads x head_dim (16). A plan that
+    only drops layers must not split o_proj into heads of head_dim to score them."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("deepseek_v3", 1000)
+    cfg.v_head_dim = 8
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    o_proj = structured.decoder_layers(model)[0].self_attn.o_proj
+    assert o_proj.in_features == 4 * 8 != 4 * structured._head_dim(model.config)
+    plan = structured.Plan(drop_layers=[1])  # the MoE layer: the config's first dense layer must stay first
+    structured.check(model, plan)
+    imp = structured.measure_importance(model, [torch.randint(0, 1000, (2, 16))], "cpu", plan=plan)
+    assert len(imp.layers) == 2 and all(h.numel() == 0 for h in imp.heads)
+    structured.apply(model, plan, imp)
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 1
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_a_config_that_cannot_describe_the_result_is_refused_before_calibration():
     """Helium's attention sizes o_proj by hidden_size / heads, whatever head_dim says: after removing heads its
     config would rebuild wider layers than the pruned ones, so the plan is refused while checking, weights intact."""

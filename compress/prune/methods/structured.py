@@ -131,14 +131,21 @@ def measure_importance(
     batches: list[torch.Tensor],
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
+    plan: Plan | None = None,
 ) -> Importance:
+    """Per-layer importance; heads and channels only where `plan` prunes them (all when no plan):
+    a layer-dropping plan on a block whose o_proj is not heads x head_dim (deepseek's MLA) must not
+    reshape it."""
     imp = Importance()
+    want_heads = plan is None or bool(plan.heads_keep)
+    want_channels = plan is None or bool(plan.mlp_keep)
     head_dim = _head_dim(model.config)
     state: dict = {}
 
     def calibrate_layer(i: int, layer: torch.nn.Module, inputs: calibrate.LayerInputs) -> None:
         state["inputs"] = list(inputs.hidden)
-        o_proj, down = _get(layer, HEADS[-1]), _get(layer, CHANNELS[-1])
+        o_proj = _get(layer, HEADS[-1]) if want_heads else None
+        down = _get(layer, CHANNELS[-1]) if want_channels else None
         heads = torch.zeros(model.config.num_attention_heads if o_proj is not None else 0, device=device)
         chans = torch.zeros(down.in_features if down is not None else 0, device=device)
         hooks = []
@@ -165,7 +172,7 @@ def measure_importance(
         heads, chans = state.pop("acc")
         layer = decoder_layers(model)[i]
         imp.heads.append(heads.cpu())
-        down = _get(layer, CHANNELS[-1])
+        down = _get(layer, CHANNELS[-1]) if want_channels else None
         imp.channels.append((chans * down.weight.float().pow(2).sum(0)).cpu() if down is not None else chans.cpu())
         cos = [
             torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
@@ -359,7 +366,7 @@ class Structured(PruneMethod):
         settings = {"method": self.name, **self.settings()}
         imp = Importance()
         if batches is not None:
-            imp = measure_importance(model, batches, device, progress)
+            imp = measure_importance(model, batches, device, progress, plan)
             settings["layer_importance"] = "block influence 1 - cos(in, out): " + ", ".join(
                 f"{v:.3f}" for v in imp.layers
             )
