@@ -448,7 +448,12 @@ def validate(data: Any, source: str = "recipe", yaml_text: str | None = None) ->
     except ValidationError as exc:
         root = yaml.compose(yaml_text) if yaml_text else None
         msgs = []
-        for err in exc.errors():
+        errors = exc.errors()
+        bad_schemes = {e["loc"][:-1] for e in errors if e["loc"][-1:] == ("scheme",)}
+        for err in errors:
+            unnamed = err["type"] == "missing" or err["input"] is None
+            if err["loc"][-1:] == ("method",) and unnamed and err["loc"][:-1] in bad_schemes:
+                continue  # no method given: the default follows the scheme, whose own error says it all
             loc = tuple(p for p in err["loc"] if p not in ("quantize", "prune", "distill"))
             where = ".".join(str(p) for p in loc) or "(top)"
             line = _line_of(root, loc)

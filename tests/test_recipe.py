@@ -41,6 +41,10 @@ def test_bad_value_names_field_and_line(tmp_path):
     with pytest.raises(UsageError) as exc:
         load(write(tmp_path, GOOD.replace("scheme: w4a16", "scheme: w7a16")))
     assert "r.yaml:5" in str(exc.value) and "stages.0.scheme" in str(exc.value)
+    assert "method" not in str(exc.value)  # none was given: the scheme's error alone, not one about its default
+    with pytest.raises(UsageError) as exc:
+        load(write(tmp_path, GOOD.replace("scheme: w4a16", "scheme: w7a16\n    method: rtm")))
+    assert "stages.0.scheme" in str(exc.value) and "stages.0.method" in str(exc.value)  # both given, both wrong
 
 
 def test_wrong_type(tmp_path):
