@@ -180,7 +180,7 @@ def export(
     head_name = next(n for n, m in model.named_modules() if m is head)
     # a 4-bit output layer (the tied table too) by GPTQ on its inputs, as in ONNX (export/tables.py)
     calibrate = {"model.embed_tokens"} if tied and embed_bits == 4 else {head_name} if head_bits == 4 else set()
-    hessian = tables.output_hessian(model, loaded.tokenizer) if calibrate else None
+    hessian = tables.output_calibration(model, loaded.tokenizer).hessian if calibrate else None
     expected: dict[str, tuple[np.ndarray, str]] = {}  # GGUF name -> (float32 weights, how it reached the file)
 
     def add(name: str, hf: str, permute_heads: int | None = None, bits: int | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from compress.errors import UsageError
-from compress.export import onnx_decoder, onnx_export, onnx_genai
+from compress.export import onnx_decoder, onnx_export, onnx_genai, tables
 from compress.export.onnx_graph import NBits, dequantize_nbits
 from compress.formats.stored import read
 from compress.models.load import load
@@ -183,7 +183,7 @@ def test_quantized_embedding_is_exact_to_its_rounding(quantized, tmp_path, bits)
     assert exp.check.top1_agreement == 1.0 and exp.check.greedy_equal == exp.check.greedy_of
     assert exp.check.max_abs_logit_diff < 1e-3 * max(1.0, exp.check.logit_scale)
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
-    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == (2 if bits == 4 else 1)  # + wide rows
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     assert "model.embed_tokens.weight" not in inits and "lm_head.weight" in inits
     weight = loaded.model.get_input_embeddings().weight  # the checkpoint's table, rounded to nearest in the file
@@ -214,6 +214,22 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     assert saved > 0.8 * table  # 4 bits + a float32 scale per 32 for 32 bits
     with pytest.raises(UsageError, match="store it twice"):
         export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
+    # the most used rows also on 8 bits, by default, read in place of the 4-bit ones on both sides; exact at level 0
+    assert exp.wide_rows == tables.WIDE_ROWS and any("2048 rows of the tokens most read" in n for n in exp.notes)
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    assert np.array_equal(inits["model.embed_tokens.wide_rows"], np.sort(inits["model.embed_tokens.wide_rows"]))
+    assert inits["model.embed_tokens.wide.qweight"].shape == (tables.WIDE_ROWS, 2, 32)  # 8 bits, blocks of 32
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GatherBlockQuantized") == 2 and ops.count("ScatterElements") == 1
+    assert exp.check.greedy_equal == exp.check.greedy_of and exp.check.max_abs_logit_diff < 1e-3 * exp.check.logit_scale
+    _, narrow = export(src, tmp_path / "narrow", embed_bits=4, wide_rows=0)
+    assert narrow.wide_rows == 0 and not any("rows of the tokens" in n for n in narrow.notes)
+    wide_kl = [q.kl_mean for q in exp.quality]
+    assert all(w < n for w, n in zip(wide_kl, (q.kl_mean for q in narrow.quality))), (wide_kl, narrow.quality)
+    grown = (tmp_path / "onnx" / "model.onnx").stat().st_size - (tmp_path / "narrow" / "model.onnx").stat().st_size
+    assert 0 < grown < tables.WIDE_ROWS * (64 + 4 * 2 + 4 + 8) + 4 * vocab + 4096  # codes, scales, slots, indices
+    with pytest.raises(UsageError, match="--wide-rows applies to a 4-bit"):
+        export(src, tmp_path / "eight", embed_bits=8, wide_rows=16)
 
 
 def test_an_8_bit_output_layer_runs_at_level_4_by_default(quantized, tmp_path):

@@ -4,7 +4,18 @@ de-quantized matmul on random shapes."""
 import numpy as np
 import pytest
 
-from compress.export.onnx_graph import FLOAT, Graph, matmul_nbits, nbits_block, pack_nbits, rtn_nbits
+from compress.export.onnx_graph import (
+    FLOAT,
+    INT64,
+    Graph,
+    dequantize_nbits,
+    gather_nbits,
+    matmul_nbits,
+    nbits_block,
+    pack_nbits,
+    rtn_nbits,
+    with_wide_rows,
+)
 
 
 def unpack(packed: np.ndarray, bits: int, n: int, k: int) -> np.ndarray:
@@ -74,3 +85,28 @@ def test_rtn_output_layer_close():
     for bits, tol in ((8, 0.01), (4, 0.2)):
         got = run_nbits(x, rtn_nbits(w, bits, 32))
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
+def test_wide_rows_replace_theirs_in_lookup_and_matmul():
+    """A 4-bit table with some rows also on 8 bits: GatherBlockQuantized and MatMulNBits read those rows at 8 bits,
+    the others at 4, and both equal the de-quantized table (wide rows included) within float32 rounding."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 64)).astype(np.float32)
+    rows = np.array([0, 7, 8, 39])
+    table = with_wide_rows(rtn_nbits(w, 4, 32), w, rows)
+    full = dequantize_nbits(table)
+    err = np.abs(full - w).max(1)
+    assert err[rows].max() < 0.2 * np.delete(err, rows).min()  # 8-bit rows: an order closer than the 4-bit ones
+    assert np.array_equal(np.delete(full, rows, 0), np.delete(dequantize_nbits(rtn_nbits(w, 4, 32)), rows, 0))
+    g = Graph()
+    ids, x = g.input("ids", INT64, [1, "s"]), g.input("x", FLOAT, ["m", 64])
+    g.output(gather_nbits(g, ids, "t", table), "rows", FLOAT, [1, "s", 64])
+    g.output(matmul_nbits(g, x, "t", table, 0), "y", FLOAT, ["m", 40])
+    sess = ort.InferenceSession(g.model("t").SerializeToString(), providers=["CPUExecutionProvider"])
+    tokens = np.array([[7, 1, 39, 0, 8, 20, 7]])
+    xs = rng.standard_normal((3, 64)).astype(np.float32)
+    got_rows, got_y = sess.run(["rows", "y"], {"ids": tokens, "x": xs})
+    assert np.array_equal(got_rows[0], full[tokens[0]])
+    np.testing.assert_allclose(got_y, xs @ full.T, rtol=1e-4, atol=1e-4)
