@@ -12,7 +12,7 @@ import typer
 
 from compress.cli.common import AllowPickle, Json, Overwrite, err, out
 from compress.errors import UsageError
-from compress.export.tables import WIDE_ROWS
+from compress.export.tables import REFINED_ROWS
 from compress.formats.atomic import atomic_dir, check_output
 from compress.models import load as loading, source as sources
 
@@ -48,13 +48,13 @@ def export(
             "output layer shares it (default: the output layer's width when tied, else float)"
         ),
     ] = None,
-    wide_rows: Annotated[
+    refined_rows: Annotated[
         Optional[int],
         typer.Option(
             help="ONNX, a 4-bit embedding or output layer: the rows of this many tokens (those most read or "
-            f"predicted on the calibration pages) also on 8 bits, used in their place. Default {WIDE_ROWS}: on "
-            "SmolLM2 +1.3 MB, the 4-bit table's perplexity cost from +2.4% to +1.0% (held-out pages), +6.0% to "
-            "+3.6% (license texts); 0: none"
+            f"predicted on the calibration pages) get their rounding error rounded again and added back. Default "
+            f"{REFINED_ROWS} (on SmolLM2 0.74 MB, the 4-bit table's cost from +2.5% / +6.0% perplexity to +1% / +4% "
+            "on held-out pages / license texts: RESULTS.md); 0: none"
         ),
     ] = None,
     k_quants: Annotated[
@@ -81,8 +81,10 @@ def export(
     for option, bits in (("--lm-head-bits", lm_head_bits), ("--embed-bits", embed_bits)):
         if bits not in (None, 0, 4, 8):
             raise UsageError(f"{option} must be 4 or 8 (0: float32), got {bits}")
-    if wide_rows is not None and (wide_rows < 0 or format != "onnx"):
-        raise UsageError(f"--wide-rows takes a count of rows (0: none) and applies to --format onnx, got {wide_rows}")
+    if refined_rows is not None and (refined_rows < 0 or format != "onnx"):
+        raise UsageError(
+            f"--refined-rows takes a count of rows (0: none) and applies to --format onnx, got {refined_rows}"
+        )
     if not k_quants and format != "gguf":
         raise UsageError("--no-k-quants applies to --format gguf")
     src = sources.resolve(model, allow_pickle)
@@ -94,7 +96,7 @@ def export(
     with atomic_dir(dest, overwrite) as tmp:
         err.print(f"exporting to {format} ...")
         if format == "onnx":
-            opts = onnx_decoder.Options(accuracy_level, lm_head_bits, embed_bits=embed_bits, wide_rows=wide_rows)
+            opts = onnx_decoder.Options(accuracy_level, lm_head_bits, embed_bits=embed_bits, refined_rows=refined_rows)
             done = onnx_export.export(loaded, tmp, opts, threads)
             summary = onnx_export.as_dict(done)
         else:

@@ -35,7 +35,7 @@ from compress.export.onnx_graph import (
     nbits_from_stored,
     pack_nbits,
     rtn_nbits,
-    with_wide_rows,
+    with_refined_rows,
 )
 from compress.export.widths import tied
 from compress.formats.stored import StoredLinear
@@ -52,7 +52,7 @@ class Options:
     embed_bits: int | None = None  # store the input embedding quantized (round to nearest) to 4 or 8 bits
     head_accuracy_level: int | None = None  # the quantized output layer's MatMulNBits level (None: accuracy_level)
     eight_bit_level: int | None = None  # 8-bit linears' level among other widths (None: accuracy_level)
-    wide_rows: int | None = None  # a 4-bit table's most used rows also on 8 bits (None: tables.WIDE_ROWS)
+    refined_rows: int | None = None  # a 4-bit table's most used rows refined (None: tables.REFINED_ROWS)
 
 
 @dataclass
@@ -342,11 +342,11 @@ def quantized_table(
     bits: int,
     option: str,
     hessian: torch.Tensor | None = None,
-    wide_rows: torch.Tensor | None = None,
+    refined_rows: torch.Tensor | None = None,
 ) -> NBits:
     """A [rows, hidden] table (output layer, embedding) on `bits`, symmetric, blocks of 32 (when they fit): by GPTQ
-    against `hessian` (the output layer's inputs: export/tables.py), else rounded to nearest; `wide_rows` also on 8
-    bits."""
+    against `hessian` (the output layer's inputs: export/tables.py), else rounded to nearest; `refined_rows` with
+    their rounding error rounded again (4-bit tables)."""
     w = weight.detach().float().numpy()
     block = 32 if w.shape[1] % 32 == 0 else nbits_block(w.shape[1], None)
     if block is None:
@@ -356,13 +356,13 @@ def quantized_table(
     else:
         q, scale = tables.calibrated(weight, hessian, bits, block)
         table = pack_nbits(q.numpy(), scale.numpy(), None, bits, block)
-    return table if wide_rows is None or bits == 8 else with_wide_rows(table, w, wide_rows.numpy())
+    return table if refined_rows is None or bits == 8 else with_refined_rows(table, w, refined_rows.numpy())
 
 
 def quantized_output_layer(
-    model: torch.nn.Module, bits: int, hessian: torch.Tensor | None = None, wide_rows: torch.Tensor | None = None
+    model: torch.nn.Module, bits: int, hessian: torch.Tensor | None = None, refined_rows: torch.Tensor | None = None
 ) -> NBits:
-    return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits", hessian, wide_rows)
+    return quantized_table(model.get_output_embeddings().weight, bits, "--lm-head-bits", hessian, refined_rows)
 
 
 def _weight(module: torch.nn.Module) -> np.ndarray:
@@ -386,8 +386,6 @@ def _lm_head(
         rounded = rounded or quantized_output_layer(model, opts.lm_head_bits)
         name = "model.embed_tokens" if rounded is table else "lm_head"  # the same initializers as the embedding's
         level = opts.accuracy_level if opts.head_accuracy_level is None else opts.head_accuracy_level
-        # a 4-bit table's 8-bit rows at the table's level, exact at 0 (SmolLM2 w4a16, 2,048 rows: decode 0.95x the
-        # table without them; 1.03x at level 4, where 3 of 16 greedy tokens stayed those of the checkpoint)
         return matmul_nbits(g, h, name, rounded, level)
     head = model.get_output_embeddings()
     name = next(n for n, m in model.named_modules() if m is head)

@@ -77,7 +77,7 @@ class Exported:
     quality: list[Quality] = dataclasses.field(default_factory=list)  # decoders: held-out pages, licenses
     eight_bit_level: int | None = None  # mixed precision: the 8-bit linears' own level, when it differs
     act_zero_point: bool = False  # act_int8 with a zero point per token (w8a8-asym)
-    wide_rows: int = 0  # a 4-bit table's most used rows also stored on 8 bits
+    refined_rows: int = 0  # a 4-bit table's most used rows with their rounding error rounded again
 
 
 def exact_reference(loaded: Loaded, stored: dict[str, stored_mod.StoredLinear], act: str | None = None) -> None:
@@ -126,20 +126,22 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     tied = loaded.task == "causal-lm" and widths.tied(loaded.model)
     if loaded.task == "causal-lm":
         opts = table_widths(opts, any(w.kind == "int" for w in stored.values()), tied)
-    table = head = hessian = wide = None
+    table = head = hessian = refined = None
     four_bit = 4 in (opts.lm_head_bits, opts.embed_bits)
-    if opts.wide_rows and not four_bit:
-        raise UsageError("--wide-rows applies to a 4-bit embedding or output layer (--embed-bits 4, --lm-head-bits 4)")
-    n_wide = tables.WIDE_ROWS if opts.wide_rows is None else opts.wide_rows
+    if opts.refined_rows and not four_bit:
+        raise UsageError(
+            "--refined-rows applies to a 4-bit embedding or output layer (--embed-bits 4, --lm-head-bits 4)"
+        )
+    n_refined = tables.REFINED_ROWS if opts.refined_rows is None else opts.refined_rows
     if four_bit:  # both ask for a decoder (checked above)
-        calib = tables.output_calibration(loaded.model, loaded.tokenizer, use=n_wide > 0)
+        calib = tables.output_calibration(loaded.model, loaded.tokenizer, use=n_refined > 0)
         hessian = calib.hessian if opts.lm_head_bits == 4 or tied else None  # a 4-bit output layer: GPTQ, not RTN
-        wide = tables.most_used(calib.use, n_wide) if n_wide else None
-    opts = dataclasses.replace(opts, wide_rows=len(wide) if wide is not None else 0)
+        refined = tables.most_used(calib.use, n_refined) if n_refined else None
+    opts = dataclasses.replace(opts, refined_rows=len(refined) if refined is not None else 0)
     if opts.embed_bits:
         embedding = loaded.model.get_input_embeddings().weight
         table = onnx_decoder.quantized_table(
-            embedding, opts.embed_bits, "--embed-bits", hessian if tied else None, wide
+            embedding, opts.embed_bits, "--embed-bits", hessian if tied else None, refined
         )
     if table is not None and tied:  # one tensor in the model: one table in the file
         if opts.lm_head_bits not in (None, opts.embed_bits):
@@ -149,7 +151,7 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             )
         opts, head = dataclasses.replace(opts, lm_head_bits=opts.embed_bits), table
     elif opts.lm_head_bits:
-        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits, hessian, wide)
+        head = onnx_decoder.quantized_output_layer(loaded.model, opts.lm_head_bits, hessian, refined)
     opts = onnx_decoder.resolved(opts, stored)  # after the output layer's width is known
     graph = build(loaded, stored, opts, head, table)
     decoder = loaded.task == "causal-lm"
@@ -244,15 +246,15 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
             f"output layer: {opts.lm_head_bits} bits by GPTQ on its inputs ({tables.CALIBRATION_TOKENS} tokens of the "
             "built-in calibration pages)"
         )
-    if opts.wide_rows:
+    if opts.refined_rows:
         notes.append(
-            f"the 4-bit table's {opts.wide_rows} rows of the tokens most read or predicted on the calibration pages "
-            "also stored on 8 bits, used in their place"
+            f"the 4-bit table's {opts.refined_rows} rows of the tokens most read or predicted on the calibration pages "
+            "refined: their rounding error rounded again on 4 bits and added back"
         )
     exp = Exported(
         dest, loaded.task, nbits, dense, opts.accuracy_level, opts.lm_head_bits, opts.act_int8, chk, notes,
         opts.embed_bits, opts.head_accuracy_level, eight_bit_level=opts.eight_bit_level,
-        act_zero_point=opts.act_zero_point, wide_rows=opts.wide_rows,
+        act_zero_point=opts.act_zero_point, refined_rows=opts.refined_rows,
     )  # fmt: skip
     _verify(exp)
     if loaded.task == "causal-lm":

@@ -77,10 +77,10 @@ class NBits:
     block: int
     k: int
     n: int
-    # A table's (embedding, output layer) most used rows stored again on 8 bits (export/tables.py: WIDE_ROWS); the
-    # graph reads those from `wide` [R, K] in place of the `bits`-bit ones.
-    wide_rows: np.ndarray | None = None  # [R] int64, ascending
-    wide: NBits | None = None
+    # A table's (embedding, output layer) most used rows with their rounding error quantized again, on the same bits
+    # and blocks (export/tables.py: REFINED_ROWS): the graph adds `refined` [R, K] to those rows.
+    refined_rows: np.ndarray | None = None  # [R] int64, ascending
+    refined: NBits | None = None
 
 
 def nbits_block(k: int, group_size: int | None) -> int | None:
@@ -146,21 +146,23 @@ def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
 
 
 def dequantize_nbits(w: NBits) -> np.ndarray:
-    """[N, K] float32: what MatMulNBits multiplies by (symmetric codes only), wide rows included."""
+    """[N, K] float32: what MatMulNBits multiplies by (symmetric codes only), refined rows included."""
     codes = _unpack_bytes(w.packed, w.bits)
     q = codes.reshape(w.n, w.k // w.block, w.block).astype(np.float32) - (1 << (w.bits - 1))
     out = (q * w.scales.reshape(w.n, -1, 1)).reshape(w.n, w.k)
-    if w.wide is not None:
-        out[w.wide_rows] = dequantize_nbits(w.wide)
+    if w.refined is not None:
+        out[w.refined_rows] += dequantize_nbits(w.refined)
     return out
 
 
-def with_wide_rows(w: NBits, weight: np.ndarray, rows: np.ndarray) -> NBits:
-    """`w` (the table `weight` [N, K] on fewer bits) with `rows` also rounded to nearest on 8 bits."""
+def with_refined_rows(w: NBits, weight: np.ndarray, rows: np.ndarray) -> NBits:
+    """`w` (the table `weight` [N, K] rounded) with the rounding error of `rows` rounded to nearest on w's grid: a
+    second pass as fast as the first in MatMulNBits, where 8-bit rows would take its slow 8-bit float path."""
     if not len(rows):
         return w
     rows = np.asarray(rows, dtype=np.int64)
-    return dataclasses.replace(w, wide_rows=rows, wide=rtn_nbits(weight[rows], 8, w.block))
+    error = weight[rows] - dequantize_nbits(w)[rows]
+    return dataclasses.replace(w, refined_rows=rows, refined=rtn_nbits(error, w.bits, w.block))
 
 
 def concat_nbits(parts: list[NBits]) -> NBits | None:
@@ -184,7 +186,7 @@ def concat_nbits(parts: list[NBits]) -> NBits | None:
 
 
 def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bias: np.ndarray | None = None) -> str:
-    """x @ w^T (+ bias); a table's wide rows replace theirs."""
+    """x @ w^T (+ bias); a table's refined rows with their corrections added."""
     inputs = [x, g.const(f"{name}.qweight", w.packed), g.const(f"{name}.scales", w.scales)]
     inputs.append(g.const(f"{name}.qzeros", w.zero_points) if w.zero_points is not None else "")
     if bias is not None:
@@ -194,12 +196,12 @@ def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bia
     y = g.op(
         "MatMulNBits", inputs, domain=MS, K=w.k, N=w.n, bits=w.bits, block_size=w.block, accuracy_level=accuracy_level
     )
-    if w.wide is None:
+    if w.refined is None:
         return y
-    # the wide rows' outputs [..., R] replace theirs in y [..., N]
-    wide = matmul_nbits(g, x, f"{name}.wide", w.wide, accuracy_level)
-    at = g.op("Expand", [g.const(f"{name}.wide_rows", w.wide_rows), g.op("Shape", [wide])])
-    return g.op("ScatterElements", [y, at, wide], axis=-1)
+    # the refined rows' corrections [..., R] added to their outputs in y [..., N]
+    fix = matmul_nbits(g, x, f"{name}.refined", w.refined, accuracy_level)
+    at = g.op("Expand", [g.const(f"{name}.refined_rows", w.refined_rows), g.op("Shape", [fix])])
+    return g.op("ScatterElements", [y, at, fix], axis=-1, reduction="add")
 
 
 def gather_nbits(g: Graph, ids: str, name: str, w: NBits) -> str:
@@ -221,16 +223,17 @@ def gather_nbits(g: Graph, ids: str, name: str, w: NBits) -> str:
         quantize_axis=2,
     )  # [B, S, K/block, block]
     rows = g.op("Reshape", [rows, g.const(f"{name}.rows_shape", np.array([0, 0, w.k], dtype=np.int64))])
-    if w.wide is None:
+    if w.refined is None:
         return rows
-    # each token's slot among the wide rows (R for the others, clipped to a valid slot and masked out)
-    slots = np.full(w.n, len(w.wide_rows), dtype=np.int32)
-    slots[w.wide_rows] = np.arange(len(w.wide_rows), dtype=np.int32)
-    slot = g.op("Gather", [g.const(f"{name}.wide_slots", slots), ids], axis=0)  # [B, S]
-    last = g.const(f"{name}.wide_last", np.array(len(w.wide_rows) - 1, dtype=np.int32))
-    wide = gather_nbits(g, g.op("Min", [slot, last]), f"{name}.wide", w.wide)
-    is_wide = g.op("Unsqueeze", [g.op("LessOrEqual", [slot, last]), g.const("minus1", np.array([-1], np.int64))])
-    return g.op("Where", [is_wide, wide, rows])
+    # each token's slot among the refined rows (R for the others: clipped to a valid slot, its correction dropped)
+    n_refined = len(w.refined_rows)
+    slots = np.full(w.n, n_refined, dtype=np.int16 if n_refined < 2**15 else np.int32)  # 2 bytes a token
+    slots[w.refined_rows] = np.arange(n_refined)
+    slot = g.op("Cast", [g.op("Gather", [g.const(f"{name}.refined_slots", slots), ids], axis=0)], to=TensorProto.INT32)
+    last = g.const(f"{name}.refined_last", np.array(n_refined - 1, dtype=np.int32))
+    fix = gather_nbits(g, g.op("Min", [slot, last]), f"{name}.refined", w.refined)
+    refined = g.op("Unsqueeze", [g.op("LessOrEqual", [slot, last]), g.const("minus1", np.array([-1], np.int64))])
+    return g.op("Where", [refined, g.op("Add", [rows, fix]), rows])
 
 
 def matmul_dense(g: Graph, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:

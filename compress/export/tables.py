@@ -25,11 +25,11 @@ from compress.primitives.gptq import gptq
 from compress.primitives.qparams import Grid
 
 CALIBRATION_TOKENS = 16 * 512  # of the built-in calibration pages, in windows of 512
-# A 4-bit table's rows of the tokens read or predicted most are also stored on 8 bits (ONNX): SmolLM2-135M's
-# 4-bit tied table (blocks of 32, GPTQ, float linears; 4,096 tokens of held-out pages / license texts) costs +2.4% /
-# +6.0% perplexity, half of it through the embedding; with its 512 / 2,048 / 8,192 most used rows on 8 bits +1.4% /
-# +4.5%, +1.0% / +3.6%, +0.4% / +2.6%. 2,048 rows add 1.3 MB (1.7% of the w4a16 export).
-WIDE_ROWS = 2048
+# A 4-bit table's rows of the tokens most read or predicted get a second pass: their rounding error rounded again on
+# the same grid, added back by the graph (ONNX). `benchmarks/table_rows.py` (SmolLM2-135M's tied table alone, the
+# linears float) measures the choices; 2,048 rows take its cost from +2.4% / +6.0% (held-out pages / license texts) to
+# about +1% / +3.8%, as 2,048 rows on 8 bits do, for 0.74 MB (1% of the w4a16 export) and 4-bit kernels.
+REFINED_ROWS = 2048
 
 
 @dataclass

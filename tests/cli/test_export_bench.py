@@ -98,12 +98,12 @@ def test_export_bad_input(quantized, tmp_path):
     assert "--no-k-quants applies to --format gguf" in assert_one_line_error(
         compress("export", ckpt, "--no-k-quants", "-o", tmp_path / "x"), 2
     )
-    for wide in (("-f", "gguf", "--wide-rows", "16"), ("--wide-rows", "-1")):
-        assert "--wide-rows takes a count" in assert_one_line_error(
+    for wide in (("-f", "gguf", "--refined-rows", "16"), ("--refined-rows", "-1")):
+        assert "--refined-rows takes a count" in assert_one_line_error(
             compress("export", ckpt, *wide, "-o", tmp_path / "x"), 2
         )
-    assert "--wide-rows applies to a 4-bit" in assert_one_line_error(
-        compress("export", ckpt, "--wide-rows", "16", "-o", tmp_path / "x"), 2
+    assert "--refined-rows applies to a 4-bit" in assert_one_line_error(
+        compress("export", ckpt, "--refined-rows", "16", "-o", tmp_path / "x"), 2
     )  # the default tables are 8-bit
     (tmp_path / "exists").mkdir()
     assert "already exists" in assert_one_line_error(compress("export", ckpt, "-o", tmp_path / "exists"), 2)

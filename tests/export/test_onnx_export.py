@@ -214,22 +214,23 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     assert saved > 0.8 * table  # 4 bits + a float32 scale per 32 for 32 bits
     with pytest.raises(UsageError, match="store it twice"):
         export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
-    # the most used rows also on 8 bits, by default, read in place of the 4-bit ones on both sides; exact at level 0
-    assert exp.wide_rows == tables.WIDE_ROWS and any("2048 rows of the tokens most read" in n for n in exp.notes)
+    # the most used rows refined by default, on both sides, exact at level 0 (the check above: top-1 1.0)
+    assert exp.refined_rows == tables.REFINED_ROWS and any("2048 rows of the tokens most read" in n for n in exp.notes)
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    assert np.array_equal(inits["model.embed_tokens.wide_rows"], np.sort(inits["model.embed_tokens.wide_rows"]))
-    assert inits["model.embed_tokens.wide.qweight"].shape == (tables.WIDE_ROWS, 2, 32)  # 8 bits, blocks of 32
+    rows = inits["model.embed_tokens.refined_rows"]
+    assert len(rows) == tables.REFINED_ROWS and np.all(np.diff(rows) > 0)
+    assert inits["model.embed_tokens.refined.qweight"].shape == (tables.REFINED_ROWS, 2, 16)  # 4 bits, blocks of 32
     ops = [n.op_type for n in graph.node]
     assert ops.count("GatherBlockQuantized") == 2 and ops.count("ScatterElements") == 1
     assert exp.check.greedy_equal == exp.check.greedy_of and exp.check.max_abs_logit_diff < 1e-3 * exp.check.logit_scale
-    _, narrow = export(src, tmp_path / "narrow", embed_bits=4, wide_rows=0)
-    assert narrow.wide_rows == 0 and not any("rows of the tokens" in n for n in narrow.notes)
-    wide_kl = [q.kl_mean for q in exp.quality]
-    assert all(w < n for w, n in zip(wide_kl, (q.kl_mean for q in narrow.quality))), (wide_kl, narrow.quality)
-    grown = (tmp_path / "onnx" / "model.onnx").stat().st_size - (tmp_path / "narrow" / "model.onnx").stat().st_size
-    assert 0 < grown < tables.WIDE_ROWS * (64 + 4 * 2 + 4 + 8) + 4 * vocab + 4096  # codes, scales, slots, indices
-    with pytest.raises(UsageError, match="--wide-rows applies to a 4-bit"):
-        export(src, tmp_path / "eight", embed_bits=8, wide_rows=16)
+    _, plain_table = export(src, tmp_path / "plain-table", embed_bits=4, refined_rows=0)
+    assert plain_table.refined_rows == 0 and not any("rows of the tokens" in n for n in plain_table.notes)
+    kl = [q.kl_mean for q in exp.quality]
+    assert all(a < b for a, b in zip(kl, (q.kl_mean for q in plain_table.quality))), (kl, plain_table.quality)
+    grown = (tmp_path / "onnx" / "model.onnx").stat().st_size - (tmp_path / "plain-table" / "model.onnx").stat().st_size
+    assert 0 < grown < tables.REFINED_ROWS * (32 + 4 * 2 + 8) + 2 * vocab + 4096  # codes, scales, indices, slots
+    with pytest.raises(UsageError, match="--refined-rows applies to a 4-bit"):
+        export(src, tmp_path / "eight", embed_bits=8, refined_rows=16)
 
 
 def test_an_8_bit_output_layer_runs_at_level_4_by_default(quantized, tmp_path):
