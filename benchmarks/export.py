@@ -37,12 +37,12 @@ MODELS = [
     ("w4a16 + int4 output layer", None, ["--lm-head-bits", "4", "--embed-bits", "0"]),  # same checkpoint as w4a16
     # SmolLM2 ties its output layer to the embedding: one quantized table serves both; 8 bits is the default
     ("w4a16 + int8 embedding = output layer (default)", None, []),
-    ("w4a16 + int4 embedding = output layer, no 8-bit rows", None, ["--embed-bits", "4", "--refined-rows", "0"]),
-    # a 4-bit table keeps its most used rows on 8 bits too, by default (compress/export/tables.py)
-    (f"w4a16 + int4 embedding = output layer + {REFINED_ROWS} rows on 8 bits", None, ["--embed-bits", "4"]),
+    ("w4a16 + int4 embedding = output layer, no refined rows", None, ["--embed-bits", "4", "--refined-rows", "0"]),
+    # a 4-bit table refines its most used rows, by default (compress/export/tables.py)
+    (f"w4a16 + int4 embedding = output layer + {REFINED_ROWS} rows refined", None, ["--embed-bits", "4"]),
     # the smallest file, every matmul with int8 activations inside MatMulNBits (faster, not exact)
     (
-        f"w4a16 + int4 embedding = output layer + {REFINED_ROWS} rows on 8 bits, level 4",
+        f"w4a16 + int4 embedding = output layer + {REFINED_ROWS} rows refined, level 4",
         None,
         ["--embed-bits", "4", "--accuracy-level", "4"],
     ),
