@@ -209,9 +209,9 @@ def export(
             full = f"model.layers.{i}.{hf}"
             perm = {"attn_q": heads, "attn_k": kv_heads}.get(name) if arch == "llama" else None
             if name.endswith("norm"):
-                if name.endswith("_q_norm") or name.endswith("_k_norm"):
-                    if not hasattr(model.get_submodule(f"model.layers.{i}.self_attn"), hf.split(".")[-1]):
-                        continue  # only qwen3 has them
+                attn = model.get_submodule(f"model.layers.{i}.self_attn")
+                if name in ("attn_q_norm", "attn_k_norm") and not hasattr(attn, hf.rpartition(".")[2]):
+                    continue  # only qwen3 has them
                 w.add_tensor(f"blk.{i}.{name}.weight", _weight(model, full))
                 out.tensors += 1
                 continue

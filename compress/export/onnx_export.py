@@ -132,10 +132,11 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
         raise UsageError(
             "--refined-rows applies to a 4-bit embedding or output layer (--embed-bits 4, --lm-head-bits 4)"
         )
-    n_refined = tables.REFINED_ROWS if opts.refined_rows is None else opts.refined_rows
-    if four_bit:  # both ask for a decoder (checked above)
+    n_refined = (tables.REFINED_ROWS if opts.refined_rows is None else opts.refined_rows) if four_bit else 0
+    gptq_head = opts.lm_head_bits == 4 or (tied and opts.embed_bits == 4)  # a 4-bit output layer: GPTQ, not RTN
+    if gptq_head or n_refined:  # both ask for a decoder (checked above)
         calib = tables.output_calibration(loaded.model, loaded.tokenizer, use=n_refined > 0)
-        hessian = calib.hessian if opts.lm_head_bits == 4 or tied else None  # a 4-bit output layer: GPTQ, not RTN
+        hessian = calib.hessian if gptq_head else None
         refined = tables.most_used(calib.use, n_refined) if n_refined else None
     opts = dataclasses.replace(opts, refined_rows=len(refined) if refined is not None else 0)
     if opts.embed_bits:

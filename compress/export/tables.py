@@ -65,8 +65,11 @@ def output_calibration(model: torch.nn.Module, tokenizer, use: bool = False) -> 
                 pass
     finally:
         hook.remove()
+    hessian = (acc["H"] / max(acc["n"], 1)).float()
+    if not use:
+        return OutputCalibration(hessian, None)
     counts = torch.bincount(ids.reshape(-1), minlength=v)[:v].double()
-    return OutputCalibration((acc["H"] / max(acc["n"], 1)).float(), (acc["use"] + counts).float() if use else None)
+    return OutputCalibration(hessian, (acc["use"] + counts).float())
 
 
 def most_used(use: torch.Tensor, n: int) -> torch.Tensor:

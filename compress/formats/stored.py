@@ -88,9 +88,9 @@ def grid_of(groups: dict[str, dict], name: str) -> Grid | None:
     return Grid(args["num_bits"], args["type"], args["symmetric"], group)
 
 
-def read(ckpt: Path) -> dict[str, StoredLinear]:
-    """Every quantized linear of a compressed-tensors checkpoint written by compress, by module
-    name (e.g. "model.layers.0.self_attn.q_proj"), each on its config group's grid (mixed
+def read(ckpt: Path, only: set[str] | None = None) -> dict[str, StoredLinear]:
+    """Every quantized linear of a compressed-tensors checkpoint written by compress (those named in `only`, when
+    given), by module name (e.g. "model.layers.0.self_attn.q_proj"), each on its config group's grid (mixed
     precision: several). Empty for a plain checkpoint."""
     qc = quantization_config(ckpt)
     if not qc:
@@ -104,6 +104,8 @@ def read(ckpt: Path) -> dict[str, StoredLinear]:
             keys = set(st.keys())
             for key in sorted(k for k in keys if k.endswith(".weight_scale")):
                 name = key[: -len(".weight_scale")]
+                if only is not None and name not in only:
+                    continue
                 grid = grid_of(groups, name)
                 if grid is None:
                     what = ((group_of(groups, name) or {}).get("weights") or {}).get("strategy")

@@ -225,9 +225,8 @@ def _exact_experts(model: torch.nn.Module, ckpt: Path, names: dict[str, str], dt
            and modules[mem].weight.dtype != dtype}  # fmt: skip
     if not off:
         return
-    for disk, linear in read(ckpt).items():
-        if disk in off:
-            modules[names[disk]].weight = torch.nn.Parameter(linear.dequantized().to(dtype))
+    for disk, linear in read(ckpt, only=off).items():
+        modules[names[disk]].weight = torch.nn.Parameter(linear.dequantized().to(dtype))
 
 
 def check_coverage(spec: str, info: dict) -> None:

@@ -137,8 +137,8 @@ def measure_importance(
     a layer-dropping plan on a block whose o_proj is not heads x head_dim (deepseek's MLA) must not
     reshape it."""
     imp = Importance()
-    want_heads = plan is None or bool(plan.heads_keep)
-    want_channels = plan is None or bool(plan.mlp_keep)
+    want_heads = plan is None or plan.heads_keep is not None
+    want_channels = plan is None or plan.mlp_keep is not None
     head_dim = _head_dim(model.config)
     state: dict = {}
 
@@ -164,15 +164,13 @@ def measure_importance(
             chans.add_(args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0))
 
         state["hooks"] = hooks
-        state["acc"] = (heads, chans)
+        state["acc"] = (heads, chans, down)
 
     def on_outputs(i: int, outputs: list[torch.Tensor]) -> None:
         for h in state.pop("hooks"):
             h.remove()
-        heads, chans = state.pop("acc")
-        layer = decoder_layers(model)[i]
+        heads, chans, down = state.pop("acc")
         imp.heads.append(heads.cpu())
-        down = _get(layer, CHANNELS[-1]) if want_channels else None
         imp.channels.append((chans * down.weight.float().pow(2).sum(0)).cpu() if down is not None else chans.cpu())
         cos = [
             torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
