@@ -191,7 +191,7 @@ def export(
         if hf in stored:
             arr, kind, category = _quantized(stored[hf], ref, permute_heads, out, k_quants)
         elif hf in calibrate and ref.shape[1] % 32 == 0:
-            q, scale = tables.calibrated(torch.from_numpy(ref), hessian, 4, 32, torch.float16)
+            q, scale, _ = tables.calibrated(torch.from_numpy(ref), hessian, 4, 32, torch.float16)
             arr, kind, category = q_blocks(q.numpy(), scale.float().numpy(), 4)[0], "Q4_0", TABLE
         else:
             arr, kind, category = _plain(ref, src_dtype, bits)

@@ -344,18 +344,22 @@ def quantized_table(
     hessian: torch.Tensor | None = None,
     refined_rows: torch.Tensor | None = None,
 ) -> NBits:
-    """A [rows, hidden] table (output layer, embedding) on `bits`, symmetric, blocks of 32 (when they fit): by GPTQ
-    against `hessian` (the output layer's inputs: export/tables.py), else rounded to nearest; `refined_rows` with
-    their rounding error rounded again (4-bit tables)."""
+    """A [rows, hidden] table (output layer, embedding) on `bits`, float16 scales. 8 bits: symmetric, blocks of 32,
+    rounded to nearest. 4 bits (tables.TABLE_GRID): a zero point per block of 16, by GPTQ against `hessian` (the
+    output layer's inputs: export/tables.py), else rounded to nearest; `refined_rows` with their rounding error rounded
+    again."""
     w = weight.detach().float().numpy()
-    block = 32 if w.shape[1] % 32 == 0 else nbits_block(w.shape[1], None)
+    symmetric, block = (True, 32) if bits == 8 else tables.TABLE_GRID
+    block = block if w.shape[1] % block == 0 else nbits_block(w.shape[1], None)
     if block is None:
         raise UsageError(f"{option}: no MatMulNBits block length divides the hidden size {w.shape[1]}")
     if hessian is None:
-        table = rtn_nbits(w, bits, block)
+        table = rtn_nbits(w, bits, block, symmetric)
     else:
-        q, scale = tables.calibrated(weight, hessian, bits, block)
-        table = pack_nbits(q.numpy(), scale.numpy(), None, bits, block)
+        q, scale, zp = tables.calibrated(
+            weight, hessian, bits, block, torch.float16, symmetric, dampening=tables.TABLE_DAMPENING
+        )
+        table = pack_nbits(q.numpy(), scale.float().numpy(), zp.numpy(), bits, block)
     return table if refined_rows is None or bits == 8 else with_refined_rows(table, w, refined_rows.numpy())
 
 

@@ -238,8 +238,9 @@ def export(loaded: Loaded, dest: Path, opts: onnx_decoder.Options, threads: int)
     if table is not None:
         shared = " and shared with the tied output layer (stored once)" if head is table else ""
         how = "by GPTQ on the output layer's inputs" if hessian is not None and head is table else "rounded to nearest"
+        zeros = ", a zero point each" if table.zero_points is not None else ""
         notes.append(
-            f"input embedding {how} on {opts.embed_bits} bits (blocks of {table.block}), read by "
+            f"input embedding {how} on {opts.embed_bits} bits (blocks of {table.block}{zeros}), read by "
             f"GatherBlockQuantized{shared}"
         )
     if hessian is not None and head is not table:

@@ -68,7 +68,8 @@ class Graph:
 
 @dataclass(frozen=True)
 class NBits:
-    """Weights for `MatMulNBits`: B [N, K/block, block*bits/8] uint8, scales [N * K/block]."""
+    """Weights for `MatMulNBits`: B [N, K/block, block*bits/8] uint8, scales [N * K/block] (float16 where that holds
+    them exactly: half the bytes, cast to float32 in the graph)."""
 
     packed: np.ndarray
     scales: np.ndarray
@@ -97,7 +98,7 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
     per_group = (k // scale.shape[1]) // block  # blocks per group
     offset = 1 << (bits - 1)
     u = _pack_bytes((q.astype(np.int16) + offset).astype(np.uint8).reshape(n, k // block, block), bits)
-    scales = np.repeat(scale.astype(np.float32), per_group, axis=1)  # [N, K/block]
+    scales = np.repeat(half_if_exact(scale), per_group, axis=1)  # [N, K/block]
     zp = None
     if zero_point is not None and np.any(zero_point):
         codes = np.repeat((zero_point.astype(np.int16) + offset).astype(np.uint8), per_group, axis=1)
@@ -105,6 +106,19 @@ def pack_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, 
         codes = np.pad(codes, ((0, 0), (0, -codes.shape[1] % per_byte)), constant_values=offset)
         zp = _pack_bytes(codes, bits).reshape(-1)
     return NBits(np.ascontiguousarray(u), scales.reshape(-1), zp, bits, block, k, n)
+
+
+def half_if_exact(scale: np.ndarray) -> np.ndarray:
+    """Scales as float16 when every value survives the round trip (a bfloat16 checkpoint's always do, but for
+    subnormals), else float32: the graph casts them back, so the file halves and the values stay exact."""
+    half = scale.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), scale.astype(np.float32)) else scale.astype(np.float32)
+
+
+def scales_of(g: Graph, name: str, w: NBits) -> str:
+    """w's scales as float32 in the graph (ONNX Runtime folds the cast of a float16 initializer once, at load)."""
+    const = g.const(f"{name}.scales", w.scales)
+    return const if w.scales.dtype == np.float32 else g.op("Cast", [const], to=TensorProto.FLOAT)
 
 
 def _pack_bytes(u: np.ndarray, bits: int) -> np.ndarray:
@@ -137,19 +151,28 @@ def nbits_from_stored(w: StoredLinear) -> NBits | None:
     return pack_nbits(w.q.numpy(), w.scale.numpy(), w.zero_point.numpy(), w.bits, block)
 
 
-def rtn_nbits(weight: np.ndarray, bits: int, block: int) -> NBits:
-    """Round-to-nearest on compress's symmetric grid (for the optional quantized output layer)."""
-    grid = Grid(bits, "int", True, block)
+def rtn_nbits(weight: np.ndarray, bits: int, block: int, symmetric: bool = True) -> NBits:
+    """Round-to-nearest on compress's grid, scales computed in float16 (a table's, a refined row's correction)."""
+    grid = Grid(bits, "int", symmetric, block)
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
-    scale, zp = compute_qparams(w, grid, torch.float32)
-    return pack_nbits(quantize(w, scale, zp, grid).numpy(), scale.numpy(), None, bits, block)
+    scale, zp = compute_qparams(w, grid, torch.float16)
+    return pack_nbits(quantize(w, scale, zp, grid).numpy(), scale.float().numpy(), zp.numpy(), bits, block)
+
+
+def zero_codes(w: NBits) -> np.ndarray:
+    """[N, K/block] the zero point codes (the op's default 2**(bits-1) when w has none)."""
+    blocks = w.k // w.block
+    if w.zero_points is None:
+        return np.full((w.n, blocks), 1 << (w.bits - 1), dtype=np.float32)
+    per_row = -(-blocks * w.bits // 8)
+    return _unpack_bytes(w.zero_points.reshape(w.n, per_row), w.bits)[:, :blocks].astype(np.float32)
 
 
 def dequantize_nbits(w: NBits) -> np.ndarray:
-    """[N, K] float32: what MatMulNBits multiplies by (symmetric codes only), refined rows included."""
+    """[N, K] float32: what MatMulNBits multiplies by, refined rows included."""
     codes = _unpack_bytes(w.packed, w.bits)
-    q = codes.reshape(w.n, w.k // w.block, w.block).astype(np.float32) - (1 << (w.bits - 1))
-    out = (q * w.scales.reshape(w.n, -1, 1)).reshape(w.n, w.k)
+    q = codes.reshape(w.n, w.k // w.block, w.block).astype(np.float32) - zero_codes(w)[..., None]
+    out = (q * w.scales.astype(np.float32).reshape(w.n, -1, 1)).reshape(w.n, w.k)
     if w.refined is not None:
         out[w.refined_rows] += dequantize_nbits(w.refined)
     return out
@@ -187,7 +210,7 @@ def concat_nbits(parts: list[NBits]) -> NBits | None:
 
 def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bias: np.ndarray | None = None) -> str:
     """x @ w^T (+ bias); a table's refined rows with their corrections added."""
-    inputs = [x, g.const(f"{name}.qweight", w.packed), g.const(f"{name}.scales", w.scales)]
+    inputs = [x, g.const(f"{name}.qweight", w.packed), scales_of(g, name, w)]
     inputs.append(g.const(f"{name}.qzeros", w.zero_points) if w.zero_points is not None else "")
     if bias is not None:
         inputs += ["", g.const(f"{name}.bias", bias.astype(np.float32))]  # g_idx unused
@@ -206,23 +229,19 @@ def matmul_nbits(g: Graph, x: str, name: str, w: NBits, accuracy_level: int, bia
 
 def gather_nbits(g: Graph, ids: str, name: str, w: NBits) -> str:
     """Rows of a quantized table [N, K] (an embedding) at `ids` [B, S] -> [B, S, K]: GatherBlockQuantized on
-    MatMulNBits' own B [N, K/block, block*bits/8] and scales (same initializer names as `matmul_nbits(..., name,
-    w)`), so a tied output layer stores the table once. Symmetric codes (the op's default zero point, as
-    MatMulNBits')."""
+    MatMulNBits' own B, scales and zero points (same initializer names as `matmul_nbits(..., name, w)`, viewed as
+    [N, K*bits/8], [N, K/block] and [N, K/block*bits/8]: the same bytes), so a tied output layer stores the table
+    once."""
+    blocks = w.k // w.block
+    data = g.op("Reshape", [g.const(f"{name}.qweight", w.packed), g.const(f"{name}.rows_bytes", _shape(w.n, -1))])
+    scales = g.op("Reshape", [scales_of(g, name, w), g.const(f"{name}.scales_blocks", _shape(w.n, blocks))])
+    inputs = [data, ids, scales]
     if w.zero_points is not None:
-        raise ValueError("gather_nbits takes symmetric tables")
-    blocks = np.array([w.n, w.k // w.block, 1], dtype=np.int64)
-    scales = g.op("Reshape", [g.const(f"{name}.scales", w.scales), g.const(f"{name}.scales_blocks", blocks)])
+        zeros = g.const(f"{name}.qzeros", w.zero_points)
+        inputs.append(g.op("Reshape", [zeros, g.const(f"{name}.qzeros_rows", _shape(w.n, -1))]))
     rows = g.op(
-        "GatherBlockQuantized",
-        [g.const(f"{name}.qweight", w.packed), ids, scales],
-        domain=MS,
-        bits=w.bits,
-        block_size=w.block,
-        gather_axis=0,
-        quantize_axis=2,
-    )  # [B, S, K/block, block]
-    rows = g.op("Reshape", [rows, g.const(f"{name}.rows_shape", np.array([0, 0, w.k], dtype=np.int64))])
+        "GatherBlockQuantized", inputs, domain=MS, bits=w.bits, block_size=w.block, gather_axis=0, quantize_axis=1
+    )  # [B, S, K]
     if w.refined is None:
         return rows
     # each token's slot among the refined rows (R for the others: clipped to a valid slot, its correction dropped)
@@ -234,6 +253,10 @@ def gather_nbits(g: Graph, ids: str, name: str, w: NBits) -> str:
     fix = gather_nbits(g, g.op("Min", [slot, last]), f"{name}.refined", w.refined)
     refined = g.op("Unsqueeze", [g.op("LessOrEqual", [slot, last]), g.const("minus1", np.array([-1], np.int64))])
     return g.op("Where", [refined, g.op("Add", [rows, fix]), rows])
+
+
+def _shape(*dims: int) -> np.ndarray:
+    return np.array(dims, dtype=np.int64)
 
 
 def matmul_dense(g: Graph, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:

@@ -10,6 +10,7 @@ block +2.5% / +3.6% (better off-domain, worse on the pages the export's check re
 64 x 512 tokens instead of 16 x 512: +2.2% / +4.9%. So the table stays symmetric on 16 x 512 tokens.
 With each block's extreme on -8 (qparams' symmetric grid since 363c2bc; 41% of the scales negative), 8,192 tokens of
 each text, old grid against new in one session: +2.08% / +4.80% -> +1.85% / +5.13%.
+With refined rows (below) the measure moved to KL, and zero points in blocks of 16 won on both texts (TABLE_GRID).
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ from compress.primitives.qparams import Grid
 CALIBRATION_TOKENS = 16 * 512  # of the built-in calibration pages, in windows of 512
 # A 4-bit table's rows of the tokens most read or predicted get a second pass: their rounding error rounded again on
 # the same grid, added back by the graph (ONNX). `benchmarks/table_rows.py` (SmolLM2-135M's tied table alone, the
-# linears float) measures the choices; 2,048 rows take its cost from +2.4% / +6.0% (held-out pages / license texts) to
-# about +1% / +3.8%, as 2,048 rows on 8 bits do, for 0.74 MB (1% of the w4a16 export) and 4-bit kernels.
-REFINED_ROWS = 2048
+# linears float, 4,096 tokens of held-out pages / license texts) measures the choices. With the grid below, 2,048 /
+# 4,096 / 8,192 rows: KL 0.0035 / 0.0024 / 0.0016 on the pages, 0.0283 / 0.0256 / 0.0212 on the license texts, for
+# 0.74 / 1.47 / 2.95 MB; 4,096 keeps a w4a16 SmolLM2 export under 0.45x of the float-table file.
+REFINED_ROWS = 4096
+# A 4-bit table's grid: zero points, blocks of 16, GPTQ dampened 10x its default. Same benchmark, 2,048 refined rows,
+# KL on pages / licenses: symmetric blocks of 32 (the grid before) 0.0069 / 0.0580; blocks of 16 0.0047 / 0.0405;
+# with zero points 0.0043 / 0.0333; dampening 0.1 0.0035 / 0.0283 (0.3: 0.0037 / 0.0308; 1.0: 0.0041 / 0.0292). A
+# looser fit to the calibration pages' Hessian keeps each row closer to its float values, which the embedding lookup
+# reads and other text's hidden states weigh differently. The file pays 0.125 bits a weight for the zero points and
+# 1 for the smaller blocks' scales, stored as float16 (the float32 scales of the grid before cost as much as these).
+TABLE_GRID = (False, 16)  # (symmetric, block)
+TABLE_DAMPENING = 0.1
 
 
 @dataclass
@@ -82,9 +92,15 @@ class _Stop(Exception):
 
 
 def calibrated(
-    weight: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, scale_dtype: torch.dtype = torch.float32
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    block: int,
+    scale_dtype: torch.dtype = torch.float32,
+    symmetric: bool = True,
+    **gptq_options,
 ):
-    """(q [N, K] int8, scale [N, K/block]) of the table on a symmetric `bits` grid in blocks of `block`, by GPTQ;
-    scales in `scale_dtype` (GGUF's blocks hold float16)."""
-    q, scale, _ = gptq(weight.detach().float(), hessian, Grid(bits, "int", True, block), scale_dtype)
-    return q, scale
+    """(q [N, K] int8, scale [N, K/block], zero point [N, K/block] int8) of the table on a `bits` grid in blocks of
+    `block`, by GPTQ (`gptq_options`: its dampening); scales in `scale_dtype` (GGUF's blocks and ONNX tables hold
+    float16)."""
+    return gptq(weight.detach().float(), hessian, Grid(bits, "int", symmetric, block), scale_dtype, **gptq_options)

@@ -187,8 +187,10 @@ def test_quantized_embedding_is_exact_to_its_rounding(quantized, tmp_path, bits)
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     assert "model.embed_tokens.weight" not in inits and "lm_head.weight" in inits
     weight = loaded.model.get_input_embeddings().weight  # the checkpoint's table, rounded to nearest in the file
+    block = 32 if bits == 8 else tables.TABLE_GRID[1]  # 4 bits: a zero point per block of 16
     table = [inits[f"model.embed_tokens.{k}"] for k in ("qweight", "scales")]
-    stored = NBits(*table, None, bits, 32, 64, len(weight))
+    assert table[1].dtype == np.float16 and ("model.embed_tokens.qzeros" in inits) == (bits == 4)
+    stored = NBits(*table, inits.get("model.embed_tokens.qzeros"), bits, block, 64, len(weight))
     want = dequantize_nbits(onnx_decoder.quantized_table(weight, bits, "--embed-bits"))
     assert np.array_equal(dequantize_nbits(stored), want) and not np.array_equal(want, weight.detach().numpy())
 
@@ -205,21 +207,26 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     assert any("by GPTQ on the output layer's inputs" in n for n in exp.notes)  # a 4-bit output layer is calibrated
     assert exp.check.top1_agreement == 1.0
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
-    readers = [n.op_type for n in graph.node if "model.embed_tokens.qweight" in n.input]
+    views = {"model.embed_tokens.qweight"} | {  # the lookup reads the same bytes viewed as [rows, bytes]
+        n.output[0] for n in graph.node if n.op_type == "Reshape" and n.input[0] == "model.embed_tokens.qweight"
+    }
+    readers = [n.op_type for n in graph.node if n.op_type != "Reshape" and views & set(n.input)]
     assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]
     assert not any(t.name.startswith("lm_head") or t.name == "model.embed_tokens.weight" for t in graph.initializer)
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]  # the tokenizer's length
     table = vocab * 64 * 4  # the float32 table the plain export stores once
     saved = (tmp_path / "plain" / "model.onnx").stat().st_size - (tmp_path / "onnx" / "model.onnx").stat().st_size
-    assert saved > 0.8 * table  # 4 bits + a float32 scale per 32 for 32 bits
+    assert saved > 0.8 * table  # 4 bits + a float16 scale and a 4-bit zero point per 16 for 32 bits
     with pytest.raises(UsageError, match="store it twice"):
         export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
     # the most used rows refined by default, on both sides, exact at level 0 (the check above: top-1 1.0)
-    assert exp.refined_rows == tables.REFINED_ROWS and any("2048 rows of the tokens most read" in n for n in exp.notes)
+    assert exp.refined_rows == tables.REFINED_ROWS and any(
+        f"{tables.REFINED_ROWS} rows of the tokens most read" in n for n in exp.notes
+    )
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     rows = inits["model.embed_tokens.refined_rows"]
     assert len(rows) == tables.REFINED_ROWS and np.all(np.diff(rows) > 0)
-    assert inits["model.embed_tokens.refined.qweight"].shape == (tables.REFINED_ROWS, 2, 16)  # 4 bits, blocks of 32
+    assert inits["model.embed_tokens.refined.qweight"].shape == (tables.REFINED_ROWS, 4, 8)  # 4 bits, blocks of 16
     ops = [n.op_type for n in graph.node]
     assert ops.count("GatherBlockQuantized") == 2 and ops.count("ScatterElements") == 1
     assert exp.check.greedy_equal == exp.check.greedy_of and exp.check.max_abs_logit_diff < 1e-3 * exp.check.logit_scale

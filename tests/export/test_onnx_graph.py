@@ -10,6 +10,7 @@ from compress.export.onnx_graph import (
     Graph,
     dequantize_nbits,
     gather_nbits,
+    half_if_exact,
     matmul_nbits,
     nbits_block,
     pack_nbits,
@@ -87,15 +88,27 @@ def test_rtn_output_layer_close():
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
 
 
-def test_refined_rows_in_lookup_and_matmul():
-    """A 4-bit table whose some rows carry their rounding error rounded again: GatherBlockQuantized and MatMulNBits
-    add the correction to those rows only, and both equal the de-quantized table (refined rows included)."""
+def test_scales_halved_only_when_exact():
+    exact = np.array([[0.0123, -0.5], [3.0, 1e-3]], dtype=np.float16).astype(np.float32)
+    assert half_if_exact(exact).dtype == np.float16
+    assert np.array_equal(half_if_exact(exact).astype(np.float32), exact)
+    inexact = exact + np.float32(1e-7)  # between float16 values: kept float32, unchanged
+    assert half_if_exact(inexact).dtype == np.float32 and np.array_equal(half_if_exact(inexact), inexact)
+    assert half_if_exact(np.array([1e-9], np.float32)).dtype == np.float32  # below float16's range
+
+
+@pytest.mark.parametrize("symmetric, block", [(True, 32), (False, 16)])
+def test_refined_rows_in_lookup_and_matmul(symmetric, block):
+    """A 4-bit table (with zero points or without) whose some rows carry their rounding error rounded again:
+    GatherBlockQuantized and MatMulNBits read the same codes, float16 scales and zero points, add the correction to
+    those rows only, and both equal the de-quantized table (refined rows included)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(3)
     w = rng.standard_normal((40, 64)).astype(np.float32)
     rows = np.array([0, 7, 8, 39])
-    plain = rtn_nbits(w, 4, 32)
+    plain = rtn_nbits(w, 4, block, symmetric)
+    assert plain.scales.dtype == np.float16 and (plain.zero_points is None) == symmetric
     table = with_refined_rows(plain, w, rows)
     full = dequantize_nbits(table)
     err, before = np.abs(full - w).max(1), np.abs(dequantize_nbits(plain) - w).max(1)
