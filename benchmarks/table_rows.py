@@ -1,7 +1,8 @@
 """Where a 4-bit tied embedding / output table costs, and what refining its most used rows buys.
 
 SmolLM2-135M in float32, every linear untouched: only the tied table [49152, 576] changes, as the ONNX export stores
-it with `--embed-bits 4` (GPTQ on the output layer's inputs, symmetric, blocks of 32: compress/export/tables.py).
+it with `--embed-bits 4` (GPTQ on the output layer's inputs, a zero point per block of 16: compress/export/tables.py),
+or on the other grids the rows name (symmetric or not, block, GPTQ's dampening; 2,048 refined rows).
 Each row of the table below is scored in PyTorch on the held-out built-in pages and on Debian's license texts (no
 calibration reads them): perplexity, and KL divergence from the float table's distributions.
 
@@ -24,9 +25,12 @@ from compress.data.tokens import windows
 from compress.eval.divergence import compare
 from compress.eval.perplexity import perplexity, token_windows
 from compress.export import onnx_decoder, tables
-from compress.export.onnx_graph import dequantize_nbits, rtn_nbits
+from compress.export.onnx_graph import dequantize_nbits, pack_nbits, rtn_nbits, with_refined_rows
 from compress.models import source
 from compress.models.load import checkpoint_dir
+
+# the table's grid (tables.TABLE_GRID, TABLE_DAMPENING) against others: (symmetric, block, GPTQ dampening)
+GRIDS = [(True, 32, 0.01), (True, 16, 0.01), (False, 16, 0.01), (False, 16, 0.1), (False, 16, 0.3), (False, 32, 0.1)]
 
 
 def main() -> None:
@@ -74,6 +78,13 @@ def main() -> None:
         variants.append((f"4-bit, {n} rows refined, ranked by how often {label}", t, t))
     t = eight_bit(tables.most_used(calib.use, n))
     variants.append((f"4-bit, {n} most used rows on 8 bits instead (round to nearest)", t, t))
+    rows = tables.most_used(calib.use, 2048).numpy()
+    for symmetric, block, damp in GRIDS:
+        q, scale, zp = tables.calibrated(weight, calib.hessian, 4, block, torch.float16, symmetric, dampening=damp)
+        t = dequantize_nbits(with_refined_rows(pack_nbits(q.numpy(), scale.float().numpy(), zp.numpy(), 4, block),
+                                               float_, rows))  # fmt: skip
+        zeros = "symmetric" if symmetric else "zero points"
+        variants.append((f"4-bit, 2048 rows refined; {zeros}, blocks of {block}, dampening {damp}", t, t))
 
     texts = {"held-out pages": textdata.builtin("evaluation").texts, "license texts": textdata.licenses().texts}
     evals = {name: token_windows(tok, t, 512, args.eval_tokens) for name, t in texts.items()}
