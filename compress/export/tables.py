@@ -28,16 +28,17 @@ from compress.primitives.qparams import Grid
 CALIBRATION_TOKENS = 16 * 512  # of the built-in calibration pages, in windows of 512
 # A 4-bit table's rows of the tokens most read or predicted get a second pass: their rounding error rounded again on
 # the same grid, added back by the graph (ONNX). `benchmarks/table_rows.py` (SmolLM2-135M's tied table alone, the
-# linears float, 4,096 tokens of held-out pages / license texts) measures the choices. With the grid below, 2,048 /
-# 4,096 / 8,192 rows: KL 0.0035 / 0.0024 / 0.0016 on the pages, 0.0283 / 0.0256 / 0.0212 on the license texts, for
-# 0.74 / 1.47 / 2.95 MB; 4,096 keeps a w4a16 SmolLM2 export under 0.45x of the float-table file.
+# linears float, 4,096 tokens of held-out pages / license texts) measures the choices. On the grid below, KL with no
+# refined rows 0.0114 / 0.0435; 512 / 2,048 / 4,096 / 8,192 rows: 0.0056 / 0.0319, 0.0034 / 0.0288, 0.0024 /
+# 0.0259, 0.0016 / 0.0214, for about 0.4 MB a 1,024 rows. 4,096 keeps a w4a16 SmolLM2 export at 0.44x the
+# float-table file of before (175.3 MB) and costs no decode speed measured (benchmarks/RESULTS.md, export section).
 REFINED_ROWS = 4096
 # A 4-bit table's grid: zero points, blocks of 16, GPTQ dampened 10x its default. Same benchmark, 2,048 refined rows,
-# KL on pages / licenses: symmetric blocks of 32 (the grid before) 0.0069 / 0.0580; blocks of 16 0.0047 / 0.0405;
-# with zero points 0.0043 / 0.0333; dampening 0.1 0.0035 / 0.0283 (0.3: 0.0037 / 0.0308; 1.0: 0.0041 / 0.0292). A
-# looser fit to the calibration pages' Hessian keeps each row closer to its float values, which the embedding lookup
-# reads and other text's hidden states weigh differently. The file pays 0.125 bits a weight for the zero points and
-# 1 for the smaller blocks' scales, stored as float16 (the float32 scales of the grid before cost as much as these).
+# KL on pages / licenses: symmetric, blocks of 32 (the grid before) 0.0070 / 0.0583; symmetric, blocks of 16 0.0047 /
+# 0.0403; zero points 0.0041 / 0.0338; dampening 0.1 0.0034 / 0.0288 (0.3: 0.0037 / 0.0311; blocks of 32: 0.0050 /
+# 0.0407). A looser fit to the calibration pages' Hessian keeps each row closer to its float values, which the
+# embedding lookup reads and other text's hidden states weigh differently. It costs 0.25 bits a weight for the zero
+# points and 1 for the smaller blocks' float16 scales (the float32 scales of the grid before cost as much).
 TABLE_GRID = (False, 16)  # (symmetric, block)
 TABLE_DAMPENING = 0.1
 
