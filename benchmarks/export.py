@@ -46,6 +46,17 @@ MODELS = [
         None,
         ["--embed-bits", "4", "--accuracy-level", "4"],
     ),
+    # twice the refined rows (1.5 MB more), exact and at level 4
+    (
+        f"w4a16 + int4 embedding = output layer + {2 * REFINED_ROWS} rows refined",
+        None,
+        ["--embed-bits", "4", "--refined-rows", str(2 * REFINED_ROWS)],
+    ),
+    (
+        f"w4a16 + int4 embedding = output layer + {2 * REFINED_ROWS} rows refined, level 4",
+        None,
+        ["--embed-bits", "4", "--refined-rows", str(2 * REFINED_ROWS), "--accuracy-level", "4"],
+    ),
 ]
 
 
