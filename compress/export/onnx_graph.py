@@ -27,6 +27,7 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._count = 0
         self._const_names: set[str] = set()
+        self._as_float: dict[str, str] = {}  # initializer name -> its one Cast to float32
 
     def input(self, name: str, elem: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
@@ -43,6 +44,15 @@ class Graph:
             self._const_names.add(name)
             self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def float_const(self, name: str, array: np.ndarray) -> str:
+        """`const` read as float32: a narrower initializer gets one Cast, shared by every reader."""
+        const = self.const(name, array)
+        if array.dtype == np.float32:
+            return const
+        if const not in self._as_float:
+            self._as_float[const] = self.op("Cast", [const], to=TensorProto.FLOAT)
+        return self._as_float[const]
 
     def op(
         self, op_type: str, inputs: list[str], outs: int | str = 1, out: str | None = None, domain: str = "", **attrs
@@ -117,8 +127,7 @@ def half_if_exact(scale: np.ndarray) -> np.ndarray:
 
 def scales_of(g: Graph, name: str, w: NBits) -> str:
     """w's scales as float32 in the graph (ONNX Runtime folds the cast of a float16 initializer once, at load)."""
-    const = g.const(f"{name}.scales", w.scales)
-    return const if w.scales.dtype == np.float32 else g.op("Cast", [const], to=TensorProto.FLOAT)
+    return g.float_const(f"{name}.scales", w.scales)
 
 
 def _pack_bytes(u: np.ndarray, bits: int) -> np.ndarray:

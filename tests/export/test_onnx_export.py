@@ -212,6 +212,8 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     }
     readers = [n.op_type for n in graph.node if n.op_type != "Reshape" and views & set(n.input)]
     assert sorted(readers) == ["GatherBlockQuantized", "MatMulNBits"]
+    casts = [n for n in graph.node if n.op_type == "Cast" and n.input[0] == "model.embed_tokens.scales"]
+    assert len(casts) == 1  # the float16 scales are cast once for both readers
     assert not any(t.name.startswith("lm_head") or t.name == "model.embed_tokens.weight" for t in graph.initializer)
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]  # the tokenizer's length
     table = vocab * 64 * 4  # the float32 table the plain export stores once
