@@ -5,9 +5,10 @@ the base and top-1 agreement on both evaluation domains: the built-in held-out p
 
     .venv/bin/python benchmarks/activation_floor.py [--rows float,int,float:down_proj] [--tokens 8192]
 
-A row is a compressed-tensors activation type (`int-asym`: int8 with a zero point per token), optionally with the
-linears (by name suffix, joined by +) whose inputs stay unrounded: `float:down_proj` rounds every input but the MLP's
-down projection's, which says what each kind of linear's inputs cost.
+A row is a compressed-tensors activation type (`int-asym`: int8 with a zero point per token; `float/32`: a scale per
+group of 32 inputs of each token instead of one per token), optionally with the linears (by name suffix, joined by +)
+whose inputs stay unrounded: `float:down_proj` rounds every input but the MLP's down projection's, which says what
+each kind of linear's inputs cost.
 
 A scheme that rounds its activations this way cannot be closer to the base than this row, whatever its method does to
 the weights. Prints a table; RESULTS.md quotes it by hand (section "What 8-bit activations cost alone").
@@ -65,10 +66,12 @@ def main() -> None:
     )
     for row in args.rows.split(","):
         kind, _, wide = row.partition(":")
+        kind, _, group = kind.partition("/")  # "float/32": a scale per group of 32 of each token's inputs
         kind, _, grid = kind.partition("-")  # "int-asym": a zero point per token
         kept = [k for k in wide.split("+") if k]
         model = copy.deepcopy(base)
-        acts = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=grid != "asym", dynamic=True)
+        per = {"strategy": "group", "group_size": int(group)} if group else {"strategy": "token"}
+        acts = QuantizationArgs(num_bits=8, type=kind, symmetric=grid != "asym", dynamic=True, **per)
         scheme = QuantizationScheme(targets=["Linear"], input_activations=acts)
         config = QuantizationConfig(
             config_groups={"group_0": scheme},
@@ -80,6 +83,7 @@ def main() -> None:
             ppl, d = perplexity(model, w), compare(base, model, w, domain)
             change = (ppl / base_ppl[domain] - 1) * 100
             name = ("fp8 e4m3" if kind == "float" else f"{kind}8") + (", zero point" if grid == "asym" else "")
+            name += f", groups of {group}" if group else ""
             cells = [name, ", ".join(["output layer", *kept]), domain, f"{ppl:.3f} ({change:+.2f}%)"]
             print("| " + " | ".join([*cells, f"{d.kl_mean:.4f}", f"{d.top1_agreement:.1%}"]) + " |")
 

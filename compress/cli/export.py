@@ -54,8 +54,8 @@ def export(
         typer.Option(
             help="ONNX, a 4-bit embedding or output layer: the rows of this many tokens (those most read or "
             f"predicted on the calibration pages) get their rounding error rounded again and added back. Default "
-            f"{REFINED_ROWS} (on SmolLM2 1.6 MB, the 4-bit table's cost from +1.6% / +2.1% perplexity to +0.6% / "
-            "+1.5% on held-out pages / license texts: RESULTS.md); 0: none"
+            f"{REFINED_ROWS} (on SmolLM2 3.1 MB, the 4-bit table's cost from +1.6% / +2.1% perplexity to +0.25% / "
+            "+1.2% on held-out pages / license texts: RESULTS.md); 0: none"
         ),
     ] = None,
     k_quants: Annotated[

@@ -101,6 +101,22 @@ def test_generation_loop_matches_transformers(quantized, tmp_path):
     want = generate(TorchDecoder(loaded.model, ""), prompt, 12)
     assert np.array_equal(generate(dec, prompt, 12), want)
     assert dec._cache[0].shape[2] > 8 + 3  # grown
+    assert dec._shrink is not None  # our sessions have an arena: a prompt's peak is handed back after it
+
+
+def test_generation_loop_without_arena(quantized, tmp_path):
+    # a caller's session without a memory arena: the loop must not ask it to shrink one (ONNX Runtime raises)
+    import onnxruntime
+
+    export(quantized("llama", "w4a16"), tmp_path / "onnx", lm_head_bits=0, embed_bits=0)
+    so = onnxruntime.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    path = str(tmp_path / "onnx" / "model.onnx")
+    plain = ort.OrtDecoder(onnxruntime.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
+    prompt = np.array([[5, 17, 99, 3, 250, 11, 7, 8]], dtype=np.int64)
+    want = generate(ort.OrtDecoder(ort.session(tmp_path / "onnx" / "model.onnx", 1)), prompt, 6)
+    assert plain._shrink is None
+    assert np.array_equal(generate(plain, prompt, 6), want)
 
 
 def test_default_accuracy_level(quantized):
@@ -218,14 +234,15 @@ def test_tied_output_layer_shares_the_quantized_embedding(tiny_model, tmp_path):
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]  # the tokenizer's length
     table = vocab * 64 * 4  # the float32 table the plain export stores once
     saved = (tmp_path / "plain" / "model.onnx").stat().st_size - (tmp_path / "onnx" / "model.onnx").stat().st_size
-    assert saved > 0.8 * table  # 4 bits + a float16 scale and a 4-bit zero point per 16 for 32 bits
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    refined = sum(a.nbytes for n, a in inits.items() if n.startswith("model.embed_tokens.refined"))
+    assert saved + refined > 0.8 * table  # 4 bits + a float16 scale and a 4-bit zero point per 16 for 32 bits
     with pytest.raises(UsageError, match="store it twice"):
         export(src, tmp_path / "twice", embed_bits=4, lm_head_bits=8)
     # the most used rows refined by default, on both sides, exact at level 0 (the check above: top-1 1.0)
     assert exp.refined_rows == tables.REFINED_ROWS and any(
         f"{tables.REFINED_ROWS} rows of the tokens most read" in n for n in exp.notes
     )
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     rows = inits["model.embed_tokens.refined_rows"]
     assert len(rows) == tables.REFINED_ROWS and np.all(np.diff(rows) > 0)
     assert inits["model.embed_tokens.refined.qweight"].shape == (tables.REFINED_ROWS, 4, 8)  # 4 bits, blocks of 16
