@@ -48,8 +48,9 @@ class OrtDecoder:
         self._length = 0  # positions held
         # After a prompt, the session's arena hands its free regions back (the prompt's [B, S, vocab] logits and
         # their copies), decode steps keep theirs: SmolLM2 with 8 x 512-token prompts, 2 threads, resident memory
-        # per session 2.28 -> 1.24 GB, the same prefill and decode speed; 12 sessions without it ran
-        # benchmarks/export.py out of 24 GB. (Without the arena: 0.45 GB, but batch-8 prefill 20% slower.)
+        # per session 2.28 -> 1.24 GB; 12 sessions without it ran benchmarks/export.py out of 24 GB. Cost, one
+        # process, 3 alternating rounds: batch-8 prefill 324-428 against 423-564 tokens/s (the arena regrows each
+        # prompt), batch 1 prefill and decode level (486-518 / 463-569). Without any arena: 0.45 GB.
         self._shrink = None
         if sess.get_session_options().enable_cpu_mem_arena:  # shrinking a session without one is an error
             import onnxruntime as ort
