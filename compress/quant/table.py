@@ -4,7 +4,7 @@ methods/, one line here, its test."""
 from __future__ import annotations
 
 from compress.quant.method import QuantMethod
-from compress.quant.methods import awq, gptaq, gptq, hqq, rtn, signround, smoothquant
+from compress.quant.methods import awq, awq_signround, gptaq, gptq, hqq, rtn, signround, smoothquant
 
 METHODS: dict[str, type[QuantMethod]] = {
     m.name: m
@@ -17,5 +17,6 @@ METHODS: dict[str, type[QuantMethod]] = {
         smoothquant.SmoothQuantRTN,
         hqq.HQQ,
         signround.SignRound,
+        awq_signround.AWQSignRound,
     )
 }
