@@ -127,7 +127,7 @@ def test_signround_options_are_checked(tiny_model, tmp_path):
     src, out = tiny_model("llama"), tmp_path / "o"
     for args, words in (
         (["--method", "signround", "--signround-steps", "0"], "signround_steps"),
-        (["--method", "gptq", "--signround-batch", "4"], "belong to method signround"),
+        (["--method", "gptq", "--signround-batch", "4"], "or signround, not gptq"),
         (["--method", "signround", "--scheme", "fp8"], "integer grid"),
     ):
         line = assert_one_line_error(compress("quantize", src, "-o", out, *args, "--no-eval"), 2)
