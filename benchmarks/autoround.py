@@ -3,7 +3,7 @@
 Runs inside its own virtual environment (auto-round pins its own dependencies):
 
     make bench-venv  # .venv-autoround: torch 2.13.0 (constraints.txt), auto-round 0.16.1, compressed-tensors
-    .venv-autoround/bin/python benchmarks/autoround.py BASE_DIR CALIB.json OUT BITS GROUP STEPS BATCH [SEED]
+    .venv-autoround/bin/python benchmarks/autoround.py BASE_DIR CALIB.json OUT BITS GROUP STEPS BATCH [SEED [sym|asym]]
 
 CALIB.json holds the caller's token windows (benchmarks/quantize_calibrated.token_files), so both
 toolkits see the same tokens. Writes OUT in the llm_compressor (compressed-tensors) format, which
@@ -25,6 +25,7 @@ def main() -> None:
     base, calib, out = sys.argv[1:4]
     bits, group, steps, batch = map(int, sys.argv[4:8])
     seed = int(sys.argv[8]) if len(sys.argv) > 8 else 42  # auto-round's default; it orders the batches
+    sym = (sys.argv[9] if len(sys.argv) > 9 else "sym") == "sym"  # asym: zero points
     windows = torch.tensor(json.load(open(calib)))  # [samples, seq_len]
     model = AutoModelForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
@@ -34,7 +35,7 @@ def main() -> None:
         tok,
         scheme=f"W{bits}A16",
         group_size=group,
-        sym=True,
+        sym=sym,
         dataset=list(windows.split(batch)),
         iters=steps,
         nsamples=len(windows),
@@ -46,7 +47,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     saved = next(str(p.parent) for p in Path(out).rglob("config.json"))  # auto-round adds a folder of its own
     n, length = windows.shape
-    settings = f"auto-round defaults otherwise (lr 1/iters, best-loss params), {n} x {length}, seed {seed}"
+    settings = f"auto-round defaults otherwise (lr 1/iters, best-loss params), {n} x {length}, seed {seed}, sym {sym}"
     print(json.dumps({"seconds": seconds, "settings": settings, "checkpoint": saved}))
 
 

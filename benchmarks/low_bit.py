@@ -4,7 +4,8 @@
         [--section NAME --title TITLE]
 
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
-scheme:group:auto-round:STEPS:BATCH[:SEED] runs Intel's auto-round on the same calibration tokens in its own virtual
+scheme:group:auto-round:STEPS:BATCH[:SEED[:asym]] runs Intel's auto-round (symmetric, or with zero points: asym) on the
+same calibration tokens in its own virtual
 environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
 `compress eval` on both domains; scheme:group:llm-compressor:gptq:sym[:OBSERVER] and
 scheme:group:llm-compressor:autoround:STEPS:BATCH run llm-compressor 0.14 (its GPTQ, with its imatrix_mse range
@@ -74,8 +75,8 @@ def change(m: dict, base: dict) -> str:
 def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, dict]:
     scheme, group, method, *options = spec.split(":")
     if method == "auto-round":
-        steps, batch, *seed = options
-        return autoround_row(scheme, group, steps, batch, samples, tmp, domain2, *seed)
+        steps, batch, *rest = options
+        return autoround_row(scheme, group, steps, batch, samples, tmp, domain2, *rest)
     if method == "bitsandbytes":
         return bitsandbytes_row(group, tmp, domain2)
     if method == "llm-compressor":
@@ -102,14 +103,25 @@ def row(spec: str, samples: int, tmp: Path, domain2: Path) -> tuple[str, dict, d
 
 
 def autoround_row(
-    scheme: str, group: str, steps: str, batch: str, samples: int, tmp: Path, domain2: Path, seed: str = "42"
+    scheme: str,
+    group: str,
+    steps: str,
+    batch: str,
+    samples: int,
+    tmp: Path,
+    domain2: Path,
+    seed: str = "42",
+    grid: str = "sym",
 ) -> tuple[str, dict, dict]:
-    """seed: auto-round's own (42 by default), which orders its batches."""
+    """seed: auto-round's own (42 by default), which orders its batches; grid: sym or asym (zero points)."""
+    if grid not in ("sym", "asym"):
+        sys.exit(f"auto-round rows end in sym or asym, not {grid!r}")
     base, calib, _ = token_files(samples, 512, tmp)
-    out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}-{seed}", scheme[1]
-    args = [str(base), str(calib), str(out), bits, group, steps, batch, seed]
+    out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}-{seed}-{grid}", scheme[1]
+    args = [str(base), str(calib), str(out), bits, group, steps, batch, seed, grid]
     r = tool_json(AUTOROUND_PY, "autoround.py", args, "auto-round")
     label = f"auto-round {steps} steps, batch {batch}" + ("" if seed == "42" else f", seed {seed}")
+    label += ", zero points" if grid == "asym" else ""
     return scored_row(r["checkpoint"], scheme, group, label, r["seconds"], domain2)
 
 
