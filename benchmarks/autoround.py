@@ -46,6 +46,15 @@ def main() -> None:
     ar.quantize_and_save(out, format="llm_compressor")
     seconds = time.perf_counter() - start
     saved = next(str(p.parent) for p in Path(out).rglob("config.json"))  # auto-round adds a folder of its own
+    if not sym:
+        # transformers 5.25 builds unpacked [O, G] zero points for an empty pack-quantized model and refuses the
+        # stored packed ones as a size mismatch; `dequantize: true` makes it decompress each layer through
+        # compressed-tensors while loading instead, the flag compress's own writer sets for zero points
+        # (compress/formats/compressed_tensors.py, write_config). The tensors are auto-round's, untouched.
+        cfg_path = Path(saved) / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"]["dequantize"] = True
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     n, length = windows.shape
     settings = f"auto-round defaults otherwise (lr 1/iters, best-loss params), {n} x {length}, seed {seed}, sym {sym}"
     print(json.dumps({"seconds": seconds, "settings": settings, "checkpoint": saved}))
