@@ -53,7 +53,8 @@ class SignRoundOptions(BaseModel):
         None,
         description="SignRound: each layer's outputs are tuned towards the float layer's outputs on the already "
         "quantized layers' outputs (layer), or towards the unchanged model's hidden states (model: closer on text "
-        "like the calibration's; off it, better at 3 bits and worse at 4); default: model below 4 bits, else layer",
+        "like the calibration's; off it, better at 3 bits and worse at 4); default: model below 4 bits, else layer "
+        "(awq+signround: model)",
     )
 
 
