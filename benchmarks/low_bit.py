@@ -4,14 +4,14 @@
         [--section NAME --title TITLE]
 
 A run is scheme:group:method, then any further options of that method (w4a16:64:signround:--signround-steps=50);
-scheme:group:auto-round:STEPS:BATCH[:SEED[:asym]] runs Intel's auto-round (symmetric, or with zero points: asym) on the
-same calibration tokens in its own virtual
-environment (.venv-autoround, or $AUTOROUND_PYTHON; see benchmarks/autoround.py) and scores its checkpoint with
-`compress eval` on both domains; scheme:group:llm-compressor:gptq:sym[:OBSERVER] and
-scheme:group:llm-compressor:autoround:STEPS:BATCH run llm-compressor 0.14 (its GPTQ, with its imatrix_mse range
-observer when named, or its AutoRoundModifier) in .venv-llmc ($LLMC_PYTHON; see benchmarks/llmc.py), its checkpoint
-scored the same way; nf4:64:bitsandbytes writes bitsandbytes' own NF4 (transformers'
-BitsAndBytesConfig, round to nearest, saved before any forward pass) and scores it the same way.
+scheme:group:auto-round:STEPS:BATCH[:SEED[:sym|asym]] runs Intel's auto-round (symmetric, or with zero points) on the
+same calibration tokens in its own virtual environment (.venv-autoround, or $AUTOROUND_PYTHON; see
+benchmarks/autoround.py) and scores its checkpoint with `compress eval` on both domains;
+scheme:group:llm-compressor:gptq:sym[:OBSERVER] and scheme:group:llm-compressor:autoround:STEPS:BATCH run
+llm-compressor 0.14 (its GPTQ, with its imatrix_mse range observer when named, or its AutoRoundModifier) in .venv-llmc
+($LLMC_PYTHON; see benchmarks/llmc.py), its checkpoint scored the same way; nf4:64:bitsandbytes writes bitsandbytes'
+own NF4 (transformers' BitsAndBytesConfig, round to nearest, saved before any forward pass) and scores it the same
+way.
 
 Each run is `compress quantize` (perplexity and KL divergence against the base on the built-in
 held-out pages) followed by `compress eval --baseline` of the same checkpoint on a second domain
@@ -114,8 +114,6 @@ def autoround_row(
     grid: str = "sym",
 ) -> tuple[str, dict, dict]:
     """seed: auto-round's own (42 by default), which orders its batches; grid: sym or asym (zero points)."""
-    if grid not in ("sym", "asym"):
-        sys.exit(f"auto-round rows end in sym or asym, not {grid!r}")
     base, calib, _ = token_files(samples, 512, tmp)
     out, bits = tmp / f"{scheme}-{group}-auto-round-{steps}-{batch}-{seed}-{grid}", scheme[1]
     args = [str(base), str(calib), str(out), bits, group, steps, batch, seed, grid]
@@ -220,6 +218,8 @@ def main() -> None:
                 f"{spec}: llm-compressor 0.14 writes zero points (compressed-tensors 0.19) that compress's "
                 "transformers 5.24 and compressed-tensors 0.20 refuse to load (a size mismatch); use sym"
             )
+        if spec.split(":")[2] == "auto-round" and spec.split(":")[6:7] not in ([], ["sym"], ["asym"]):
+            sys.exit(f"{spec}: an auto-round row ends in sym or asym")
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         domain2, desc2 = second_domain(Path(tmp))
         rows = []
