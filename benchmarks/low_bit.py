@@ -218,7 +218,7 @@ def main() -> None:
                 f"{spec}: llm-compressor 0.14 writes zero points (compressed-tensors 0.19) that compress's "
                 "transformers 5.24 and compressed-tensors 0.20 refuse to load (a size mismatch); use sym"
             )
-        if spec.split(":")[2] == "auto-round" and spec.split(":")[6:7] not in ([], ["sym"], ["asym"]):
+        if spec.split(":")[2] == "auto-round" and spec.split(":")[6:] not in ([], ["sym"], ["asym"]):
             sys.exit(f"{spec}: an auto-round row ends in sym or asym")
     with tempfile.TemporaryDirectory(prefix="compress-bench-") as tmp:
         domain2, desc2 = second_domain(Path(tmp))

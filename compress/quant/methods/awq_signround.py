@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from compress.calibrate import Gather
 from compress.quant.methods.awq import AWQ, AWQOptions
 from compress.quant.methods.signround import SignRound, SignRoundOptions
 
@@ -22,9 +21,7 @@ class AWQSignRound(SignRound):
     name = "awq+signround"
     Options = AWQSignRoundOptions
 
-    def gather(self, model, layer, targets) -> Gather:
-        return AWQ.gather(self, model, layer, targets)
-
+    gather = AWQ.gather
     prepare = AWQ.prepare
 
     @property
@@ -36,4 +33,4 @@ class AWQSignRound(SignRound):
 
     @classmethod
     def time_multiple(cls, stage) -> float:
-        return SignRound.time_multiple.__func__(cls, stage) + AWQ.time_factor
+        return super().time_multiple(stage) + AWQ.time_factor
