@@ -24,14 +24,16 @@ from compress.errors import UsageError, printable
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HALF = (torch.bfloat16, torch.float16)
 SLOWER = 2.0  # 16-bit matmuls this many times slower than float32 compute in float32 (6x on AVX2; <1x with AMX)
+FASTER = 1.3  # 16-bit matmuls this many times float32's speed are worth their rounding (2.2x with AVX512-BF16)
 MEMORY_SHARE = 0.4  # float32 weights may take this share of the available memory, else compute as stored
 # "stored" or "float32": compute so on any CPU (to measure the difference, or for the same results on every machine)
 OVERRIDE = "COMPRESS_COMPUTE_DTYPE"
 
 
 @functools.cache
-def half_is_slow(dtype: torch.dtype) -> bool:
-    """Time one [256, 1024] x [1024, 1024] product in `dtype` and in float32 (best of 5 each)."""
+def half_speed(dtype: torch.dtype) -> float:
+    """float32's time over `dtype`'s for one [256, 1024] x [1024, 1024] product on the CPU (best of 5
+    each): above 1, `dtype` multiplies faster (2.2 for bfloat16 on an AVX512-BF16 EPYC, 1/6 on AVX2)."""
 
     def best(dt: torch.dtype) -> float:
         x, w = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
@@ -43,7 +45,18 @@ def half_is_slow(dtype: torch.dtype) -> bool:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    return best(dtype) > SLOWER * best(torch.float32)
+    return best(torch.float32) / best(dtype)
+
+
+def half_is_slow(dtype: torch.dtype) -> bool:
+    return half_speed(dtype) < 1 / SLOWER
+
+
+def half_is_fast(dtype: torch.dtype, device: str) -> bool:
+    """`dtype` matmuls at least `FASTER` times float32's speed on `device` (any CUDA GPU that has the dtype)."""
+    if device.startswith("cuda"):
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    return device == "cpu" and half_speed(dtype) >= FASTER
 
 
 def compute_dtype(stored: torch.dtype, device: str, float32_bytes: int) -> torch.dtype:

@@ -28,6 +28,7 @@ class Target:
     keep_zeros: bool = False
     range_search: bool = True
     dtype: torch.dtype | None = None  # the checkpoint's: scales are computed in it (None: the weight's)
+    device: str = "cpu"  # where the layers compute (a method may pick its compute dtype by it)
     # Mixed precision (quant/mixed.py): a grid per linear, by id() of the module; `grid` for the others.
     grids: Mapping[int, Grid] = field(default_factory=dict)
 

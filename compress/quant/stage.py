@@ -64,7 +64,7 @@ def run(stage: QuantizeStage, loaded: Loaded, device: str, console: Console, kee
     # outer codes exist for (SmolLM2, held-out pages / license texts: +39.8% / +47.3% perplexity against min/max's
     # +29.5% / +46.3%); weighted by the inputs' energy inside GPTQ it helps (+7.2% / +14.6% against +14.9% / +27.5%).
     searched = stage.range_search and not (scheme.weight.kind == "nf4" and not stage.method_class.calibrated)
-    target = Target(scheme.weight, scheme.act, keep_zeros, searched, loaded.dtype)
+    target = Target(scheme.weight, scheme.act, keep_zeros, searched, loaded.dtype, device)
     method = stage.method_class(stage.method_options(), target)
     console.print(f"quantize: {scheme.name} ({stage.method}), {len(layers)} layers, group size {scheme.group_note}")
     settings = {

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compress.calibrate import Layer, LayerInputs
 from compress.data.calibration import CALIBRATION_BATCH
+from compress.models.compute import half_is_fast
 from compress.primitives.qparams import Grid, default_ratios, grouped, range_to_grid, search_ratio
 from compress.quant.method import Quantized, QuantMethod
 from compress.quant.schemes import SCHEMES
@@ -55,6 +56,13 @@ class SignRoundOptions(BaseModel):
         "quantized layers' outputs (layer), or towards the unchanged model's hidden states (model: closer on text "
         "like the calibration's; off it, better at 3 bits and worse at 4); default: model below 4 bits, else layer "
         "(awq+signround: model)",
+    )
+    # SmolLM2 w4a16 g64 (RESULTS.md): MEASURE
+    signround_bf16: bool | None = Field(
+        None,
+        description="SignRound: the steps' matmuls in bfloat16 (autocast, as auto-round tunes); the targets, the "
+        "check against the start and the stored values stay float32; default: where bfloat16 multiplies faster than "
+        "float32 (a GPU; a CPU with AVX512-BF16 or AMX, measured once per process)",
     )
 
 
@@ -140,10 +148,12 @@ def tune_layer(
     steps: int,
     lr: float,
     batch: int,
+    half: torch.dtype | None = None,
 ) -> dict[str, Quantized]:
     """Learn every rounding of one decoder layer (`block`: a float32 copy) run on `inputs.hidden`,
     towards `inputs.reference` (else the float layer's own outputs on those inputs); returns each
-    linear's integers, scale and zero point."""
+    linear's integers, scale and zero point. half: the steps' matmuls in this dtype (autocast); the
+    targets and the check against the start stay float32."""
     hidden = [h.float() for h in inputs.hidden]
     kwargs = [{k: _float(v) for k, v in kw.items()} for kw in inputs.kwargs]
 
@@ -171,8 +181,10 @@ def tune_layer(
     order = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(0)).tolist()
     for step in range(steps):
         picks = [order[(step * per_step + k) % len(order)] for k in range(min(per_step, len(order)))]
-        w = weights()
-        loss = sum((run(hidden[i], kwargs[i], w) - refs[i]).pow(2).mean() for i in picks) / len(picks)
+        with torch.autocast(hidden[0].device.type, dtype=half or torch.float32, enabled=half is not None):
+            w = weights()
+            outs = [run(hidden[i], kwargs[i], w) for i in picks]
+        loss = sum((out.float() - refs[i]).pow(2).mean() for out, i in zip(outs, picks)) / len(picks)
         loss.backward()
         for r in roundings.values():
             r.step(lr * (1 - step / steps))
@@ -203,8 +215,19 @@ class SignRound(QuantMethod):
     def lr(self) -> float:
         return self.options.signround_lr or 1 / self.options.signround_steps
 
+    @property
+    def bf16(self) -> bool:
+        """Whether the steps multiply in bfloat16: the option's, else where it is faster."""
+        chosen = self.options.signround_bf16
+        return half_is_fast(torch.bfloat16, self.target.device) if chosen is None else chosen
+
     def settings(self) -> dict:
-        return {**self.options.model_dump(), "signround_lr": self.lr, "signround_target": self.aim}
+        return {
+            **self.options.model_dump(),
+            "signround_lr": self.lr,
+            "signround_target": self.aim,
+            "signround_bf16": self.bf16,
+        }
 
     @classmethod
     def check(cls, stage) -> None:
@@ -233,4 +256,5 @@ class SignRound(QuantMethod):
         block = copy.deepcopy(layer.module).float()
         block.requires_grad_(False)
         with torch.enable_grad():
-            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch)
+            half = torch.bfloat16 if self.bf16 else None
+            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch, half)
