@@ -17,6 +17,7 @@ on all the calibration batches better than that start did.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Literal
@@ -56,6 +57,9 @@ class SignRoundOptions(BaseModel):
         "quantized layers' outputs (layer), or towards the unchanged model's hidden states (model: closer on text "
         "like the calibration's; off it, better at 3 bits and worse at 4); default: model below 4 bits, else layer "
         "(awq+signround: model)",
+    )
+    signround_seed: int = Field(
+        0, ge=0, description="SignRound: seeds the order in which the steps take the calibration batches"
     )
     # SmolLM2 w4a16 g64 (RESULTS.md): MEASURE
     signround_bf16: bool | None = Field(
@@ -149,11 +153,12 @@ def tune_layer(
     lr: float,
     batch: int,
     half: torch.dtype | None = None,
+    seed: int = 0,
 ) -> dict[str, Quantized]:
     """Learn every rounding of one decoder layer (`block`: a float32 copy) run on `inputs.hidden`,
     towards `inputs.reference` (else the float layer's own outputs on those inputs); returns each
     linear's integers, scale and zero point. half: the steps' matmuls in this dtype (autocast); the
-    targets and the check against the start stay float32."""
+    targets and the check against the start stay float32. seed: the order of the batches."""
     hidden = [h.float() for h in inputs.hidden]
     kwargs = [{k: _float(v) for k, v in kw.items()} for kw in inputs.kwargs]
 
@@ -178,10 +183,10 @@ def tune_layer(
     start = full_loss()
     initial = {n: r.state() for n, r in roundings.items()}
     per_step = max(1, math.ceil(batch / hidden[0].shape[0]))  # whole calibration batches
-    order = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(0)).tolist()
+    order = torch.randperm(len(hidden), generator=torch.Generator().manual_seed(seed)).tolist()
     for step in range(steps):
         picks = [order[(step * per_step + k) % len(order)] for k in range(min(per_step, len(order)))]
-        with torch.autocast(hidden[0].device.type, dtype=half or torch.float32, enabled=half is not None):
+        with torch.autocast(hidden[0].device.type, dtype=half) if half else contextlib.nullcontext():
             w = weights()
             outs = [run(hidden[i], kwargs[i], w) for i in picks]
         loss = sum((out.float() - refs[i]).pow(2).mean() for out, i in zip(outs, picks)) / len(picks)
@@ -257,4 +262,6 @@ class SignRound(QuantMethod):
         block.requires_grad_(False)
         with torch.enable_grad():
             half = torch.bfloat16 if self.bf16 else None
-            return tune_layer(block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch, half)
+            return tune_layer(
+                block, roundings, inputs, o.signround_steps, self.lr, o.signround_batch, half, o.signround_seed
+            )
