@@ -24,7 +24,7 @@ from compress.errors import UsageError, printable
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HALF = (torch.bfloat16, torch.float16)
 SLOWER = 2.0  # 16-bit matmuls this many times slower than float32 compute in float32 (6x on AVX2; <1x with AMX)
-FASTER = 1.3  # 16-bit matmuls this many times float32's speed are worth their rounding (2.2x with AVX512-BF16)
+FASTER = 1.3  # 16-bit matmuls this many times float32's speed are worth their rounding (2.0-2.2x with AVX512-BF16)
 MEMORY_SHARE = 0.4  # float32 weights may take this share of the available memory, else compute as stored
 # "stored" or "float32": compute so on any CPU (to measure the difference, or for the same results on every machine)
 OVERRIDE = "COMPRESS_COMPUTE_DTYPE"
@@ -33,7 +33,7 @@ OVERRIDE = "COMPRESS_COMPUTE_DTYPE"
 @functools.cache
 def half_speed(dtype: torch.dtype) -> float:
     """float32's time over `dtype`'s for one [256, 1024] x [1024, 1024] product on the CPU (best of 5
-    each): above 1, `dtype` multiplies faster (2.2 for bfloat16 on an AVX512-BF16 EPYC, 1/6 on AVX2)."""
+    each): above 1, `dtype` multiplies faster (2.0-2.2 for bfloat16 on an AVX512-BF16 EPYC, 1/6 on AVX2)."""
 
     def best(dt: torch.dtype) -> float:
         x, w = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
