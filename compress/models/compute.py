@@ -53,9 +53,10 @@ def half_is_slow(dtype: torch.dtype) -> bool:
 
 
 def half_is_fast(dtype: torch.dtype, device: str) -> bool:
-    """`dtype` matmuls at least `FASTER` times float32's speed on `device` (any CUDA GPU that has the dtype)."""
+    """`dtype` matmuls at least `FASTER` times float32's speed on `device` (a CUDA GPU whose tensor cores have the
+    dtype: bfloat16 emulated on a pre-Ampere GPU is not)."""
     if device.startswith("cuda"):
-        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported(including_emulation=False)
     return device == "cpu" and half_speed(dtype) >= FASTER
 
 

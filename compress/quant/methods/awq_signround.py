@@ -26,8 +26,8 @@ class AWQSignRound(SignRound):
 
     @property
     def aim(self) -> Literal["layer", "model"]:
-        # SmolLM2 w4a16 g64 with zero points, 16 samples, 50 steps of 4 (benchmarks/RESULTS.md, "AWQ's scales before
-        # tuned rounding"): `model` +3.5% / KL 0.055 on held-out pages, +11.5% / 0.199 on license texts; `layer`
+        # SmolLM2 w4a16 g64 with zero points, 16 samples, 50 float32 steps of 4 (benchmarks/RESULTS.md, "AWQ's scales
+        # before tuned rounding"): `model` +3.5% / KL 0.055 on held-out pages, +11.5% / 0.199 on license texts; `layer`
         # +5.5% / 0.072 and +15.3% / 0.220
         return self.options.signround_target or "model"
 
