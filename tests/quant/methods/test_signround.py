@@ -175,6 +175,7 @@ def test_signround_options_are_checked(tiny_model, tmp_path):
         (["--method", "signround", "--signround-steps", "0"], "signround_steps"),
         (["--method", "gptq", "--signround-batch", "4"], "or signround, not gptq"),
         (["--method", "signround", "--scheme", "fp8"], "integer grid"),
+        (["--method", "signround", "--signround-seed", "-1"], "signround_seed"),
     ):
         line = assert_one_line_error(compress("quantize", src, "-o", out, *args, "--no-eval"), 2)
         assert words in line and not out.exists()
