@@ -206,7 +206,11 @@ class SignRound(QuantMethod):
     name = "signround"
     Options = SignRoundOptions
     working_memory = 1.5  # a float32 copy of one layer, its activations for a step's batches
-    STEP_COST = 3.0  # one step's forward and backward over a sample, in forwards of that sample
+    # `--dry-run`: one step over a sample, in forwards of that sample's linears (plan.forward_seconds), attention and
+    # autograd included; fitted on SmolLM2 (16 samples, 50 steps of 4, 2 cores): awq+signround w4a16 481 s and
+    # signround w3a16 441 s with bfloat16 steps (4.75 and 4.3), 613-632 s and 704 s with float32 steps (6.2, 7.1)
+    STEP_COST = 4.5
+    FLOAT32_STEPS = 1.45  # float32 steps' time over bfloat16 steps' (the same runs)
 
     LOW_BITS = 3  # this width and below aim at the model's hidden states by default (the option's comment)
 
@@ -248,7 +252,9 @@ class SignRound(QuantMethod):
     def time_multiple(cls, stage) -> float:
         o = stage.method_options()
         batch = min(stage.samples, math.ceil(o.signround_batch / CALIBRATION_BATCH) * CALIBRATION_BATCH)  # as tuned
-        return 3 + cls.STEP_COST * o.signround_steps * batch / stage.samples  # + references and both full losses
+        bf16 = half_is_fast(torch.bfloat16, "cpu") if o.signround_bf16 is None else o.signround_bf16  # plans time CPUs
+        cost = cls.STEP_COST * (1 if bf16 else cls.FLOAT32_STEPS)
+        return 3 + cost * o.signround_steps * batch / stage.samples  # + references and both full losses
 
     def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
         o = self.options
