@@ -6,9 +6,9 @@
 #   env      nvidia-smi, torch and transformers versions, which evaluation texts exist
 #   tests    the CUDA test cases (kernels against the de-quantized matmul, 2:4 semi-structured, threaded GPTQ)
 #   kernels  benchmarks/gpu_kernels.py: Llama-3-8B shapes, each scheme against bf16, interleaved rounds
-#   real     the CLI on SmolLM2-135M on cuda: quantize (w4a16 GPTQ, fp8, w8a8-asym SmoothQuant+GPTQ), prune 2:4
-#            SparseGPT, structured prune + distill, each reloaded and measured on both domains; one result
-#            re-measured by `compress eval` in a fresh process; `compress bench` on cuda
+#   real     the CLI on SmolLM2-135M on cuda: quantize (w4a16 GPTQ and awq+signround, fp8, w8a8-asym
+#            SmoothQuant+GPTQ), prune 2:4 SparseGPT, structured prune + distill, each reloaded and measured on both
+#            domains; one result re-measured by `compress eval` in a fresh process; `compress bench` on cuda
 #   heal     issue 16's distillation target at GPU speed: the 10-layer-dropped student healed for HEAL_STEPS (1600)
 #            steps on the built-in pages + HEAL_GENERATED (512) windows the teacher samples, both domains measured
 #
@@ -64,6 +64,9 @@ torch.cuda.get_device_name(), transformers.__version__, ct.__version__)"
         step eval-fresh 120 "${cli[@]}" eval "$WORK/w4" --baseline "$SMOLLM2" --also licenses --device "$DEVICE" \
             --no-latency --json
         step fp8 120 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/fp8" --scheme fp8 "${q[@]}"
+        # SignRound's bfloat16 steps under CUDA autocast (CPU-measured only so far: RESULTS.md "bfloat16 steps")
+        step w4a16-awq-signround 180 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/w4-asr" --scheme w4a16 --group-size 64 \
+            --method awq+signround --samples 16 --signround-steps 50 --signround-batch 4 --no-range-search "${q[@]}"
         step w8a8-asym-sq-gptq 150 "${cli[@]}" quantize "$SMOLLM2" -o "$WORK/w8" --scheme w8a8-asym \
             --method smoothquant+gptq "${q[@]}"
         step sparsegpt-2of4 150 "${cli[@]}" prune "$SMOLLM2" -o "$WORK/s24" --method sparsegpt --pattern 2:4 "${q[@]}"
