@@ -73,6 +73,11 @@ class SignRoundOptions(BaseModel):
     )
 
 
+def bf16_steps(options: SignRoundOptions, device: str) -> bool:
+    """Whether the steps multiply in bfloat16 on `device`: the option's, else where bfloat16 is faster."""
+    return half_is_fast(torch.bfloat16, device) if options.signround_bf16 is None else options.signround_bf16
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest, with the identity's gradient."""
     return x + (x.round() - x).detach()
@@ -229,9 +234,7 @@ class SignRound(QuantMethod):
 
     @property
     def bf16(self) -> bool:
-        """Whether the steps multiply in bfloat16: the option's, else where it is faster."""
-        chosen = self.options.signround_bf16
-        return half_is_fast(torch.bfloat16, self.target.device) if chosen is None else chosen
+        return bf16_steps(self.options, self.target.device)
 
     def settings(self) -> dict:
         return {
@@ -252,8 +255,7 @@ class SignRound(QuantMethod):
     def time_multiple(cls, stage) -> float:
         o = stage.method_options()
         batch = min(stage.samples, math.ceil(o.signround_batch / CALIBRATION_BATCH) * CALIBRATION_BATCH)  # as tuned
-        bf16 = half_is_fast(torch.bfloat16, "cpu") if o.signround_bf16 is None else o.signround_bf16  # plans time CPUs
-        cost = cls.STEP_COST * (1 if bf16 else cls.FLOAT32_STEPS)
+        cost = cls.STEP_COST * (1 if bf16_steps(o, "cpu") else cls.FLOAT32_STEPS)  # plans time CPUs
         return 3 + cost * o.signround_steps * batch / stage.samples  # + references and both full losses
 
     def quantize_layer(self, model: torch.nn.Module, layer: Layer, inputs: LayerInputs) -> dict[str, Quantized] | None:
