@@ -223,7 +223,7 @@ class DistillStage(Strict):
     hidden_loss: Literal["mse", "cosine"] = TRAIN["hidden_loss"]
     lm_weight: float = Field(TRAIN["lm_weight"], ge=0)
     train_embeddings: bool = False  # token embeddings (and a tied output layer) stay fixed unless set
-    autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bfloat16 on GPUs that have it
+    autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bfloat16 where it multiplies faster (GPU or CPU)
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(TRAIN["checkpoint_every"], ge=1)  # steps between resumable checkpoints
     seed: int = TRAIN["seed"]

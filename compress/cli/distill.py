@@ -98,7 +98,7 @@ def distill(
     train_embeddings: Annotated[
         bool, typer.Option(help="Also train the token embeddings (and a tied output layer)")
     ] = _stage("train_embeddings"),
-    autocast: Annotated[str, typer.Option(help="auto (bf16 on GPUs that have it) | bf16 | off")] = default(
+    autocast: Annotated[str, typer.Option(help="auto (bf16 where it multiplies faster) | bf16 | off")] = default(
         DistillStage, "autocast"
     ),
     gradient_checkpointing: Annotated[

@@ -85,3 +85,73 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
         raise ValueError(f"student has more layers ({student_layers}) than the teacher ({teacher_layers})")
     ratio = teacher_layers / student_layers
     return [round((i + 1) * ratio) - 1 for i in range(student_layers)]
+
+
+# Positions whose [rows, V] float32 softmaxes are formed at once: 128 x 49,152 (SmolLM2) is 25 MB a tensor.
+CHUNK = 128
+
+
+class _KLAndNextToken(torch.autograd.Function):
+    """kd * KL(teacher || student) at `temperature` (x T^2) + lm * next-token cross-entropy of the student's logits
+    [N, V], in chunks of positions. Their gradient is known in closed form (softmax minus target) and is formed chunk
+    by chunk in the forward pass, so the backward is one multiply; autograd through log_softmax, exp and
+    cross_entropy keeps several [N, V] float32 tensors instead. Returns the sum and its two parts (those without
+    gradient)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, targets, kd: float, lm: float, temperature: float):
+        n = student.shape[0]
+        counted = int((targets >= 0).sum())
+        grad = torch.empty_like(student)
+        kd_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        lm_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        kd_c = kd * temperature / n  # d/ds T^2 KL(p || softmax(s / T)) = T (q - p), per position
+        for a in range(0, n, CHUNK):
+            s = student[a : a + CHUNK].float()  # [C, V]
+            log_q = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
+            g = log_q.exp()  # q
+            t = targets[a : a + CHUNK, None]  # [C, 1]
+            w = (t >= 0).float() * (lm / max(counted, 1))  # [C, 1]: each counted position's share of the lm part
+            if lm and temperature == 1:
+                lm_sum -= (log_q.gather(1, t.clamp(min=0)) * (t >= 0)).sum()
+                g.mul_(kd_c + w)  # d/ds cross-entropy = softmax(s) - one-hot: both parts share q
+            elif lm:
+                log_q1 = F.log_softmax(s, dim=-1)
+                lm_sum -= (log_q1.gather(1, t.clamp(min=0)) * (t >= 0)).sum()
+                g.mul_(kd_c).add_(log_q1.exp_().mul_(w))
+            else:
+                g.mul_(kd_c)
+            if kd:
+                log_p = F.log_softmax(teacher[a : a + CHUNK].float() / temperature, dim=-1)
+                p = log_p.exp()
+                kd_sum += torch.dot(p.flatten(), log_p.sub_(log_q).flatten())
+                g.sub_(p, alpha=kd_c)
+            if lm:
+                g.scatter_add_(1, t.clamp(min=0), -w)
+            grad[a : a + CHUNK] = g
+        ctx.save_for_backward(grad)
+        kd_part = kd * kd_sum * temperature**2 / n
+        lm_part = lm * lm_sum / max(counted, 1)
+        ctx.mark_non_differentiable(kd_part, lm_part)
+        return kd_part + lm_part, kd_part, lm_part
+
+    @staticmethod
+    def backward(ctx, d_total, _d_kd, _d_lm):
+        (grad,) = ctx.saved_tensors
+        return grad * d_total.to(grad.dtype), None, None, None, None, None
+
+
+def kl_and_next_token(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    input_ids: torch.Tensor,
+    kd: float,
+    lm: float,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kd * logit_loss(kind="kl") + lm * lm_loss of [B, T, V] logits and [B, T] ids in one chunked pass (see
+    _KLAndNextToken): (their sum, differentiable; the kd part; the lm part). SmolLM2, 4 x 256 tokens, bfloat16
+    autocast, 2 CPU cores: 0.4 s with the backward against 1.26 s through autograd, of a 5.15 s training step."""
+    b, t, v = student.shape
+    targets = torch.cat([input_ids[:, 1:], input_ids.new_full((b, 1), -1)], dim=1).flatten()  # [B*T]; -1: none
+    return _KLAndNextToken.apply(student.reshape(b * t, v), teacher.reshape(b * t, v), targets, kd, lm, temperature)
