@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import measured_at, write_section  # noqa: E402
+from results import write_section  # noqa: E402
 
 from compress.data import calibration  # noqa: E402
 from compress.distill import losses  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
         "SmolLM2-135M, student the same with 10 of 30 layers dropped, 4 windows x 256 tokens of the built-in "
         f"training text a step, AdamW, embeddings frozen (the `compress distill` defaults); {args.threads} CPU "
         f"threads ({cpu}), {args.rounds} interleaved rounds of {args.steps} steps per way, float32 master weights.\n\n"
-        f"{table}\n\n{measured_at()}\n"
+        f"{table}"
     )
     write_section("distill_speed", body)
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -26,6 +27,7 @@ from pydantic import (
 from compress.distill import trainer
 from compress.errors import UsageError
 from compress.method import Method
+from compress.models.compute import half_is_fast
 from compress.primitives.masks import parse_pattern
 from compress.prune import table as prune_table
 from compress.quant import table as quant_table
@@ -234,6 +236,12 @@ class DistillStage(Strict):
     samples: int | None = Field(None, ge=1)
 
     reads_text: ClassVar[bool] = True  # its training text
+
+    def bf16(self, device: str) -> bool:
+        """Whether training runs under bfloat16 autocast on `device`: as asked, else (auto) where bfloat16 multiplies
+        faster (compute.half_is_fast: a GPU that has it, a CPU measured >= 1.3x float32). On 2 AMD EPYC cores a
+        SmolLM2 step takes 1.6x less time than float32's (benchmarks/distill_speed.py)."""
+        return self.autocast == "bf16" or self.autocast == "auto" and half_is_fast(torch.bfloat16, device)
 
     def total_steps(self, windows_per_step: int) -> int:
         """Optimizer steps: as given, from the training tokens, or DISTILL_STEPS."""

@@ -16,7 +16,6 @@ from compress.errors import UsageError
 from compress.eval.perplexity import perplexity
 from compress.formats import compressed_tensors as ct_format
 from compress.models import arch, load as loading
-from compress.models.compute import half_is_fast
 from compress.models.source import Source
 from compress.primitives.qparams import QuantizedWeight
 from compress.recipe import DistillStage
@@ -28,9 +27,7 @@ def accelerator_for(stage: DistillStage, device: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # auto: where bfloat16 multiplies faster (compute.half_is_fast: a GPU with it, a CPU measured >= 1.3x float32);
-    # on 2 AMD EPYC cores a SmolLM2 step takes 1.5x less time (benchmarks/distill_speed.py)
-    bf16 = stage.autocast == "bf16" or stage.autocast == "auto" and half_is_fast(torch.bfloat16, device)
+    bf16 = stage.bf16(device)
     # accelerate keeps one mixed-precision setting per process: a second distill stage (or a second
     # api.run in one Python process) with another autocast would be refused. The process group
     # (PartialState) is kept.

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from compress.distill.losses import hidden_loss, layer_map, lm_loss, logit_loss
+from compress.distill import losses
+from compress.distill.losses import hidden_loss, kl_and_next_token, layer_map, lm_loss, logit_loss
 
 # One position, two tokens: teacher p = [0.75, 0.25], student q = [0.5, 0.5].
 TEACHER = torch.tensor([[[math.log(3.0), 0.0]]])
@@ -80,3 +81,36 @@ def test_layer_map():
     assert len(m) == 20 and m[-1] == 29 and all(a < b for a, b in zip(m, m[1:]))
     with pytest.raises(ValueError, match="more layers"):
         layer_map(5, 4)
+
+
+@pytest.mark.parametrize("kd, lm, temperature", [(1.0, 1.0, 1.0), (0.5, 2.0, 2.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.5)])
+def test_fused_kl_and_next_token_matches_autograd(kd, lm, temperature):
+    """Value and gradient of the one-pass loss equal the two autograd losses' weighted sum; 300 positions cross
+    the chunk boundary unevenly (128 a chunk)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (3 * torch.randn(2, 150, 97, generator=g, dtype=torch.float64) for _ in range(2))
+    ids = torch.randint(0, 97, (2, 150), generator=g)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ref = kd * logit_loss(a, t, temperature) + lm * lm_loss(a, ids)
+    ref.backward()
+    total, kd_part, lm_part = kl_and_next_token(b, t, ids, kd, lm, temperature)
+    total.backward()
+    assert total.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert kd_part.item() == pytest.approx(kd * logit_loss(s, t, temperature).item(), rel=1e-5, abs=1e-9)
+    assert lm_part.item() == pytest.approx(lm * lm_loss(s, ids).item(), rel=1e-5, abs=1e-9)
+    assert not kd_part.requires_grad and not lm_part.requires_grad
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+    assert s.shape[0] * s.shape[1] > 2 * losses.CHUNK
+
+
+def test_fused_loss_keeps_bfloat16_logits_bfloat16():
+    """Under autocast the logits are bfloat16: the stored gradient stays bfloat16 (half the memory) and within
+    bfloat16's rounding of the float32 gradient."""
+    g = torch.Generator().manual_seed(1)
+    s, t = (torch.randn(1, 40, 50, generator=g) for _ in range(2))
+    ids = torch.randint(0, 50, (1, 40), generator=g)
+    a, b = s.clone().requires_grad_(), s.bfloat16().requires_grad_()
+    kl_and_next_token(a, t, ids, 1.0, 1.0)[0].backward()
+    kl_and_next_token(b, t.bfloat16(), ids, 1.0, 1.0)[0].backward()
+    assert b.grad.dtype == torch.bfloat16
+    assert (b.grad.float() - a.grad).abs().max() < 0.02 * a.grad.abs().max()

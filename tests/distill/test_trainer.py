@@ -146,3 +146,33 @@ def test_two_processes_train_the_same_model_as_one_with_twice_the_accumulation(t
     assert moved > 1e-4  # training changed the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_step_losses_fused_pass_gives_the_autograd_gradients(pair, hidden):
+    """The default logit loss (KL) takes the one-pass loss; its parts, its sum (with hidden-state matching added)
+    and the student's gradients equal the autograd losses'."""
+    from compress.distill import losses
+
+    teacher, student0 = pair
+    ids = _data(2).windows
+    opts = trainer.Options(steps=1, layout=Layout(2, 1), kd_weight=0.7, lm_weight=0.3, hidden_weight=0.5 * hidden)
+    fused, ref = copy.deepcopy(student0), copy.deepcopy(student0)
+    parts = trainer.step_losses(fused, teacher, ids, opts, [0, 1] if hidden else None)
+    parts["loss"].backward()
+    with torch.no_grad():
+        t_out = teacher(ids, output_hidden_states=True)
+    s_out = ref(ids, output_hidden_states=True)
+    kd = 0.7 * losses.logit_loss(s_out.logits, t_out.logits)
+    lm = 0.3 * losses.lm_loss(s_out.logits, ids)
+    total = kd + lm
+    if hidden:
+        pairs = zip(s_out.hidden_states[1:], t_out.hidden_states[1:])
+        total = total + 0.5 * sum(losses.hidden_loss(s, t) for s, t in pairs) / 2
+    total.backward()
+    assert parts["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert parts["lm"].item() == pytest.approx(lm.item(), rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    for (name, a), b in zip(fused.named_parameters(), ref.parameters()):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-7), name
