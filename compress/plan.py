@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from compress.distill.losses import CHUNK
 from compress.errors import UsageError
 from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
@@ -35,6 +36,12 @@ IMPORTS = 400 * MB  # python + torch + transformers + compress, before the model
 # Model-sized matmuls run faster than the 512 x 512 probe `matmul_gflops` times (fitted on the
 # SmolLM2-135M GPTQ and distill runs: 53 s and 469 s on 2 cores).
 EFFICIENCY = 1.2
+# Distillation's flops a second as a share of the probe's, by autocast (fitted on `compress distill` of SmolLM2 with
+# 10 layers dropped, 80 steps of 4 x 256 tokens, 2 AMD EPYC cores, probe 199 GFLOPS: 484 s in float32, 328 s under
+# bfloat16 autocast, fused losses; the 600-step run took 4.14 s a step as the 80-step one did). Autograd's losses
+# (reverse-kl, jsd) take 1.45x longer (benchmarks/RESULTS.md, "One distillation step").
+DISTILL_RATE = {False: 0.73, True: 1.08}
+DISTILL_AUTOGRAD = 1.45
 
 
 @dataclass(frozen=True)
@@ -268,14 +275,21 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     trainable = f.linear + f.other + (f.embed if st.train_embeddings else 0)
     steps = st.total_steps(st.batch_size * st.grad_accum)
     tokens = st.batch_size * st.seq_len  # per micro-batch
-    logits = tokens * f.vocab * 4 * 8  # student and teacher logits, their log-softmaxes and gradients
+    bf16 = st.bf16("cpu")  # plans time CPUs
+    # the fused losses (kl) keep student and teacher logits and the logits' gradient in the compute dtype; autograd's
+    # (reverse-kl, jsd) keep float32 log-softmaxes and their gradients beside them
+    logits = tokens * f.vocab * (3 * (2 if bf16 else 4) if st.loss == "kl" else 4 * 8)
+    logits += CHUNK * f.vocab * 4 * 5  # a chunk's float32 softmaxes, logits and gradient
+    if bf16:  # autocast keeps a bfloat16 copy of every weight it multiplies, the teacher's and the student's
+        logits += 2 * (f.params + t.params)
     layers_act = (
         tokens * f.layers * (16 * f.hidden + 4 * f.intermediate) * 4 * (0.2 if st.gradient_checkpointing else 1.0)
     )
     attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
     peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
     flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
-    seconds = flops / (EFFICIENCY * gflops * 1e9) + forward_seconds(
+    slower = 1.0 if st.loss == "kl" else DISTILL_AUTOGRAD
+    seconds = flops * slower / (DISTILL_RATE[bf16] * gflops * 1e9) + forward_seconds(
         t.params + 2 * f.params, 8192, gflops
     )  # + held-out perplexities
     ckpt = 16 * f.params  # float32 student + AdamW moments

@@ -237,6 +237,12 @@ class DistillStage(Strict):
 
     reads_text: ClassVar[bool] = True  # its training text
 
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        """YAML reads an unquoted `off` as false (and `on` as true)."""
+        return {False: "off", True: "bf16"}.get(v, v) if isinstance(v, bool) else v
+
     def bf16(self, device: str) -> bool:
         """Whether training runs under bfloat16 autocast on `device`: as asked, else (auto) where bfloat16 multiplies
         faster (compute.half_is_fast: a GPU that has it, a CPU measured >= 1.3x float32). On 2 AMD EPYC cores a

@@ -80,3 +80,26 @@ def test_gguf_plan_reads_the_copy_the_run_reads(monkeypatch, tmp_path, smollm2_d
             (d / "config.json").write_text(json.dumps(cfg))
     assert plan.facts(src, "auto").dtype_bytes == 2
     assert plan.facts(src, "float32").dtype_bytes == 4
+
+
+def test_distill_time_follows_the_autocast_and_the_loss_path(smollm2_dir, tmp_path, monkeypatch):
+    """bfloat16 autocast and the fused losses each shorten the estimate by their fitted rates."""
+    from compress import recipe
+
+    monkeypatch.setattr(recipe, "half_is_fast", lambda dtype, device: True)
+    seconds = {}
+    for autocast, loss in [("auto", "kl"), ("off", "kl"), ("off", "jsd")]:
+        r = validate(
+            {
+                "model": str(smollm2_dir),
+                "stages": [{"stage": "distill", "steps": 100, "autocast": autocast, "loss": loss}],
+            }
+        )
+        src = sources.Source("smollm2", "dir", smollm2_dir)
+        p = plan.make(r, src, [src], tmp_path / "out", gflops=100.0)  # one speed for all three: no probe noise
+        seconds[autocast, loss] = p.stages[0].seconds
+    bf16, fp32, autograd = seconds["auto", "kl"], seconds["off", "kl"], seconds["off", "jsd"]
+    assert bf16 < fp32 < autograd
+    # the training dominates 100 steps; the held-out perplexities, the same for all three, are the rest
+    assert fp32 / bf16 == pytest.approx(plan.DISTILL_RATE[True] / plan.DISTILL_RATE[False], rel=0.05)
+    assert autograd / fp32 == pytest.approx(plan.DISTILL_AUTOGRAD, rel=0.05)

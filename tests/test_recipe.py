@@ -121,6 +121,13 @@ def test_distill_stage_parses_and_round_trips(tmp_path):
     assert Recipe.model_validate(yaml.safe_load(r.to_yaml())) == r
 
 
+@pytest.mark.parametrize("written, read", [("off", "off"), ("on", "bf16"), ("'off'", "off"), ("bf16", "bf16")])
+def test_distill_autocast_reads_yaml_booleans(tmp_path, written, read):
+    """YAML reads an unquoted off as false: the recipe still means the option, not a type error."""
+    r = load(write(tmp_path, DISTILL.replace("steps: 10", f"steps: 10\n    autocast: {written}")))
+    assert r.stages[1].autocast == read
+
+
 @pytest.mark.parametrize(
     "change,needle",
     [
