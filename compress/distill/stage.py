@@ -139,10 +139,10 @@ def run(
         seed=stage.seed,
     )
     hmap = hidden_map(model, teacher.model) if stage.hidden_weight > 0 else None
+    compute = "bfloat16 autocast" if accelerator.mixed_precision == "bf16" else "float32"
     say(
         f"distill: {steps} steps x {layout.per_step} windows x {stage.seq_len} tokens, {accelerator.num_processes} "
-        f"process(es), "
-        f"{'bf16 autocast' if accelerator.mixed_precision == 'bf16' else 'float32'}"
+        f"process(es), {compute}"
     )
     with Progress(
         TextColumn("distill"),
@@ -187,6 +187,7 @@ def run(
         seconds=round(history.seconds, 2),
         tokens_per_s=round(history.tokens / history.seconds, 1) if history.seconds else None,
         processes=accelerator.num_processes,
+        compute=compute,
         text=train.description,
         curve=history.curve,
         teacher_perplexity=before_t,

@@ -286,7 +286,7 @@ def training_section(report: Report, plot: str | None = None) -> list[str]:
             "## Distillation",
             "",
             f"{t.steps} steps, {t.tokens:,} tokens in {t.seconds:.0f} s ({t.tokens_per_s or 0:,.0f} tokens/s, "
-            f"{t.processes} process(es))"
+            f"{t.processes} process(es), {t.compute})"
             + (f", resumed at step {t.resumed_from}" if t.resumed_from else "")
             + f"; training text: {t.text}.",
             "",

@@ -6,11 +6,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 9  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
+SCHEMA_VERSION = 10  # 2: distill training, gates, run peak memory, plan estimates; 3: typed per-layer errors;
 # 4: latency rounds and ranges, `speed` (base and result timed interleaved in one process), task scores;
 # 5: `search` (every candidate `compress search` tried or skipped); 6: `divergence` (KL and top-1 vs the base);
 # 7: `expert_tokens` (per-expert routed calibration tokens of a mixture of experts); 8: `domains` (further
-# evaluation texts, `evaluate.also`); 9: `linear_bits` (mixed precision: each linear's width)
+# evaluation texts, `evaluate.also`); 9: `linear_bits` (mixed precision: each linear's width); 10: `Training.compute`
+# (float32 or bfloat16 autocast)
 
 
 class Frozen(BaseModel):
@@ -123,6 +124,7 @@ class Training(Frozen):
     seconds: float
     tokens_per_s: float | None
     processes: int = 1
+    compute: str = "float32"  # "float32" or "bfloat16 autocast" (the --autocast in force)
     text: str  # training text
     curve: list[dict[str, int | float]]  # per optimizer step: step, loss (and its parts), lr, seconds
     teacher_perplexity: float | None = None

@@ -218,7 +218,7 @@ def test_recipe_prune_then_distill_from_the_model_before_pruning(tiny_model, tmp
 model: {src}
 stages:
   - {{stage: prune, method: structured, drop_layers: [0], samples: 4, seq_len: 32}}
-  - {{stage: distill, steps: 3, seq_len: 32, batch_size: 2, hidden_weight: 1.0}}
+  - {{stage: distill, steps: 3, seq_len: 32, batch_size: 2, hidden_weight: 1.0, autocast: off}}
 evaluate: {{latency: false, max_tokens: 256}}
 """)
     rep = json.loads(ok(compress("run", tmp_path / "r.yaml", "-o", tmp_path / "out", "--json")).stdout)
@@ -228,6 +228,7 @@ evaluate: {{latency: false, max_tokens: 256}}
     ]  # the layer it came from
     t = distill["training"]
     assert t["student_perplexity_before"] > 0 and len(t["curve"]) == 3
+    assert t["compute"] == "float32"  # YAML's unquoted off is the option, not false
     assert (tmp_path / "out" / "loss_curve.png").is_file() and "## Distillation" in (
         tmp_path / "out" / "report.md"
     ).read_text()
@@ -262,6 +263,7 @@ def test_gradient_checkpointing_and_bf16_autocast(tiny_model, tmp_path):
     t = rep["stages"][0]["training"]
     assert len(t["curve"]) == 2 and {"kd", "hidden", "lm"} <= set(t["curve"][0])
     assert rep["stages"][0]["settings"]["gradient_checkpointing"] is True
+    assert t["compute"] == "bfloat16 autocast"  # as asked, whatever the machine
 
 
 def test_expert_pruned_student_trains(tiny_model, tmp_path):

@@ -16,6 +16,7 @@ DIGEST = {
     7: "1a2fa4192dc19640632bb068c80d1a6d4ba1ce960d4d7675096641088ae3ef66",  # expert_tokens (mixture of experts)
     8: "ed61eb1c0eeac43b4bf2a50129ad9e82feeafbd4d844e14963df258d42ed596a",  # domains (evaluate.also)
     9: "573ac345530eef36aaa5ed13656c68e638be58eb921d6e11e0e802148bdc6db4",  # linear_bits (mixed precision)
+    10: "725890e1130cf504be7a4028bbe3929693461a7c369131527eaf14ddeb012a15",  # Training.compute
 }
 
 
