@@ -18,9 +18,9 @@ Rewrites this script's section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import write_section  # noqa: E402
+from results import cli, write_section  # noqa: E402
 
 from compress.data import calibration  # noqa: E402
 from compress.distill import losses  # noqa: E402
@@ -69,28 +69,15 @@ def main() -> None:
     student_dir = args.student
     if student_dir is None:
         student_dir = Path(tmp.name) / "student"
-        cmd = [
-            sys.executable,
-            "-m",
-            "compress",
-            "prune",
-            "smollm2-135m",
-            "-o",
-            str(student_dir),
-            "--method",
-            "structured",
-            "--drop-layers",
-            "10",
-            "--no-eval",
-        ]
-        subprocess.run(cmd, check=True, capture_output=True)
+        drop = ["--method", "structured", "--drop-layers", "10", "--no-eval"]
+        cli("prune", "smollm2-135m", "-o", str(student_dir), *drop)
     teacher = loading.load(resolve("smollm2-135m"), "float32", "cpu").model.eval()
     loaded = loading.load(resolve(str(student_dir)), "float32", "cpu")
     windows, _, _ = calibration.windows("builtin", "text", loaded.tokenizer, 256, 4 * (args.steps + 1), None)
     # every way trains its own copy of the student from the same start, so none runs on another's updated weights
     students, optimizers = {}, {}
     for way in WAYS:
-        m = loading.load(resolve(str(student_dir)), "float32", "cpu").model.float().train()
+        m = copy.deepcopy(loaded.model).float().train()
         m.get_input_embeddings().requires_grad_(False)
         students[way] = m
         optimizers[way] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from compress.distill.losses import CHUNK
+from compress.distill.losses import CHUNK, fused
 from compress.errors import UsageError
 from compress.eval.size import headers
 from compress.formats.gguf_meta import arch_int
@@ -278,7 +278,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     bf16 = st.bf16("cpu")  # plans time CPUs
     # the fused losses (kl) keep student and teacher logits and the logits' gradient in the compute dtype; autograd's
     # (reverse-kl, jsd) keep float32 log-softmaxes and their gradients beside them
-    logits = tokens * f.vocab * (3 * (2 if bf16 else 4) if st.loss == "kl" else 4 * 8)
+    logits = tokens * f.vocab * (3 * (2 if bf16 else 4) if fused(st.loss) else 4 * 8)
     logits += CHUNK * f.vocab * 4 * 5  # a chunk's float32 softmaxes, logits and gradient
     if bf16:  # autocast keeps a bfloat16 copy of every weight it multiplies, the teacher's and the student's
         logits += 2 * (f.params + t.params)
@@ -288,7 +288,7 @@ def _stage(st, f: Facts, teacher: Facts | None, gflops: float) -> tuple[StagePla
     attn = st.batch_size * st.seq_len**2 * 16 * 4 * (1 if st.gradient_checkpointing else f.layers) // 4
     peak = IMPORTS + 4 * f.params + 12 * trainable + 4 * t.params + logits + int(layers_act) + attn
     flops = steps * st.batch_size * st.grad_accum * st.seq_len * (2 * t.params + 6 * f.params)
-    slower = 1.0 if st.loss == "kl" else DISTILL_AUTOGRAD
+    slower = 1.0 if fused(st.loss) else DISTILL_AUTOGRAD
     seconds = flops * slower / (DISTILL_RATE[bf16] * gflops * 1e9) + forward_seconds(
         t.params + 2 * f.params, 8192, gflops
     )  # + held-out perplexities

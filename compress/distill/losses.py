@@ -87,6 +87,11 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [round((i + 1) * ratio) - 1 for i in range(student_layers)]
 
 
+def fused(kind: LogitLoss) -> bool:
+    """Whether the logit loss (with the next-token loss) takes the one-pass kl_and_next_token below."""
+    return kind == "kl"
+
+
 # Positions whose [rows, V] float32 softmaxes are formed at once: 128 x 49,152 (SmolLM2) is 25 MB a tensor.
 CHUNK = 128
 
@@ -111,13 +116,14 @@ class _KLAndNextToken(torch.autograd.Function):
             log_q = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
             g = log_q.exp()  # q
             t = targets[a : a + CHUNK, None]  # [C, 1]
-            w = (t >= 0).float() * (lm / max(counted, 1))  # [C, 1]: each counted position's share of the lm part
+            counts, t = t >= 0, t.clamp(min=0)  # the last position of a sequence has no target
+            w = counts * (lm / max(counted, 1))  # [C, 1]: each counted position's share of the lm part
             if lm and temperature == 1:
-                lm_sum -= (log_q.gather(1, t.clamp(min=0)) * (t >= 0)).sum()
+                lm_sum -= (log_q.gather(1, t) * counts).sum()
                 g.mul_(kd_c + w)  # d/ds cross-entropy = softmax(s) - one-hot: both parts share q
             elif lm:
                 log_q1 = F.log_softmax(s, dim=-1)
-                lm_sum -= (log_q1.gather(1, t.clamp(min=0)) * (t >= 0)).sum()
+                lm_sum -= (log_q1.gather(1, t) * counts).sum()
                 g.mul_(kd_c).add_(log_q1.exp_().mul_(w))
             else:
                 g.mul_(kd_c)
@@ -127,7 +133,7 @@ class _KLAndNextToken(torch.autograd.Function):
                 kd_sum += torch.dot(p.flatten(), log_p.sub_(log_q).flatten())
                 g.sub_(p, alpha=kd_c)
             if lm:
-                g.scatter_add_(1, t.clamp(min=0), -w)
+                g.scatter_add_(1, t, -w)
             grad[a : a + CHUNK] = g
         ctx.save_for_backward(grad)
         kd_part = kd * kd_sum * temperature**2 / n

@@ -63,26 +63,28 @@ def step_losses(
     with torch.no_grad():
         t_out = teacher(ids, output_hidden_states=want_hidden)
     s_out = student(ids, output_hidden_states=want_hidden)
+    # parts: each weighted loss, for the curve; loss: their differentiable sum
     parts: dict[str, torch.Tensor] = {}
-    fused = opts.loss == "kl" and (opts.kd_weight > 0 or opts.lm_weight > 0)
-    if fused:  # both logit losses in one chunked pass, gradient included (losses.kl_and_next_token)
-        total, kd, lm = losses.kl_and_next_token(
+    fused = losses.fused(opts.loss) and (opts.kd_weight > 0 or opts.lm_weight > 0)
+    if fused:  # both logit losses in one chunked pass, gradient included; its parts carry none
+        loss, kd, lm = losses.kl_and_next_token(
             s_out.logits, t_out.logits, ids, opts.kd_weight, opts.lm_weight, opts.temperature
         )
         parts = {k: v for k, v in (("kd", kd), ("lm", lm)) if getattr(opts, f"{k}_weight") > 0}
-    elif opts.kd_weight > 0:
-        parts["kd"] = opts.kd_weight * losses.logit_loss(s_out.logits, t_out.logits, opts.temperature, opts.loss)
+    else:
+        if opts.kd_weight > 0:
+            parts["kd"] = opts.kd_weight * losses.logit_loss(s_out.logits, t_out.logits, opts.temperature, opts.loss)
+        if opts.lm_weight > 0:
+            parts["lm"] = opts.lm_weight * losses.lm_loss(s_out.logits, ids)
+        loss = sum(parts.values())
     if want_hidden:
         # hidden_states[0] is the embedding output; [i + 1] is layer i's output.
         pairs = [(s_out.hidden_states[i + 1], t_out.hidden_states[j + 1]) for i, j in enumerate(hidden_map or [])]
         parts["hidden"] = (
             opts.hidden_weight * sum(losses.hidden_loss(s, t, opts.hidden_loss) for s, t in pairs) / len(pairs)
         )
-    if opts.lm_weight > 0 and not fused:
-        parts["lm"] = opts.lm_weight * losses.lm_loss(s_out.logits, ids)
-    # the fused pass's parts carry no gradient: its differentiable sum stands in for them
-    rest = [v for k, v in parts.items() if not (fused and k in ("kd", "lm"))]
-    parts["loss"] = sum(rest, total if fused else 0)
+        loss = loss + parts["hidden"]
+    parts["loss"] = loss
     return parts
 
 
